@@ -1,0 +1,1 @@
+"""sdvae-fast: Triton kernels and a drop-in diffusers `AutoencoderKL` for the Stable Diffusion VAE."""

@@ -1,0 +1,340 @@
+"""The fused ops of sdvae-fast, registered as `torch.ops.sdvae_fast.*`.
+
+Each op is a `torch.library.custom_op` with a fake (meta) implementation, so `torch.compile` traces it without a
+graph break and, with dynamic shapes, without recompiling per resolution. Inside, an op runs the Triton kernel
+when `kernels_available(device)` (CUDA, or CPU under `TRITON_INTERPRET=1`) and the case is supported, and the
+plain PyTorch reference otherwise (unsupported-but-valid cases fall back, correctly).
+
+The public functions below (`group_norm_stats`, `gn_silu_conv2d`, `upsample_conv2d`, `attention`,
+`vae_attention_block`) validate their arguments with clear errors, normalise them, and call the registered ops.
+All image tensors are `(N, C, H, W)` logically; outputs are in channels_last memory format (NHWC in memory).
+
+Layout of this file: one section per op (reference, registered op, fake, public wrapper).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from sdvae_fast.kernels._common import kernels_available
+
+Tensor = torch.Tensor
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for low-precision inputs, fp64 for fp64: the precision the references compute in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_image(name: str, x: Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _check_groups(num_channels: int, num_groups: int) -> None:
+    if num_groups <= 0 or num_channels % num_groups != 0:
+        raise ValueError(
+            f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GroupNorm statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _group_norm_stats_reference(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, rstd), each (N, G) float32 (float64 for fp64 x), over C/G*H*W per (sample, group)."""
+    n = x.shape[0]
+    xg = x.to(_compute_dtype(x.dtype)).reshape(n, num_groups, -1)  # (N, G, C/G*H*W)
+    var, mean = torch.var_mean(xg, dim=-1, unbiased=False)
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return mean.to(out_dtype), torch.rsqrt(var + eps).to(out_dtype)
+
+
+@torch.library.custom_op("sdvae_fast::group_norm_stats", mutates_args=())
+def _group_norm_stats_op(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    return _group_norm_stats_reference(x, num_groups, eps)
+
+
+@_group_norm_stats_op.register_fake
+def _(x, num_groups, eps):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape = (x.shape[0], num_groups)
+    return x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)
+
+
+def group_norm_stats(x: Tensor, num_groups: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Per-(sample, group) mean and reciprocal standard deviation, as `torch.nn.GroupNorm` computes them.
+
+    Args:
+        x: (N, C, H, W), fp16/bf16/fp32/fp64, any strides (NCHW, channels_last, sliced views).
+        num_groups: G; C must be divisible by G.
+        eps: added to the biased variance before the reciprocal square root.
+    Returns:
+        (mean, rstd), each (N, G) float32 (float64 for fp64 input), over the whole C/G*H*W of each group.
+    Raises:
+        ValueError: x not 4-D, or C not divisible by num_groups (the message names both numbers).
+    """
+    _check_image("x", x)
+    _check_groups(x.shape[1], num_groups)
+    return torch.ops.sdvae_fast.group_norm_stats(x, int(num_groups), float(eps))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GroupNorm + SiLU + conv (+ bias + residual): the GSC unit
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gn_silu_conv2d_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    residual: Optional[Tensor],
+    silu: bool,
+    stride: int,
+    padding: Sequence[int],
+) -> Tensor:
+    """conv2d(pad(act(x * scale + shift)), weight, bias, stride) + residual, in fp32 (fp64 for fp64 x).
+
+    `scale`/`shift` are (N, C) per-(sample, channel) affine terms of the normalisation (None: no normalisation);
+    `padding` is (left, right, top, bottom), zeros added to the *normalised* tensor.
+    """
+    cdt = _compute_dtype(x.dtype)
+    h = x.to(cdt)
+    if scale is not None:
+        h = h * scale.to(cdt)[:, :, None, None] + shift.to(cdt)[:, :, None, None]
+        if silu:
+            h = F.silu(h)
+    h = F.pad(h, tuple(padding))
+    y = F.conv2d(h, weight.to(cdt), None if bias is None else bias.to(cdt), stride=stride)
+    if residual is not None:
+        y = y + residual.to(cdt)
+    return y.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("sdvae_fast::gn_silu_conv2d", mutates_args=())
+def _gn_silu_conv2d_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    residual: Optional[Tensor],
+    silu: bool,
+    stride: int,
+    padding: list[int],
+) -> Tensor:
+    return _gn_silu_conv2d_reference(x, weight, bias, scale, shift, residual, silu, stride, padding)
+
+
+def _conv_out_size(size, kernel: int, pad_a: int, pad_b: int, stride: int):
+    return (size + pad_a + pad_b - kernel) // stride + 1
+
+
+@_gn_silu_conv2d_op.register_fake
+def _(x, weight, bias, scale, shift, residual, silu, stride, padding):
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    ho = _conv_out_size(h, kh, padding[2], padding[3], stride)
+    wo = _conv_out_size(w, kw, padding[0], padding[1], stride)
+    return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=torch.channels_last)
+
+
+def gn_scale_shift(
+    mean: Tensor, rstd: Tensor, norm_weight: Tensor, norm_bias: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Fold GroupNorm statistics and affine parameters into per-(sample, channel) scale and shift.
+
+    `group_norm(x)[n, c] = x[n, c] * scale[n, c] + shift[n, c]` with `scale = rstd[n, g] * gamma[c]` and
+    `shift = beta[c] - mean[n, g] * scale[n, c]`, g = c // (C/G).
+    Args:
+        mean, rstd: (N, G) float32/float64.
+        norm_weight, norm_bias: (C,) gamma and beta.
+    Returns:
+        (scale, shift), each (N, C) in the dtype of `mean`.
+    """
+    n, g = mean.shape
+    c = norm_weight.shape[0]
+    gamma = norm_weight.to(mean.dtype).view(1, g, c // g)  # (1, G, C/G)
+    beta = norm_bias.to(mean.dtype).view(1, g, c // g)
+    scale = rstd[:, :, None] * gamma  # (N, G, C/G)
+    shift = beta - mean[:, :, None] * scale
+    return scale.reshape(n, c), shift.reshape(n, c)
+
+
+def _normalize_padding(padding: Union[int, Sequence[int]]) -> list[int]:
+    if isinstance(padding, int):
+        return [padding] * 4
+    padding = [int(p) for p in padding]
+    if len(padding) != 4 or min(padding) < 0:
+        raise ValueError(f"padding must be an int or 4 non-negative ints (left, right, top, bottom), got {padding}")
+    return padding
+
+
+def gn_silu_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    num_groups: int = 32,
+    eps: float = 1e-6,
+    silu: bool = True,
+    stride: int = 1,
+    padding: Union[int, Sequence[int]] = 1,
+    residual: Optional[Tensor] = None,
+    stats: Optional[tuple[Tensor, Tensor]] = None,
+) -> Tensor:
+    """The VAE's GSC unit in one pass: `conv2d(silu(group_norm(x)), weight, bias, stride, padding) + residual`.
+
+    Args:
+        x: (N, C_in, H, W), fp16/bf16/fp32/fp64, any strides.
+        weight: (C_out, C_in, kh, kw) with kh == kw in {1, 3} on the kernel path (others fall back).
+        bias: (C_out,) or None.
+        norm_weight, norm_bias: GroupNorm gamma/beta, (C_in,). `norm_weight=None` gives a plain conv (no
+            normalisation and no SiLU).
+        num_groups, eps: GroupNorm parameters (eps is added to the biased variance).
+        silu: apply SiLU after the normalisation.
+        stride: 1 or 2.
+        padding: int, or (left, right, top, bottom); Downsample2D is `padding=(0, 1, 0, 1), stride=2`.
+        residual: (N, C_out, H_out, W_out) added in the epilogue, or None.
+        stats: precomputed (mean, rstd), each (N, G) float32, or None to compute them.
+    Returns:
+        (N, C_out, H_out, W_out) in x's dtype, channels_last memory format.
+    Raises:
+        ValueError / TypeError naming the argument on wrong ranks, channel counts, groups or shapes.
+    """
+    _check_image("x", x)
+    if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight must be (C_out, C_in={x.shape[1]}, kh, kw), got shape {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    pad = _normalize_padding(padding)
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    scale = shift = None
+    if norm_weight is not None:
+        _check_groups(x.shape[1], num_groups)
+        if norm_bias is None:
+            norm_bias = torch.zeros_like(norm_weight)
+        if stats is None:
+            stats = group_norm_stats(x, num_groups, eps)
+        mean, rstd = stats
+        if tuple(mean.shape) != (x.shape[0], num_groups) or tuple(rstd.shape) != (x.shape[0], num_groups):
+            raise ValueError(
+                f"stats must be two ({x.shape[0]}, {num_groups}) tensors, got {tuple(mean.shape)} and {tuple(rstd.shape)}"
+            )
+        scale, shift = gn_scale_shift(mean, rstd, norm_weight, norm_bias)
+    n, _, h, w = x.shape
+    ho = _conv_out_size(h, weight.shape[2], pad[2], pad[3], stride)
+    wo = _conv_out_size(w, weight.shape[3], pad[0], pad[1], stride)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"x of spatial size {h}x{w} is too small for a {weight.shape[2]}x{weight.shape[3]} conv")
+    if residual is not None and tuple(residual.shape) != (n, weight.shape[0], ho, wo):
+        raise ValueError(
+            f"residual must be {(n, weight.shape[0], ho, wo)}, got shape {tuple(residual.shape)}"
+        )
+    return torch.ops.sdvae_fast.gn_silu_conv2d(x, weight, bias, scale, shift, residual, bool(silu), int(stride), pad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nearest-2x upsample + 3x3 conv
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _upsample_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """conv2d(interpolate(x, 2, nearest), weight, bias, padding=1) in fp32 (fp64 for fp64 x), channels_last."""
+    cdt = _compute_dtype(x.dtype)
+    h = F.interpolate(x.to(cdt), scale_factor=2.0, mode="nearest")
+    y = F.conv2d(h, weight.to(cdt), None if bias is None else bias.to(cdt), padding=1)
+    return y.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("sdvae_fast::upsample_conv2d", mutates_args=())
+def _upsample_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _upsample_conv2d_reference(x, weight, bias)
+
+
+@_upsample_conv2d_op.register_fake
+def _(x, weight, bias):
+    n, _, h, w = x.shape
+    return x.new_empty((n, weight.shape[0], 2 * h, 2 * w)).contiguous(memory_format=torch.channels_last)
+
+
+def upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """`conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)` without the 4x tensor.
+
+    Args:
+        x: (N, C_in, H, W), fp16/bf16/fp32/fp64, any strides.
+        weight: (C_out, C_in, 3, 3).
+        bias: (C_out,) or None.
+    Returns:
+        (N, C_out, 2H, 2W) in x's dtype, channels_last memory format.
+    Raises:
+        ValueError naming the argument on wrong ranks or shapes.
+    """
+    _check_image("x", x)
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
+        raise ValueError(f"weight must be (C_out, {x.shape[1]}, 3, 3), got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    return torch.ops.sdvae_fast.upsample_conv2d(x, weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale) v in fp32 (fp64 for fp64 q) via SDPA; (..., N, D) in q's dtype."""
+    cdt = _compute_dtype(q.dtype)
+    out = F.scaled_dot_product_attention(q.to(cdt), k.to(cdt), v.to(cdt), scale=scale)
+    return out.to(q.dtype)
+
+
+@torch.library.custom_op("sdvae_fast::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    return _attention_reference(q, k, v, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """softmax(q k^T * scale) v with online softmax in fp32 and O(N*D) memory (no N x N tensor).
+
+    Args:
+        q, k, v: (B, N, D) or (B, H, N, D), same shape, fp16/bf16/fp32/fp64.
+        scale: softmax scale, default D**-0.5.
+    Returns:
+        Same shape and dtype as q.
+    Raises:
+        ValueError naming the argument on mismatched shapes or ranks.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() not in (3, 4):
+            raise ValueError(f"{name} must be (B, N, D) or (B, H, N, D), got shape {tuple(t.shape)}")
+    if k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q, k, v must share batch, heads and head dim, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return torch.ops.sdvae_fast.attention(q, k, v, float(scale))
