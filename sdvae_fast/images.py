@@ -1,0 +1,83 @@
+"""Image I/O between Pillow and the VAE's tensor convention.
+
+The VAE takes and returns images as (N, 3, H, W) tensors in [-1, 1] (diffusers' `VaeImageProcessor`
+convention: `x = 2 * pixel / 255 - 1`). Sides that are not multiples of 8 are padded by edge replication before
+encoding and cropped back after decoding, so the output has the input's size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+SKIMAGE_PREFIX = "skimage:"
+
+
+def load_image(source: Union[str, Path, Image.Image]) -> torch.Tensor:
+    """Load an RGB image as a (1, 3, H, W) float32 tensor in [-1, 1].
+
+    Args:
+        source: a file path readable by Pillow, a PIL image, or `skimage:NAME` for a photo that scikit-image
+            ships (`skimage:chelsea`, `skimage:astronaut`, `skimage:coffee`, ...).
+    Raises:
+        FileNotFoundError: the path does not exist. ValueError: the file is not an image Pillow can read, or the
+        `skimage:` name is not one of scikit-image's RGB photos.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+    elif str(source).startswith(SKIMAGE_PREFIX):
+        img = Image.fromarray(_skimage_photo(str(source)[len(SKIMAGE_PREFIX):]))
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            img = Image.open(path)
+            img.load()
+        except Exception as exc:  # Pillow raises several types for unreadable files
+            raise ValueError(f"cannot read image {path}: {exc}") from exc
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    return x / 127.5 - 1.0
+
+
+def _skimage_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    fn = getattr(skimage.data, name, None)
+    if fn is None or name.startswith("_"):
+        raise ValueError(f"skimage.data has no image named {name!r} (try chelsea, coffee, astronaut)")
+    arr = fn()
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"skimage:{name} is not an RGB photo (shape {arr.shape})")
+    return arr[..., :3]
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """Convert (N, 3, H, W) or (3, H, W) values in [-1, 1] (any float dtype/device) to PIL RGB images."""
+    if x.dim() == 3:
+        x = x[None]
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] to a uint8 array (N, H, W, 3): the 8-bit image a user would save."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Replicate-pad the bottom and right of (N, C, H, W) so H and W are multiples of `multiple`.
+
+    Returns the padded tensor and the original (H, W), to crop the decoded image back with `x[..., :H, :W]`.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    return x, (h, w)
