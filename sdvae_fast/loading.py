@@ -1,0 +1,816 @@
+"""Loading and saving VAE weights: diffusers folders, single-file checkpoints of every common layout, inspection.
+
+Public functions (the `AutoencoderKL` classmethods `from_pretrained` / `from_single_file` and the method
+`save_pretrained` delegate here; `cls` is the model class to build, ours or diffusers' `AutoencoderKL`):
+
+- `load_pretrained(cls, path, subfolder=None, torch_dtype=None, variant=None, **overrides)`: a diffusers folder
+  (`config.json` + `diffusion_pytorch_model.safetensors`, or `.bin`), or the bundled name "sdvae-fast/tiny".
+- `save_pretrained(model, folder, safe_serialization=True, variant=None)`: the same diffusers layout, readable by
+  `diffusers.AutoencoderKL.from_pretrained`.
+- `load_single_file(cls, path, config=None, torch_dtype=None, **overrides)`: one `.safetensors` / `.ckpt` / `.pt` /
+  `.bin` file in any layout below; the architecture is inferred from the weight shapes and the scaling factor from
+  the model family.
+- `inspect_checkpoint(path)`: what `load_single_file` would detect, as a dict (the CLI's `info` command).
+- `infer_architecture(shapes)`: the architecture config fields that diffusers-named weight shapes imply.
+
+All loaders take `unsafe_pickle=False` (see Pickles below) and return the model in eval mode, on CPU, in float32
+unless `torch_dtype` says otherwise. Local paths only: Hub repository ids are not downloaded.
+
+Layouts recognised in one file (detected from the key names, never from the file name):
+
+| layout | example key |
+|---|---|
+| `diffusers` | `encoder.down_blocks.0.resnets.0.conv1.weight`, `encoder.mid_block.attentions.0.to_q.weight` |
+| `diffusers-old-attention` | `encoder.mid_block.attentions.0.query.weight` (also `key`, `value`, `proj_attn`) |
+| `ldm` (original CompVis / Stability names) | `encoder.down.0.block.0.norm1.weight`, `encoder.mid.attn_1.q.weight` |
+
+Any of them may sit under a prefix beside other components (`first_stage_model.` in whole-model SD 1.x/2.x/SDXL/SD3
+checkpoints, `vae.` in some others) and inside a pickle's `state_dict` entry beside EMA bookkeeping (`model_ema.*`)
+and training-loss weights (`loss.*`); every key outside the VAE is ignored. EMA copies stored by LDM's `LitEma`
+under `model_ema.*` are not used: the main weights are loaded (pruned releases already hold the EMA values there).
+
+LDM -> diffusers naming (facts of the two code bases, written out here): `down.{i}.block.{j}` ->
+`down_blocks.{i}.resnets.{j}`; `down.{i}.downsample.conv` -> `down_blocks.{i}.downsamplers.0.conv`;
+`up.{i}` -> `up_blocks.{n-1-i}` (LDM numbers decoder levels by resolution, `up.0` being the full-resolution level
+that runs last; diffusers numbers them in execution order, `up_blocks.0` being the lowest resolution);
+`upsample.conv` -> `upsamplers.0.conv`;
+`mid.block_{1,2}` -> `mid_block.resnets.{0,1}`; `mid.attn_1.{norm,q,k,v,proj_out}` ->
+`mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}` with 1x1-conv weights `[C, C, 1, 1]` squeezed to
+linear `[C, C]`; `nin_shortcut` -> `conv_shortcut`; `norm_out` -> `conv_norm_out`.
+
+Model family and scaling factor (pipelines encode `(z - shift_factor) * scaling_factor`):
+
+| evidence | family | scaling_factor | shift_factor |
+|---|---|---|---|
+| 4 latent channels + `conditioner.embedders.*` keys (SDXL whole model) | `sdxl` | 0.13025 | none |
+| 4 latent channels + `cond_stage_model.*` keys (SD 1.x / 2.x whole model) | `sd15` | 0.18215 | none |
+| 16 latent channels + `joint_blocks` / `text_encoders.*` keys (SD3 whole model) | `sd3` | 1.5305 | 0.0609 |
+| 16 latent channels + `double_blocks` keys (FLUX.1 whole model) | `flux1` | 0.3611 | 0.1159 |
+| 4 latent channels + `edm_mean` / `edm_std` keys (Playground v2.5) | `sdxl`, those as `latents_mean/std` | 0.5 | none |
+| VAE-only file, 4 latent channels | `sd15` (commoner), with an `AmbiguousFamilyWarning` | 0.18215 | none |
+| VAE-only file, 16 latent channels | `flux1` (commoner), with an `AmbiguousFamilyWarning` | 0.3611 | 0.1159 |
+
+The weights of SD 1.x and SDXL VAEs (and of SD3 and FLUX.1 VAEs) have identical shapes, so a VAE-only file cannot be
+told apart; the warning names the override (`scaling_factor=`, or `config="sdxl"` / `config="sd3"`). An explicit
+`scaling_factor=` (directly, or through a preset, a folder's config.json or a dict given as `config=`) always wins,
+and no warning is given then; a value equal to a candidate family's also selects that family's `shift_factor`.
+
+`norm_num_groups` cannot be read from weight shapes (GroupNorm stores one weight per channel): it is 32 (every
+public SD VAE) unless `config=` or `norm_num_groups=` says otherwise. A checkpoint trained with other groups loads
+without error but computes a different function, so pass the value for such files.
+
+Pickles (`.ckpt`, `.pt`, `.bin`) are opened with `torch.load(weights_only=True)`: only tensors and plain
+containers are built. A file that needs other Python objects is refused with a `CheckpointError` naming them;
+`unsafe_pickle=True` opts in to a full unpickle, which can run arbitrary code: use it only for files you trust.
+
+Every failure about a file's content is one `CheckpointError` (a `ValueError`) naming the file: unreadable,
+truncated or corrupt files, refused pickles, and missing or mis-shaped keys (all listed together). Weights are
+assigned only after every key and shape has been checked, so no half-loaded model is ever returned.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.metadata
+import inspect
+import json
+import os
+import pickle
+import re
+import struct
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sdvae_fast.configs import CONFIG_FIELDS, PRESETS, resolve_config
+
+PathLike = Union[str, os.PathLike]
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+# The bundled tiny VAE with seeded weights: `load_pretrained(cls, "sdvae-fast/tiny")` (or "tiny").
+TINY_NAMES = ("sdvae-fast/tiny", "tiny")
+TINY_FOLDER = Path(__file__).resolve().parent / "data" / "tiny"
+
+# Written as `_diffusers_version` when diffusers is not installed: the version this layout was checked against.
+DIFFUSERS_VERSION_FALLBACK = "0.42.1"
+
+# The fields that decide parameter names and shapes (inferred from the weights of a single file).
+ARCHITECTURE_FIELDS = (
+    "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+    "layers_per_block", "latent_channels", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention",
+)
+
+# Families a VAE-only file may belong to, by latent channel count; the first is taken when nothing tells them apart.
+FAMILIES_BY_LATENT_CHANNELS = {4: ("sd15", "sdxl"), 16: ("flux1", "sd3")}
+FAMILY_NAMES = {"sd15": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux1": "FLUX.1"}
+
+# Prefixes of a VAE inside a whole-model checkpoint, preferred in this order when several VAEs are present.
+KNOWN_PREFIXES = ("", "first_stage_model.", "vae.")
+# A shape error lists at most this many keys of each kind (missing, mis-shaped), then a count of the rest.
+MAX_LISTED_KEYS = 40
+VAE_TOP_LEVEL = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder cannot be loaded; the message names the file and says what is wrong."""
+
+
+class AmbiguousFamilyWarning(UserWarning):
+    """The model family (hence `scaling_factor` / `shift_factor`) of a VAE-only file was guessed; see the message."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_safetensors(path: Path) -> bool:
+    """True when the file starts like safetensors: an 8-byte little-endian header length, then a JSON object."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 8 + header_len <= size
+
+
+def _unsafe_globals(path: Path, error: Exception) -> list[str]:
+    """Names of the Python globals a pickle needs beyond what `weights_only=True` allows."""
+    names: list[str] = []
+    if zipfile.is_zipfile(path):
+        try:
+            names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # an unreadable archive: fall back to the error text
+            names = []
+    if not names:
+        names = re.findall(r"GLOBAL ([\w.]+)", str(error))
+    return sorted(set(names))
+
+
+def _load_pickle(path: Path, unsafe_pickle: bool) -> Any:
+    """`torch.load` on CPU, weights only unless `unsafe_pickle`; every failure becomes a CheckpointError."""
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        # mmap keeps a multi-GB whole-model checkpoint out of RAM; only the zip format supports it.
+        return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        needed = _unsafe_globals(path, e) if not unsafe_pickle else []
+        if needed:
+            raise CheckpointError(
+                f"{path}: refusing to unpickle: the file needs the Python objects {', '.join(needed)}, which "
+                f"torch.load(weights_only=True) does not build. Unpickling them can run arbitrary code; pass "
+                f"unsafe_pickle=True only if you trust this file (or convert it to .safetensors)."
+            ) from e
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or not a PyTorch pickle): {e}") from e
+    except Exception as e:  # truncated zip archives, wrong magic numbers, EOF in the middle of a pickle...
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
+
+
+def _tensor_dicts(obj: Any) -> list[dict[str, torch.Tensor]]:
+    """The flat {name: tensor} dicts a loaded pickle holds: itself and its `state_dict` / `model` / `module`."""
+    found = []
+    candidates = [obj]
+    if isinstance(obj, Mapping):
+        candidates += [obj[k] for k in ("state_dict", "model", "module") if isinstance(obj.get(k), Mapping)]
+    for candidate in candidates:
+        if isinstance(candidate, Mapping):
+            tensors = {k: v for k, v in candidate.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+            if tensors:
+                found.append(tensors)
+    return found
+
+
+class _Checkpoint:
+    """The tensor names of one file and a way to read a subset of them (safetensors reads only those)."""
+
+    def __init__(self, path: Path, unsafe_pickle: bool = False):
+        self.path = path
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: the file is empty")
+        # Sniffed from the content (a .ckpt may hold safetensors); a damaged .safetensors still gets its own error.
+        self.format = "safetensors" if _is_safetensors(path) or path.suffix == ".safetensors" else "pickle"
+        self._tensors: Optional[dict[str, torch.Tensor]] = None
+        if self.format == "safetensors":
+            try:
+                with safe_open(path, framework="pt") as f:
+                    self.keys = list(f.keys())
+            except Exception as e:  # SafetensorError: bad header, truncated data section, ...
+                raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+        else:
+            dicts = _tensor_dicts(_load_pickle(path, unsafe_pickle))
+            # Prefer the dict that holds a VAE (a `state_dict` entry), else the largest.
+            with_vae = [d for d in dicts if _vae_prefixes(d.keys())]
+            chosen = with_vae or sorted(dicts, key=len, reverse=True)
+            self._tensors = chosen[0] if chosen else {}
+            self.keys = list(self._tensors)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """{name: tensor} on CPU for the given names (all present in `self.keys`)."""
+        if self._tensors is not None:
+            return {n: self._tensors[n] for n in names}
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                return {n: f.get_tensor(n) for n in names}
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read tensors (truncated or corrupt?): {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key names: finding the VAE, LDM -> diffusers, old attention names
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _vae_prefixes(keys) -> list[str]:
+    """Prefixes p such that p + 'encoder.conv_in.weight' or p + 'decoder.conv_in.weight' is a key."""
+    prefixes = set()
+    for key in keys:
+        for anchor in ("encoder.conv_in.weight", "decoder.conv_in.weight"):
+            if key.endswith(anchor):
+                prefix = key[: -len(anchor)]
+                if prefix == "" or prefix.endswith("."):
+                    prefixes.add(prefix)
+    return sorted(prefixes)
+
+
+def _choose_prefix(keys: list[str], path: Path) -> str:
+    prefixes = _vae_prefixes(keys)
+    if not prefixes:
+        sample = ", ".join(keys[:5]) or "(no tensors)"
+        raise CheckpointError(
+            f"{path}: no VAE weights found (no key ends in 'encoder.conv_in.weight' or 'decoder.conv_in.weight'; "
+            f"{len(keys)} tensors, first: {sample})"
+        )
+    for known in KNOWN_PREFIXES:
+        if known in prefixes:
+            return known
+    if len(prefixes) == 1:
+        return prefixes[0]
+    raise CheckpointError(f"{path}: several VAEs found, under the prefixes {prefixes}; extract one first")
+
+
+# LDM names -> diffusers names. Each rule: (pattern on the LDM key, function of the match and the level count).
+_LDM_RESNET_PART = r"(norm1|conv1|norm2|conv2|nin_shortcut)"
+_LDM_ATTENTION_PART = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def _resnet_part(part: str) -> str:
+    return "conv_shortcut" if part == "nin_shortcut" else part
+
+
+_LDM_RULES: list[tuple[re.Pattern, Callable[[re.Match, int], str]]] = [
+    (re.compile(r"^(quant_conv|post_quant_conv)\.(weight|bias)$"), lambda m, n: m.group(0)),
+    (re.compile(r"^(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)$"), lambda m, n: m.group(0)),
+    (re.compile(r"^(encoder|decoder)\.norm_out\.(weight|bias)$"),
+     lambda m, n: f"{m[1]}.conv_norm_out.{m[2]}"),
+    (re.compile(rf"^encoder\.down\.(\d+)\.block\.(\d+)\.{_LDM_RESNET_PART}\.(weight|bias)$"),
+     lambda m, n: f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_resnet_part(m[3])}.{m[4]}"),
+    (re.compile(r"^encoder\.down\.(\d+)\.downsample\.conv\.(weight|bias)$"),
+     lambda m, n: f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"),
+    (re.compile(rf"^decoder\.up\.(\d+)\.block\.(\d+)\.{_LDM_RESNET_PART}\.(weight|bias)$"),
+     lambda m, n: f"decoder.up_blocks.{n - 1 - int(m[1])}.resnets.{m[2]}.{_resnet_part(m[3])}.{m[4]}"),
+    (re.compile(r"^decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)$"),
+     lambda m, n: f"decoder.up_blocks.{n - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"),
+    (re.compile(rf"^(encoder|decoder)\.mid\.block_([12])\.{_LDM_RESNET_PART}\.(weight|bias)$"),
+     lambda m, n: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_resnet_part(m[3])}.{m[4]}"),
+    (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$"),
+     lambda m, n: f"{m[1]}.mid_block.attentions.0.{_LDM_ATTENTION_PART[m[2]]}.{m[3]}"),
+]
+
+# Attention projection names of diffusers before 0.14 -> today's.
+_OLD_ATTENTION = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+_OLD_ATTENTION_PART = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_ATTENTION_LINEAR = re.compile(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+
+
+def _detect_layout(keys: list[str], path: Path) -> str:
+    """'ldm', 'diffusers-old-attention' or 'diffusers', from VAE keys without prefix."""
+    ldm = any(re.match(r"^(encoder|decoder)\.(down|up|mid)\.", k) for k in keys)
+    diffusers = any(re.match(r"^(encoder|decoder)\.(down_blocks|up_blocks|mid_block)\.", k) for k in keys)
+    if ldm and diffusers:
+        raise CheckpointError(f"{path}: the VAE keys mix LDM names (encoder.down.*) and diffusers names "
+                              f"(encoder.down_blocks.*); cannot tell which to use")
+    if ldm:
+        return "ldm"
+    if any(_OLD_ATTENTION.match(k) for k in keys):
+        return "diffusers-old-attention"
+    return "diffusers"
+
+
+def _to_diffusers_names(tensors: dict[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename VAE tensors (keys without prefix) to diffusers' names; returns (state dict, keys left unmapped).
+
+    Attention projections stored as 1x1 convs `[C_out, C_in, 1, 1]` become linear weights `[C_out, C_in]`.
+    """
+    state: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    if layout == "ldm":
+        levels = {int(m[1]) for k in tensors if (m := re.match(r"^(?:decoder\.up|encoder\.down)\.(\d+)\.", k))}
+        num_levels = max(levels) + 1 if levels else 0
+        for key, value in tensors.items():
+            for pattern, rename in _LDM_RULES:
+                if m := pattern.match(key):
+                    state[rename(m, num_levels)] = value
+                    break
+            else:
+                unmapped.append(key)
+    else:
+        for key, value in tensors.items():
+            m = _OLD_ATTENTION.match(key)
+            state[f"{m[1]}{_OLD_ATTENTION_PART[m[2]]}.{m[3]}" if m else key] = value
+    for key, value in state.items():
+        if _ATTENTION_LINEAR.search(key) and value.dim() == 4 and value.shape[2:] == (1, 1):
+            state[key] = value[:, :, 0, 0]  # (C_out, C_in, 1, 1) conv -> (C_out, C_in) linear
+    return state, unmapped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Architecture and family inference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def infer_architecture(shapes: Mapping[str, torch.Size]) -> dict:
+    """Architecture config fields read from diffusers-named weight shapes; fields that cannot be read are left out.
+
+    `shapes`: {diffusers parameter name: shape}. Returns a subset of ARCHITECTURE_FIELDS:
+    block_out_channels[i] = output channels of `encoder.down_blocks.{i}.resnets.0.conv1` (or of the decoder's
+    mirrored level); layers_per_block = resnets per encoder level (the decoder has one more);
+    latent_channels = input channels of `decoder.conv_in` (or half the encoder's `conv_out` outputs: mean and
+    logvar); quant convs and the mid-block attention are present when their weights are.
+    """
+    def levels(side: str) -> list[int]:
+        pattern = re.compile(rf"^{side}\.(\d+)\.")
+        return sorted({int(m[1]) for k in shapes if (m := pattern.match(k))})
+
+    def count(prefix: str) -> int:
+        pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+        return len({m[1] for k in shapes if (m := pattern.match(k))})
+
+    config: dict[str, Any] = {}
+    down, up = levels("encoder.down_blocks"), levels("decoder.up_blocks")
+    num_levels = len(down) or len(up)
+    widths = []
+    for i in range(num_levels):
+        # Level i of the encoder mirrors level n-1-i of the decoder; conv1's weight is (width, C_in, 3, 3).
+        conv1 = (shapes.get(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")
+                 or shapes.get(f"decoder.up_blocks.{num_levels - 1 - i}.resnets.0.conv1.weight"))
+        widths.append(int(conv1[0]) if conv1 else None)
+    if num_levels and None not in widths:
+        config["block_out_channels"] = tuple(widths)
+        config["down_block_types"] = ("DownEncoderBlock2D",) * num_levels
+        config["up_block_types"] = ("UpDecoderBlock2D",) * num_levels
+    if down:
+        config["layers_per_block"] = count("encoder.down_blocks.0.resnets.")
+    elif up:
+        config["layers_per_block"] = count("decoder.up_blocks.0.resnets.") - 1
+    if "decoder.conv_in.weight" in shapes:
+        config["latent_channels"] = int(shapes["decoder.conv_in.weight"][1])
+    elif "encoder.conv_out.weight" in shapes:
+        config["latent_channels"] = int(shapes["encoder.conv_out.weight"][0]) // 2  # mean and logvar
+    if "encoder.conv_in.weight" in shapes:
+        config["in_channels"] = int(shapes["encoder.conv_in.weight"][1])
+    if "decoder.conv_out.weight" in shapes:
+        config["out_channels"] = int(shapes["decoder.conv_out.weight"][0])
+    config["use_quant_conv"] = "quant_conv.weight" in shapes
+    config["use_post_quant_conv"] = "post_quant_conv.weight" in shapes
+    config["mid_block_add_attention"] = any(".mid_block.attentions." in k for k in shapes)
+    return config
+
+
+def _family_from_keys(keys: list[str]) -> Optional[tuple[str, str]]:
+    """(family, reason) from the other components of a whole-model checkpoint, or None for a VAE-only file."""
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "sdxl", "whole-model checkpoint with conditioner.embedders.* (SDXL's text encoders)"
+    if any(k.startswith("cond_stage_model.") for k in keys):
+        return "sd15", "whole-model checkpoint with cond_stage_model.* (SD 1.x/2.x's text encoder)"
+    if any(".joint_blocks." in k or k.startswith("joint_blocks.") or k.startswith("text_encoders.") for k in keys):
+        return "sd3", "whole-model checkpoint with joint_blocks / text_encoders.* (SD3's MMDiT)"
+    if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
+        return "flux1", "whole-model checkpoint with double_blocks (FLUX.1's transformer)"
+    return None
+
+
+def _preset(name: str) -> dict:
+    """A copy of the named preset of `sdvae_fast.configs` (full diffusers config dict)."""
+    return copy.deepcopy(dict(PRESETS[name]))
+
+
+def _detect_family(keys: list[str], latent_channels: Optional[int], scaling_factor: Optional[float]):
+    """(family or None, certain, reason). An explicit scaling_factor equal to a candidate's picks that family."""
+    candidates = FAMILIES_BY_LATENT_CHANNELS.get(latent_channels, ())
+    if not candidates:
+        return None, False, f"no known family has {latent_channels} latent channels"
+    hint = _family_from_keys(keys)
+    if hint is not None and hint[0] in candidates:
+        return hint[0], True, hint[1]
+    if scaling_factor is not None:
+        for family in candidates:
+            if _preset(family)["scaling_factor"] == scaling_factor:
+                return family, True, f"scaling_factor={scaling_factor} given"
+    names = " or ".join(FAMILY_NAMES[f] for f in candidates)
+    return candidates[0], False, f"VAE-only file with {latent_channels} latent channels: {names}"
+
+
+def _ambiguity_message(path: Path, family: str, reason: str, latent_channels: int) -> str:
+    chosen = _preset(family)
+    others = [f for f in FAMILIES_BY_LATENT_CHANNELS[latent_channels] if f != family]
+    hints = []
+    for other in others:
+        p = _preset(other)
+        shift = f", shift_factor={p['shift_factor']}" if p.get("shift_factor") is not None else ""
+        hints.append(f"config={other!r} (or scaling_factor={p['scaling_factor']}{shift}) for {FAMILY_NAMES[other]}")
+    shift = f", shift_factor={chosen['shift_factor']}" if chosen.get("shift_factor") is not None else ""
+    return (f"{path}: {reason}; the weights cannot tell them apart. Using {FAMILY_NAMES[family]} "
+            f"(scaling_factor={chosen['scaling_factor']}{shift}), the commoner family. Pass "
+            + "; ".join(hints) + " if that is what this VAE belongs to.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config handling and model construction
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON config: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of config fields, got {type(config).__name__}")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _config_from_argument(config: Union[str, os.PathLike, Mapping, None]) -> dict:
+    """The fields a `config=` argument sets: all of them for a preset name or a diffusers folder (see
+    `sdvae_fast.configs.resolve_config`), only its own keys for a dict (the rest is still inferred)."""
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        fields = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+        unknown = sorted(k for k in fields if k not in CONFIG_FIELDS)
+        if unknown:
+            raise TypeError(f"config: unknown AutoencoderKL config field(s) {unknown}; valid: {list(CONFIG_FIELDS)}")
+        return fields
+    return resolve_config(config)
+
+
+def _accepted_fields(cls) -> Optional[set]:
+    """Keyword names `cls.__init__` accepts, or None when it takes **kwargs."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {name for name in params if name != "self"}
+
+
+def _check_overrides(cls, overrides: Mapping) -> None:
+    accepted = _accepted_fields(cls)
+    allowed = set(CONFIG_FIELDS) | (accepted or set())
+    unknown = sorted(k for k in overrides if k not in allowed)
+    if unknown:
+        raise TypeError(f"unknown config override(s) {unknown}; expected diffusers AutoencoderKL config fields: "
+                        f"{', '.join(CONFIG_FIELDS)}")
+
+
+def _resolve_dtype(torch_dtype) -> Optional[torch.dtype]:
+    aliases = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+               "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+               "fp64": torch.float64, "float64": torch.float64, "double": torch.float64}
+    if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
+        if torch_dtype is not None and not torch_dtype.is_floating_point:
+            raise ValueError(f"torch_dtype must be a floating-point dtype, got {torch_dtype}")
+        return torch_dtype
+    if isinstance(torch_dtype, str) and torch_dtype.removeprefix("torch.") in aliases:
+        return aliases[torch_dtype.removeprefix("torch.")]
+    raise ValueError(f"torch_dtype must be a torch.dtype or one of {sorted(aliases)}, got {torch_dtype!r}")
+
+
+def _check_groups(config: dict, path: Path) -> None:
+    groups = config.get("norm_num_groups", 32)
+    bad = [c for c in config.get("block_out_channels", ()) if c % groups]
+    if bad:
+        raise CheckpointError(
+            f"{path}: norm_num_groups={groups} does not divide the widths {bad} of block_out_channels="
+            f"{list(config['block_out_channels'])}; pass norm_num_groups= (GroupNorm groups cannot be read "
+            f"from the weights)"
+        )
+
+
+def _shape_errors(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor]) -> tuple[list, list]:
+    missing = sorted(k for k in expected if k not in state)
+    misshaped = sorted(
+        f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k])}"
+        for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])
+    )
+    return missing, misshaped
+
+
+def _build_and_load(cls, config: dict, state: dict[str, torch.Tensor], path: Path, torch_dtype, hint: str = ""):
+    """Construct `cls(**config)` and load `state` into it, after checking every key and shape.
+
+    Raises CheckpointError listing all missing and mis-shaped keys (nothing is built or returned then). Keys of
+    `state` the model does not have are ignored. The model is returned in eval mode, on CPU, in `torch_dtype`
+    (float32 when None).
+    """
+    dtype = _resolve_dtype(torch_dtype) or torch.float32
+    accepted = _accepted_fields(cls)
+    # Only diffusers' fields (config.json files of newer diffusers versions may carry more) that `cls` takes.
+    kwargs = {k: v for k, v in config.items() if k in CONFIG_FIELDS and (accepted is None or k in accepted)}
+    _check_groups(kwargs, path)
+    try:
+        # Construct on the meta device: no memory, no random init; the checked weights are assigned below.
+        with torch.device("meta"):
+            model = cls(**kwargs)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot build {cls.__name__} from the config {kwargs}: {e}") from e
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing, misshaped = _shape_errors(expected, state)
+    if missing or misshaped:
+        lines = [f"{path}: the checkpoint does not fit {cls.__name__}({_short_config(kwargs)})."]
+        for what, keys in (("missing", missing), ("mis-shaped", misshaped)):
+            if keys:
+                more = f"\n  ... and {len(keys) - MAX_LISTED_KEYS} more" if len(keys) > MAX_LISTED_KEYS else ""
+                lines.append(f"{len(keys)} {what} key(s):\n  " + "\n  ".join(keys[:MAX_LISTED_KEYS]) + more)
+        if hint:
+            lines.append(hint)
+        raise CheckpointError("\n".join(lines))
+    # Always copies: tensors of a memory-mapped file must not stay tied to it (a later overwrite would change them).
+    weights = {k: state[k].to(dtype=dtype, copy=True).contiguous() for k in expected}
+    model.load_state_dict(weights, strict=True, assign=True)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        # Buffers outside the state dict (non-persistent) stayed on meta: build for real and copy instead.
+        model = cls(**kwargs)
+        model.load_state_dict(weights, strict=True)
+        model.to(dtype)
+    return model.eval()
+
+
+def _short_config(config: dict) -> str:
+    return ", ".join(f"{k}={config[k]!r}" for k in ARCHITECTURE_FIELDS + ("norm_num_groups",)
+                     if k in config and k not in ("down_block_types", "up_block_types"))
+
+
+def _frozen(value):
+    """Lists as tuples, so that values from JSON, presets and inference compare equal."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _model_config(model) -> dict:
+    """The model's config as a plain dict of diffusers fields (diffusers' FrozenDict, a dataclass or an object)."""
+    config = model.config
+    if isinstance(config, Mapping):
+        fields = dict(config)
+    elif dataclasses.is_dataclass(config):
+        fields = dataclasses.asdict(config)
+    elif hasattr(config, "to_dict"):
+        fields = dict(config.to_dict())
+    else:
+        fields = dict(vars(config))
+    return {k: v for k, v in fields.items() if not k.startswith("_")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_folder(path: PathLike, subfolder: Optional[str]) -> Path:
+    folder = Path(path)
+    if not folder.exists() and str(path) in TINY_NAMES:
+        folder = TINY_FOLDER
+        if not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(
+                f"the bundled VAE {str(path)!r} is not installed: {folder} has no {CONFIG_NAME} (the package was "
+                f"installed without its data files; reinstall sdvae-fast, or pass a local folder)"
+            )
+    if subfolder:
+        folder = folder / subfolder
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no such folder: {folder} (from_pretrained reads a local diffusers folder with {CONFIG_NAME} and "
+            f"{SAFETENSORS_WEIGHTS_NAME}; Hub repository ids are not downloaded)"
+        )
+    return folder
+
+
+def _find_weights(folder: Path, variant: Optional[str]) -> Path:
+    """The weights file of a diffusers folder: safetensors preferred over the .bin pickle."""
+    names = [_weights_name(safe, variant) for safe in (True, False)]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    present = sorted(p.name for p in folder.iterdir() if p.name.startswith("diffusion_pytorch_model"))
+    raise CheckpointError(f"{folder}: no weights file {' or '.join(names)}"
+                          + (f" (found {present}; pass variant=?)" if present else ""))
+
+
+def load_pretrained(cls, path: PathLike, subfolder: Optional[str] = None, torch_dtype=None,
+                    variant: Optional[str] = None, unsafe_pickle: bool = False, **overrides):
+    """Build `cls` (an AutoencoderKL class) from a diffusers folder: `config.json` + weights.
+
+    Args:
+        cls: the model class; `cls(**config_fields)` must build it with diffusers' parameter names.
+        path: a folder holding `config.json` and `diffusion_pytorch_model.safetensors` (or the pickle
+            `diffusion_pytorch_model.bin`, read with `weights_only=True`), or the bundled name "sdvae-fast/tiny"
+            ("tiny"); an existing local path of that name wins. A single file is passed to `load_single_file`.
+        subfolder: folder inside `path`, e.g. "vae" for a pipeline folder.
+        variant: read `diffusion_pytorch_model.{variant}.safetensors` (or `.bin`), e.g. "fp16", as diffusers does.
+        torch_dtype: dtype of the returned parameters (torch.dtype or "fp16"/"bf16"/"fp32"/"fp64"); float32 if None.
+        unsafe_pickle: allow a `.bin` that needs arbitrary Python objects (runs code from the file).
+        **overrides: config fields that win over config.json (e.g. `scaling_factor=0.13025`).
+
+    Returns the model in eval mode on CPU. Old diffusers attention names (query/key/value/proj_attn) are renamed.
+    Raises FileNotFoundError (no such folder, bundled VAE absent), CheckpointError (unreadable config or
+    weights, missing or mis-shaped keys: all listed), TypeError (unknown override names).
+    """
+    _check_overrides(cls, overrides)
+    if Path(path).is_file():
+        if subfolder:
+            raise ValueError(f"subfolder={subfolder!r} given but path {str(path)!r} is a file, not a folder")
+        return load_single_file(cls, path, torch_dtype=torch_dtype, unsafe_pickle=unsafe_pickle, **overrides)
+    folder = _resolve_folder(path, subfolder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_NAME} (a diffusers model folder holds {CONFIG_NAME} and "
+                              f"{SAFETENSORS_WEIGHTS_NAME}; for a pipeline folder pass subfolder='vae')")
+    config = {**_read_config_json(config_path), **overrides}
+    weights_path = _find_weights(folder, variant)
+    checkpoint = _Checkpoint(weights_path, unsafe_pickle)
+    tensors = checkpoint.read(checkpoint.keys)
+    state, _ = _to_diffusers_names(tensors, _detect_layout(list(tensors), weights_path))
+    return _build_and_load(cls, config, state, weights_path, torch_dtype)
+
+
+def _weights_name(safe_serialization: bool, variant: Optional[str]) -> str:
+    """diffusers' weights file name: diffusion_pytorch_model[.{variant}].safetensors (or .bin)."""
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    return stem + (".safetensors" if safe_serialization else ".bin")
+
+
+def save_pretrained(model, folder: PathLike, safe_serialization: bool = True, variant: Optional[str] = None,
+                    is_main_process: bool = True, max_shard_size=None, push_to_hub: bool = False) -> Path:
+    """Write `model` as a diffusers folder: `config.json` and `diffusion_pytorch_model.safetensors`.
+
+    config.json holds `_class_name: "AutoencoderKL"`, `_diffusers_version` (the installed diffusers', else
+    DIFFUSERS_VERSION_FALLBACK) and every config field of the model; the weights are its `state_dict()` on CPU in
+    the model's dtype. `diffusers.AutoencoderKL.from_pretrained(folder)` loads the result, and `load_pretrained`
+    loads folders diffusers wrote. Creates `folder` (and parents); overwrites those files. Returns the folder.
+
+    The keyword arguments are those diffusers' `save_pretrained` takes (pipelines pass them to every component):
+    `safe_serialization=False` writes the pickle `diffusion_pytorch_model.bin` instead; `variant="fp16"` names the
+    file `diffusion_pytorch_model.fp16.safetensors`; `is_main_process=False` writes nothing (distributed
+    training); `max_shard_size` is accepted and unused (a VAE is far below any shard size).
+    Raises ValueError when the model's config lacks an architecture field, NotImplementedError for push_to_hub.
+    """
+    if push_to_hub:
+        raise NotImplementedError("save_pretrained(push_to_hub=True): uploading is not supported; save locally")
+    folder = Path(folder)
+    config = _model_config(model)
+    absent = [k for k in ARCHITECTURE_FIELDS + ("norm_num_groups", "scaling_factor") if k not in config]
+    if absent:
+        raise ValueError(f"model.config lacks the field(s) {absent}; cannot write a loadable config.json")
+    if not is_main_process:
+        return folder
+    try:
+        version = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        version = DIFFUSERS_VERSION_FALLBACK
+    config_json = {"_class_name": "AutoencoderKL", "_diffusers_version": version, **config}
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / CONFIG_NAME, "w", encoding="utf-8") as f:
+        json.dump(config_json, f, indent=2, sort_keys=True)  # tuples are written as JSON lists
+        f.write("\n")
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights_path = folder / _weights_name(safe_serialization, variant)
+    if safe_serialization:
+        save_file(weights, str(weights_path), metadata={"format": "pt"})
+    else:
+        torch.save(weights, weights_path)
+    return folder
+
+
+def _playground_statistics(checkpoint: _Checkpoint, latent_channels: Optional[int]) -> dict:
+    """Playground v2.5 whole-model checkpoints store per-channel latent statistics as `edm_mean` / `edm_std`
+    (shape (1, C, 1, 1)) and use scaling_factor 0.5 (diffusers' PLAYGROUND_VAE_SCALING_FACTOR); {} otherwise."""
+    if not {"edm_mean", "edm_std"} <= set(checkpoint.keys):
+        return {}
+    stats = checkpoint.read(["edm_mean", "edm_std"])
+    mean, std = (stats[k].detach().double().flatten().tolist() for k in ("edm_mean", "edm_std"))
+    if len(mean) != latent_channels or len(std) != latent_channels:
+        return {}
+    return {"latents_mean": tuple(mean), "latents_std": tuple(std), "scaling_factor": 0.5}
+
+
+def _read_single_file(path: PathLike, config, overrides: Mapping, unsafe_pickle: bool) -> tuple[dict, dict, dict]:
+    """Shared by load_single_file and inspect_checkpoint: (diffusers-named state, full config, report)."""
+    path = Path(path)
+    checkpoint = _Checkpoint(path, unsafe_pickle)
+    prefix = _choose_prefix(checkpoint.keys, path)
+    vae_keys = [k for k in checkpoint.keys if k.startswith(prefix) and k[len(prefix):].startswith(VAE_TOP_LEVEL)]
+    tensors = {k[len(prefix):]: v for k, v in checkpoint.read(vae_keys).items()}
+    layout = _detect_layout(list(tensors), path)
+    state, unmapped = _to_diffusers_names(tensors, layout)
+    inferred = infer_architecture({k: v.shape for k, v in state.items()})
+
+    given = {**_config_from_argument(config), **overrides}
+    latent_channels = given.get("latent_channels", inferred.get("latent_channels"))
+    family, certain, reason = _detect_family(checkpoint.keys, latent_channels, given.get("scaling_factor"))
+    latent_statistics = _playground_statistics(checkpoint, latent_channels)
+    if latent_statistics:
+        family, certain = "sdxl", True
+        reason = "Playground v2.5 checkpoint (SDXL architecture; edm_mean/edm_std keys give latents_mean/latents_std)"
+    # Precedence: the family preset (or diffusers' defaults), then the weights' architecture and latent statistics,
+    # then config=, then keyword overrides.
+    merged = _preset(family) if family else _preset("sd15")
+    merged.update(inferred)
+    merged.update(latent_statistics)
+    merged.update(given)
+    report = {
+        "path": str(path), "format": checkpoint.format, "layout": layout, "prefix": prefix, "family": family,
+        "family_certain": certain or "scaling_factor" in given, "family_reason": reason,
+        "ignored_keys": len(checkpoint.keys) - len(vae_keys) + len(unmapped), "inferred": inferred,
+    }
+    return state, merged, report
+
+
+def load_single_file(cls, path: PathLike, config=None, torch_dtype=None, unsafe_pickle: bool = False, **overrides):
+    """Build `cls` (an AutoencoderKL class) from one checkpoint file of any layout listed in this module's docstring.
+
+    Args:
+        cls: the model class; `cls(**config_fields)` must build it with diffusers' parameter names.
+        path: a `.safetensors`, `.ckpt`, `.pt` or `.bin` file (format sniffed from the content): a VAE alone or a
+            whole-model checkpoint; a folder is passed to `load_pretrained`.
+        config: a preset name ("sd15", "sdxl", "sd3", "flux1", ...), a diffusers folder or a dict. Its fields win
+            over what is inferred from the weights; None infers the architecture and the family.
+        torch_dtype: dtype of the returned parameters (torch.dtype or "fp16"/"bf16"/"fp32"/"fp64"); float32 if None.
+        unsafe_pickle: unpickle a file that needs arbitrary Python objects (only for files you trust).
+        **overrides: config fields that win over everything (`scaling_factor=`, `norm_num_groups=`, ...).
+
+    Returns the model in eval mode on CPU. Warns (AmbiguousFamilyWarning) when the family of a VAE-only file is
+    guessed and neither config= nor scaling_factor= was given. Raises FileNotFoundError (no file), CheckpointError
+    (unreadable/truncated/corrupt file, refused pickle, no VAE in the file, missing or mis-shaped keys: all listed
+    in one message naming the file), TypeError (unknown override names).
+    """
+    _check_overrides(cls, overrides)
+    if Path(path).is_dir():
+        if config is not None:
+            raise ValueError(f"config= given but {str(path)!r} is a folder; its config.json is used")
+        return load_pretrained(cls, path, torch_dtype=torch_dtype, unsafe_pickle=unsafe_pickle, **overrides)
+    state, merged, report = _read_single_file(path, config, overrides, unsafe_pickle)
+    if not report["family_certain"] and report["family"] is not None:
+        warnings.warn(_ambiguity_message(Path(path), report["family"], report["family_reason"],
+                                         merged["latent_channels"]), AmbiguousFamilyWarning, stacklevel=3)
+    elif not report["family_certain"]:
+        warnings.warn(f"{path}: {report['family_reason']}; using scaling_factor={merged['scaling_factor']} "
+                      f"(diffusers' default). Pass scaling_factor= with the right value.", AmbiguousFamilyWarning,
+                      stacklevel=3)
+    # When config= or an override contradicts the weights, the shape error below also says what they imply.
+    differs = [f"{k}={v!r} (config has {merged.get(k)!r})" for k, v in report["inferred"].items()
+               if _frozen(merged.get(k)) != _frozen(v)]
+    hint = f"The weights imply {', '.join(differs)}; omit config= / the override to infer them." if differs else ""
+    return _build_and_load(cls, merged, state, Path(path), torch_dtype, hint)
+
+
+def inspect_checkpoint(path: PathLike, config=None, unsafe_pickle: bool = False, **overrides) -> dict:
+    """Describe a checkpoint file or diffusers folder without building a model (the CLI's `info` command).
+
+    Returns a dict: `path`; `format` ("safetensors", "pickle" or "diffusers-folder"); `layout` ("diffusers",
+    "diffusers-old-attention", "ldm"); `prefix` of the VAE keys ("" for a VAE-only file); `family` ("sd15",
+    "sdxl", "sd3", "flux1" or None); `family_certain` (False when guessed) and `family_reason`; `config` (every
+    config field `load_single_file` would use); `parameter_count` (VAE parameters); `dtypes` (sorted dtype names
+    of the VAE tensors, e.g. ["float16"]); `ignored_keys` (tensors in the file outside the VAE). Raises as
+    `load_single_file` does for unreadable files.
+    """
+    path = Path(path)
+    if path.is_dir() or str(path) in TINY_NAMES:
+        folder = _resolve_folder(path, None)
+        weights_path = _find_weights(folder, None)
+        checkpoint = _Checkpoint(weights_path, unsafe_pickle)
+        tensors = checkpoint.read(checkpoint.keys)
+        layout = _detect_layout(list(tensors), weights_path)
+        state, unmapped = _to_diffusers_names(tensors, layout)
+        merged = {**_read_config_json(folder / CONFIG_NAME), **_config_from_argument(config), **overrides}
+        family = next((f for f in FAMILY_NAMES if _preset(f)["scaling_factor"] == merged.get("scaling_factor")
+                       and _preset(f)["latent_channels"] == merged.get("latent_channels")), None)
+        report = {"path": str(folder), "format": "diffusers-folder", "layout": layout, "prefix": "",
+                  "family": family, "family_certain": True, "family_reason": f"scaling_factor in {CONFIG_NAME}",
+                  "ignored_keys": len(unmapped)}
+    else:
+        state, merged, report = _read_single_file(path, config, overrides, unsafe_pickle)
+        report.pop("inferred")
+    report["config"] = {k: merged[k] for k in CONFIG_FIELDS if k in merged}
+    report["parameter_count"] = sum(t.numel() for t in state.values())
+    report["dtypes"] = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
+    return report
