@@ -51,6 +51,13 @@ def _check_groups(num_channels: int, num_groups: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+from sdvae_fast.kernels import conv as _conv_kernels  # noqa: E402  (kernels of this and the next two sections)
+from sdvae_fast.kernels import group_norm as _group_norm_kernels  # noqa: E402
+
+# Input dtypes the GroupNorm and conv kernels take; fp64 runs the references.
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _group_norm_stats_reference(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
     """(mean, rstd), each (N, G) float32 (float64 for fp64 x), over C/G*H*W per (sample, group)."""
     n = x.shape[0]
@@ -62,6 +69,9 @@ def _group_norm_stats_reference(x: Tensor, num_groups: int, eps: float) -> tuple
 
 @torch.library.custom_op("sdvae_fast::group_norm_stats", mutates_args=())
 def _group_norm_stats_op(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    # Triton kernel (split reduction + Chan merge) for fp16/bf16/fp32 where kernels run; the reference otherwise.
+    if kernels_available(x.device) and x.dtype in _KERNEL_DTYPES and x.numel() > 0:
+        return _group_norm_kernels.group_norm_stats(x, num_groups, eps)
     return _group_norm_stats_reference(x, num_groups, eps)
 
 
@@ -74,6 +84,10 @@ def _(x, num_groups, eps):
 
 def group_norm_stats(x: Tensor, num_groups: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Per-(sample, group) mean and reciprocal standard deviation, as `torch.nn.GroupNorm` computes them.
+
+    fp16/bf16/fp32 inputs on CUDA (or CPU under TRITON_INTERPRET=1) run `kernels/group_norm.py`: a split
+    reduction over many programs merged with Chan's parallel formula in a fixed order, deterministic and
+    independent of the batch size; fp64 and CPU without the interpreter use `torch.var_mean`.
 
     Args:
         x: (N, C, H, W), fp16/bf16/fp32/fp64, any strides (NCHW, channels_last, sliced views).
@@ -135,6 +149,12 @@ def _gn_silu_conv2d_op(
     stride: int,
     padding: list[int],
 ) -> Tensor:
+    # Triton implicit GEMM for fp16/bf16/fp32, 1x1/3x3, stride 1/2 where kernels run; the reference otherwise.
+    if (kernels_available(x.device) and x.dtype in _KERNEL_DTYPES
+            and _conv_kernels.conv_supported(x, weight, stride) and x.numel() > 0):
+        return _conv_kernels.gn_silu_conv2d(
+            x, weight, bias, scale, shift, residual, silu=silu, stride=stride, padding=padding
+        )
     return _gn_silu_conv2d_reference(x, weight, bias, scale, shift, residual, silu, stride, padding)
 
 
@@ -215,8 +235,18 @@ def gn_silu_conv2d(
         (N, C_out, H_out, W_out) in x's dtype, channels_last memory format.
     Raises:
         ValueError / TypeError naming the argument on wrong ranks, channel counts, groups or shapes.
+
+    Runs `kernels/conv.py` (one implicit GEMM with the normalisation and SiLU in its prologue, bias and
+    residual in its epilogue, fp32 accumulation; weights packed once per weight tensor and version) for
+    fp16/bf16/fp32 with 1x1 or 3x3 kernels and stride 1 or 2 on CUDA (or CPU under TRITON_INTERPRET=1); the
+    PyTorch reference otherwise (fp64, 5x5, CPU without the interpreter), with the same result.
+    fp32 on a GPU follows `torch.backends.cudnn.allow_tf32` like eager convs (TF32 by default).
     """
     _check_image("x", x)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not isinstance(stride, int) or isinstance(stride, bool):
+        raise TypeError(f"stride must be an int, got {stride!r}")
     if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
         raise ValueError(
             f"weight must be (C_out, C_in={x.shape[1]}, kh, kw), got shape {tuple(weight.shape)}"
@@ -231,6 +261,9 @@ def gn_silu_conv2d(
         _check_groups(x.shape[1], num_groups)
         if norm_bias is None:
             norm_bias = torch.zeros_like(norm_weight)
+        for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (x.shape[1],):
+                raise ValueError(f"{name} must be a ({x.shape[1]},) tensor, got {getattr(t, 'shape', t)}")
         if stats is None:
             stats = group_norm_stats(x, num_groups, eps)
         mean, rstd = stats
@@ -266,6 +299,9 @@ def _upsample_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 @torch.library.custom_op("sdvae_fast::upsample_conv2d", mutates_args=())
 def _upsample_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    # Four 2x2 phase convs on the low-resolution input (kernels/conv.py) for fp16/bf16/fp32; the reference otherwise.
+    if kernels_available(x.device) and x.dtype in _KERNEL_DTYPES and x.numel() > 0:
+        return _conv_kernels.upsample_conv2d(x, weight, bias)
     return _upsample_conv2d_reference(x, weight, bias)
 
 
@@ -300,15 +336,22 @@ def upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) ->
 # ---------------------------------------------------------------------------------------------------------------
 
 
+from sdvae_fast.kernels import attention as _attention_kernels  # noqa: E402  (kept inside this section)
+
+
 def _attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """softmax(q k^T * scale) v in fp32 (fp64 for fp64 q) via SDPA; (..., N, D) in q's dtype."""
+    """softmax(q k^T * scale) v in fp32 (fp64 for fp64 q) via SDPA; (..., N_q, D) contiguous, in q's dtype."""
     cdt = _compute_dtype(q.dtype)
     out = F.scaled_dot_product_attention(q.to(cdt), k.to(cdt), v.to(cdt), scale=scale)
-    return out.to(q.dtype)
+    return out.to(q.dtype).contiguous()
 
 
 @torch.library.custom_op("sdvae_fast::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    # The flash kernel for head dims that are multiples of 16 up to 512 in fp16/bf16/fp32; SDPA otherwise
+    # (fp64, head dim 4, no keys, or no kernel backend on this device).
+    if kernels_available(q.device) and _attention_kernels.attention_supported(q) and k.shape[-2] > 0:
+        return _attention_kernels.attention_forward(q, k, v, scale)
     return _attention_reference(q, k, v, scale)
 
 
@@ -320,21 +363,184 @@ def _(q, k, v, scale):
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale) v with online softmax in fp32 and O(N*D) memory (no N x N tensor).
 
+    Runs the flash kernel of `kernels/attention.py` (FlashAttention's online softmax, output columns split
+    across programs for head dims above 128) when the device has kernels and the head dim is a multiple of 16
+    up to 512 in fp16/bf16/fp32; otherwise PyTorch's `scaled_dot_product_attention` in fp32 (fp64 for fp64),
+    which gives the same result (head dim 4, say, falls back without error).
+
     Args:
-        q, k, v: (B, N, D) or (B, H, N, D), same shape, fp16/bf16/fp32/fp64.
+        q: (B, N_q, D) or (B, H, N_q, D).
+        k, v: (B, N_kv, D) or (B, H, N_kv, D), same shape as each other, same rank, batch, heads and head dim
+            as q. Any strides: views into a larger tensor (e.g. the channels_last qkv projection) are read in
+            place. fp16/bf16/fp32/fp64, all one dtype, on one device.
         scale: softmax scale, default D**-0.5.
     Returns:
-        Same shape and dtype as q.
+        Same shape and dtype as q, contiguous.
     Raises:
-        ValueError naming the argument on mismatched shapes or ranks.
+        TypeError: an argument is not a tensor, or dtypes/devices differ or are not floating point.
+        ValueError: naming the argument, on wrong ranks or mismatched shapes.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() not in (3, 4):
             raise ValueError(f"{name} must be (B, N, D) or (B, H, N, D), got shape {tuple(t.shape)}")
-    if k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+        if t.dtype not in _FLOAT_DTYPES or t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(
+                f"{name} must be float16, bfloat16, float32 or float64 with q's dtype and device "
+                f"({q.dtype}, {q.device}), got {t.dtype} on {t.device}"
+            )
+    if k.shape != v.shape or q.dim() != k.dim() or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(
-            f"q, k, v must share batch, heads and head dim, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            f"q, k, v must share rank, batch, heads and head dim (k and v the same shape), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return torch.ops.sdvae_fast.attention(q, k, v, float(scale))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAE mid-block attention
+# ---------------------------------------------------------------------------------------------------------------
+
+import weakref  # noqa: E402  (kept inside this section)
+
+# module -> (key, W_qkv (3*inner, C, 1, 1), b_qkv (3*inner,)); weak, so a freed module frees its fused weights.
+_FUSED_QKV_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _tensor_key(t: Optional[Tensor]) -> tuple:
+    """What identifies a parameter's current contents: identity, version counter, storage, dtype, device.
+
+    `_version` moves on every in-place write (`copy_` in `load_state_dict`, optimiser steps); `data_ptr` and
+    dtype move when `.to()` swaps the storage of the same Parameter object. Writes through `.data` bypass the
+    version counter and are not seen.
+    """
+    if t is None:
+        return (None,)
+    return (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+
+
+def fused_qkv_weights(module: torch.nn.Module, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    """The q/k/v projections of `module` concatenated into one 1x1 conv, cached per module.
+
+    `to_q`, `to_k`, `to_v` are Linear layers (inner, C); their weights stack row-wise into (3*inner, C) so one
+    GEMM computes [q | k | v] per pixel (missing biases count as zeros). The result is cached in a weak
+    per-module table keyed by `_tensor_key` of the six tensors and the requested dtype/device: a changed weight
+    is re-concatenated on the next call, an unchanged one never is (the same tensor objects come back).
+
+    Returns:
+        (weight (3*inner, C, 1, 1), bias (3*inner,)), in `dtype` on `device`, contiguous.
+    """
+    linears = (module.to_q, module.to_k, module.to_v)
+    key = tuple(_tensor_key(t) for lin in linears for t in (lin.weight, lin.bias)) + (dtype, torch.device(device))
+    cached = _FUSED_QKV_CACHE.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears], dim=0)  # (3*inner, C)
+        bias = torch.cat([
+            lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0]) for lin in linears
+        ])  # (3*inner,)
+        weight = weight.to(device=device, dtype=dtype)[:, :, None, None].contiguous()  # (3*inner, C, 1, 1)
+        bias = bias.to(device=device, dtype=dtype).contiguous()
+    _FUSED_QKV_CACHE[module] = (key, weight, bias)
+    return weight, bias
+
+
+def _check_attention_module(module: torch.nn.Module, channels: int) -> tuple[int, int]:
+    """Validate a diffusers-named mid-block attention for input channels C; return (inner, heads)."""
+    needed = ("group_norm", "to_q", "to_k", "to_v", "to_out", "heads")
+    missing = [name for name in needed if not hasattr(module, name)]
+    if missing:
+        raise TypeError(
+            f"module must be a diffusers-style mid-block Attention with attributes {needed}; "
+            f"{type(module).__name__} lacks {missing}"
+        )
+    for name in ("spatial_norm", "norm_q", "norm_k"):
+        if getattr(module, name, None) is not None:
+            raise ValueError(f"module.{name} is set; vae_attention_block supports only the plain VAE mid-block attention")
+    gn = module.group_norm
+    if gn is not None:
+        if not isinstance(gn, torch.nn.GroupNorm) or gn.num_channels != channels:
+            raise ValueError(f"module.group_norm must be nn.GroupNorm over C={channels} channels, got {gn}")
+        _check_groups(channels, gn.num_groups)
+    inner = module.to_q.weight.shape[0]
+    for name in ("to_q", "to_k", "to_v"):
+        lin = getattr(module, name)
+        if not isinstance(lin, torch.nn.Linear) or tuple(lin.weight.shape) != (inner, channels):
+            raise ValueError(
+                f"module.{name} must be nn.Linear({channels}, {inner}) (self-attention over x's C={channels} "
+                f"channels), got {lin}"
+            )
+    out_proj = module.to_out[0]
+    if not isinstance(out_proj, torch.nn.Linear) or tuple(out_proj.weight.shape) != (channels, inner):
+        raise ValueError(f"module.to_out[0] must be nn.Linear({inner}, {channels}), got {out_proj}")
+    heads = int(module.heads)
+    if heads < 1 or inner % heads != 0:
+        raise ValueError(f"module.heads ({heads}) must divide the projection width ({inner})")
+    return inner, heads
+
+
+def vae_attention_block(x: Tensor, module: torch.nn.Module) -> Tensor:
+    """The VAE mid-block attention unit, fused: `x + out_proj(attention(qkv(group_norm(x))))`.
+
+    Three registered ops, no N x N tensor and no copies between them:
+    1. `gn_silu_conv2d(x, W_qkv, b_qkv, norm_weight=gamma, norm_bias=beta, silu=False, padding=0)`: GroupNorm
+       fused into ONE 1x1 projection with the q/k/v weights concatenated (`fused_qkv_weights`, cached per
+       module) -> (N, 3*inner, H, W) channels_last, i.e. (N, H*W, 3*inner) in memory.
+    2. `attention` on strided (N, H*W, inner) views of it (heads > 1: (N, heads, H*W, inner/heads) views).
+    3. `gn_silu_conv2d(attn, W_out, b_out, norm_weight=None, padding=0, residual=x)`: the out projection as a
+       1x1 conv with the residual added in its epilogue.
+    This follows diffusers' `AttnProcessor2_0` for 4-D input: `(proj + residual) / rescale_output_factor`
+    (the division only runs when the factor is not 1; it is 1 in every public VAE), no residual when
+    `residual_connection` is False. The softmax scale is `module.scale` (head_dim**-0.5 for `scale_qk=True`,
+    which every VAE uses; diffusers' SDPA processor uses that same default).
+
+    Args:
+        x: hidden_states (N, C, H, W), fp16/bf16/fp32/fp64, any strides. The module's weights are cast to x's
+            dtype and device (the cast of the fused q/k/v weights is cached).
+        module: diffusers-named mid-block attention (`diffusers.models.attention_processor.Attention`):
+            group_norm (nn.GroupNorm over C, or None), to_q/to_k/to_v nn.Linear(C, inner), to_out[0]
+            nn.Linear(inner, C), heads, rescale_output_factor, residual_connection; spatial_norm, norm_q and
+            norm_k must be None.
+    Returns:
+        (N, C, H, W) in x's dtype, channels_last memory format.
+    Raises:
+        TypeError: x is not a float tensor, or module lacks the attributes above.
+        ValueError: naming the argument, on a wrong rank, channel count, group count or projection shape.
+    """
+    _check_image("x", x)
+    n, c, h, w = x.shape
+    inner, heads = _check_attention_module(module, c)
+    head_dim = inner // heads
+    w_qkv, b_qkv = fused_qkv_weights(module, x.dtype, x.device)
+    gn = module.group_norm
+    if gn is not None:
+        gamma = gn.weight if gn.weight is not None else torch.ones(c, device=x.device, dtype=x.dtype)
+        beta = gn.bias if gn.bias is not None else torch.zeros(c, device=x.device, dtype=x.dtype)
+        qkv = gn_silu_conv2d(
+            x, w_qkv, b_qkv, norm_weight=gamma, norm_bias=beta, num_groups=gn.num_groups, eps=gn.eps,
+            silu=False, padding=0,
+        )  # (N, 3*inner, H, W) channels_last
+    else:
+        qkv = gn_silu_conv2d(x, w_qkv, b_qkv, norm_weight=None, padding=0)
+    tokens = qkv.permute(0, 2, 3, 1).reshape(n, h * w, 3 * inner)  # (N, H*W, 3*inner), a view for NHWC
+    q, k, v = tokens.split(inner, dim=-1)  # each (N, H*W, inner), row stride 3*inner
+    if heads > 1:
+        q, k, v = (t.unflatten(-1, (heads, head_dim)).transpose(1, 2) for t in (q, k, v))  # (N, heads, H*W, d)
+    scale = float(getattr(module, "scale", head_dim ** -0.5))
+    attn = attention(q, k, v, scale)  # same shape as q, contiguous
+    if heads > 1:
+        attn = attn.transpose(1, 2).reshape(n, h * w, inner)  # (N, H*W, inner)
+    attn = attn.view(n, h, w, inner).permute(0, 3, 1, 2)  # (N, inner, H, W) channels_last view
+    out_proj = module.to_out[0]
+    w_out = out_proj.weight.to(device=x.device, dtype=x.dtype)[:, :, None, None]  # (C, inner, 1, 1)
+    b_out = None if out_proj.bias is None else out_proj.bias.to(device=x.device, dtype=x.dtype)
+    residual = x if getattr(module, "residual_connection", False) else None
+    y = gn_silu_conv2d(attn, w_out, b_out, norm_weight=None, padding=0, residual=residual)  # (N, C, H, W) NHWC
+    rescale = float(getattr(module, "rescale_output_factor", 1.0))
+    if rescale != 1.0:
+        y = y / rescale
+    return y

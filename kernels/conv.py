@@ -1,0 +1,488 @@
+"""Implicit-GEMM 2-D convolution in Triton with GroupNorm + SiLU fused into its prologue (the VAE's GSC unit),
+bias and residual fused into its epilogue, and a nearest-2x-upsample mode that never writes the upsampled tensor.
+
+Math (one kernel, `_conv_kernel`). For output pixel (n, oh, ow) and output channel co,
+
+    y[n, co, oh, ow] = bias[co] + residual[n, co, oh, ow]
+                       + sum_{kh, kw, ci} W[co, ci, kh, kw] * a[n, ci, ih, iw],
+    ih = oh*stride - pad_top + kh,  iw = ow*stride - pad_left + kw
+
+with `a = silu(x * scale[n, ci] + shift[n, ci])` inside the image and `a = 0` in the padding: the conv pads the
+*normalised, activated* tensor, so the padding mask is applied after the prologue. `scale = rstd * gamma` and
+`shift = beta - mean * rstd * gamma` come from the GroupNorm statistics (`sdvae_fast.ops.gn_scale_shift`).
+As a GEMM: M = H_out*W_out output pixels per image (one grid axis per image, so no tile spans two images),
+N_gemm = C_out, K = KH*KW*C_in ordered (tap, channel). A tiles are gathered from NHWC activations (any strides,
+passed at run time); B tiles come from the weight packed once into a K-major (K, C_out) matrix. Accumulation is
+fp32 (`tl.dot`), the epilogue adds bias and residual in fp32 and stores in the output's dtype into an
+(N, C_out, H_out, W_out) tensor of any strides (the launcher allocates channels_last).
+
+Upsample mode (`UPSAMPLE_2X`): `conv3x3(nearest_upsample_2x(x), pad 1)` equals four 2x2 convolutions on the
+low-resolution x, one per output phase (a, b) = (row parity, column parity) of output pixel (2i+a, 2j+b). The
+three taps of the 3x3 kernel read upsampled rows 2i+a-1, 2i+a, 2i+a+1, i.e. input rows (i-1, i, i) for a = 0 and
+(i, i, i+1) for a = 1, so the row weights fold to (w0, w1 + w2) read at rows (i-1, i) and to (w0 + w1, w2) read
+at rows (i, i+1); columns likewise (`fold_upsample_weight`). This is exact at the borders too: the zero row -1 of
+the upsampled tensor maps to input row -1, the zero row 2H to input row H, both padding here as well. Each
+phase is a 2x2 conv with padding top = 1 - a, left = 1 - b, so K = 4*C_in instead of 9*C_in (2.25x fewer FLOPs)
+and the 4x larger upsampled tensor is never stored. (Sub-pixel decomposition; the fold is checked in fp64 to
+1e-14 in tests/test_upsample_conv.py.)
+
+Supported: x fp16, bf16 or fp32 (CUDA, or CPU under TRITON_INTERPRET=1); square 1x1 or 3x3 weights, stride 1 or
+2, any non-negative asymmetric padding (left, right, top, bottom); upsample mode with 3x3 weights. The weight is
+cast to x's dtype when packed. `sdvae_fast.ops` falls back to the PyTorch reference for everything else (fp64,
+other kernel sizes or strides, CPU without the interpreter).
+
+Precision: fp16/bf16 operands go to the tensor cores directly, accumulating in fp32. For fp32 inputs the dot's
+`input_precision` follows PyTorch's own switch for convolutions, `torch.backends.cudnn.allow_tf32` (True by
+default): "tf32" when it is on, so the kernel matches what eager fp32 convs do on the same GPU (relative L2
+errors of about 1e-3 at K in the thousands), and "ieee" (exact fp32) when it is off. Under the interpreter fp32
+dots are exact either way, bf16/fp16 dot operands are upcast to fp32 (`DOT_FP32`), since bf16 arithmetic is
+wrong there, and bf16 outputs are rounded to nearest even explicitly before the store (`ROUND_TO_BF16`), since
+the interpreter's fp32 -> bf16 conversion truncates where the GPU rounds.
+
+Large tensors: every activation, residual and output offset is computed in int64 (program ids, index vectors
+and sizes are cast before any multiplication), so tensors of 2^31 elements and more (a 4096^2 decode) work.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from sdvae_fast.kernels._common import INTERPRET, prune_configs, require_kernels
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_KERNEL_SIZES = (1, 3)
+SUPPORTED_STRIDES = (1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autotune configurations: declared here only. The first is the known-good default and the one the interpreter
+# runs; the rest are tried on the GPU after pruning by shared memory.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _config(block_m, block_n, block_k, num_warps, num_stages):
+    """One autotune candidate: tile sizes of the GEMM (BLOCK_M pixels x BLOCK_N channels, BLOCK_K per step)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+CONV_CONFIGS = [
+    _config(128, 128, 64, 8, 3),
+    _config(128, 256, 64, 8, 3),
+    _config(256, 128, 64, 8, 3),
+    _config(128, 128, 64, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(128, 32, 64, 4, 3),  # narrow outputs: conv_out to 3 channels, quant convs
+    _config(128, 16, 64, 4, 3),
+]
+
+
+def _smem_bytes(config: triton.Config, elem_bytes: int) -> int:
+    """Shared memory of one program: num_stages buffers of an A and a B tile and of the fp32 scale/shift."""
+    kw = config.kwargs
+    tiles = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem_bytes
+    return config.num_stages * (tiles + 2 * kw["BLOCK_K"] * 4)
+
+
+def _prune(configs, named_args, **kwargs):
+    """early_config_prune hook: the configs that fit the device's shared memory (only the first when interpreting)."""
+    x = named_args["x_ptr"]
+    return prune_configs(configs, lambda c: _smem_bytes(c, x.element_size()), x.device)
+
+
+@triton.autotune(
+    configs=CONV_CONFIGS,
+    # Per-sample sizes and the mode only (never the batch), so an image runs the same tiles alone or in a batch.
+    key=["C_in", "H", "W", "C_out", "H_out", "W_out", "stride", "KH", "APPLY_GN", "UPSAMPLE_2X"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _conv_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    C_in, H, W, C_out, H_out, W_out, M,
+    sxn, sxc, sxh, sxw,
+    srn, src, srh, srw,
+    son, soc, soh, sow,
+    stride, pad_left, pad_top,
+    KH: tl.constexpr, KW: tl.constexpr,
+    APPLY_GN: tl.constexpr, APPLY_SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    UPSAMPLE_2X: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ROUND_TO_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (tiles_m * tiles_n [* 4 phases], N). H_out, W_out: the GEMM's output grid per image and phase;
+    M = H_out * W_out.
+
+    w_ptr: packed weight, (KH*KW*C_in, C_out) row-major, K ordered (kh, kw, ci); in upsample mode four such
+    matrices, one per phase. scale/shift: (N, C_in) fp32 contiguous. Program order puts the output-channel
+    tiles (and the phases) of one pixel tile next to each other, so its input rows are re-read from L2.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    tiles_n = tl.cdiv(C_out, BLOCK_N)
+    pid_n = pid % tiles_n
+    rest = pid // tiles_n
+    if UPSAMPLE_2X:
+        phase = rest % 4
+        pid_m = rest // 4
+        phase_a = phase // 2  # output row parity
+        phase_b = phase % 2  # output column parity
+        top = 1 - phase_a
+        left = 1 - phase_b
+        w_base = w_ptr + phase * (KH * KW * C_in) * C_out
+    else:
+        pid_m = rest
+        top = pad_top
+        left = pad_left
+        w_base = w_ptr
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,) output pixel oh*W_out + ow
+    m_mask = offs_m < M
+    oh = offs_m // W_out
+    ow = offs_m % W_out
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,) output channel
+    n_mask = offs_n < C_out
+    lane_k = tl.arange(0, BLOCK_K)
+
+    x_img = x_ptr + n * sxn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One flat K loop over (tap, channel block), so the GPU pipelines across taps as well.
+    c_blocks = tl.cdiv(C_in, BLOCK_K)
+    for t in range(0, KH * KW * c_blocks):
+        tap = t // c_blocks
+        c0 = (t % c_blocks) * BLOCK_K
+        kh = tap // KW
+        kw = tap % KW
+        # Input coordinates of this tap; the bounds mask is built before any division (// truncates toward 0).
+        ih = oh * stride - top + kh
+        iw = ow * stride - left + kw
+        pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ci = c0 + lane_k  # (BLOCK_K,) input channel
+        k_mask = ci < C_in
+        a_mask = pix_ok[:, None] & k_mask[None, :]
+        a_offs = (ih * sxh + iw * sxw)[:, None] + (ci.to(tl.int64) * sxc)[None, :]  # (BLOCK_M, BLOCK_K)
+        a = tl.load(x_img + a_offs, mask=a_mask, other=0.0)
+        if APPLY_GN:
+            sc = tl.load(scale_ptr + n * C_in + ci, mask=k_mask, other=0.0)
+            sh = tl.load(shift_ptr + n * C_in + ci, mask=k_mask, other=0.0)
+            a = a.to(tl.float32) * sc[None, :] + sh[None, :]
+            if APPLY_SILU:
+                a = a * tl.sigmoid(a)
+            # Padded taps are zeros of the normalised tensor: mask after the prologue.
+            a = tl.where(a_mask, a, 0.0)
+        k_rows = tap * C_in + ci  # (BLOCK_K,) row of the packed weight
+        b = tl.load(w_base + k_rows[:, None] * C_out + offs_n[None, :],
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        else:
+            a = a.to(w_ptr.dtype.element_ty)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # Epilogue in fp32: + bias, + residual, then a store that casts to the output's dtype.
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if UPSAMPLE_2X:
+        out_h = oh * 2 + phase_a
+        out_w = ow * 2 + phase_b
+    else:
+        out_h = oh
+        out_w = ow
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:
+        r_offs = n * srn + (out_h * srh + out_w * srw)[:, None] + (offs_n * src)[None, :]
+        acc += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+    if ROUND_TO_BF16:
+        # The interpreter truncates fp32 -> bf16 on store (the GPU rounds to nearest even): round the fp32
+        # bits to the nearest even bf16 value first, so the store's truncation is exact.
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        acc = bits.to(tl.float32, bitcast=True)
+    o_offs = n * son + (out_h * soh + out_w * sow)[:, None] + (offs_n * soc)[None, :]
+    tl.store(out_ptr + o_offs, acc, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight packing, cached per weight tensor
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pack_conv_weight_reference(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, KH, KW) -> (KH*KW*C_in, C_out), K ordered (kh, kw, ci): the kernel's B matrix."""
+    c_out = weight.shape[0]
+    return weight.permute(2, 3, 1, 0).reshape(-1, c_out)  # (KH*KW*C_in, C_out)
+
+
+def fold_upsample_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Fold a 3x3 kernel applied after nearest-2x upsampling into four 2x2 kernels on the input.
+
+    Args:
+        weight: (C_out, C_in, 3, 3), any float dtype (the sums are taken in that dtype; fold in fp64/fp32 and
+            cast after for low-precision weights).
+    Returns:
+        (2, 2, C_out, C_in, 2, 2): [a, b] is the 2x2 kernel of output phase (row parity a, column parity b),
+        read at input rows (i - 1 + a, i + a) and columns (j - 1 + b, j + b) for output pixel (2i+a, 2j+b).
+        Row weights fold to (w0, w1 + w2) for a = 0 and (w0 + w1, w2) for a = 1; columns likewise.
+    """
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be (C_out, C_in, 3, 3), got shape {tuple(weight.shape)}")
+    w0, w1, w2 = weight[:, :, 0], weight[:, :, 1], weight[:, :, 2]  # rows, each (C_out, C_in, 3)
+    rows = (torch.stack((w0, w1 + w2), dim=2), torch.stack((w0 + w1, w2), dim=2))  # each (C_out, C_in, 2, 3)
+    phases = []
+    for r in rows:
+        c0, c1, c2 = r[..., 0], r[..., 1], r[..., 2]  # columns, each (C_out, C_in, 2)
+        phases.append(torch.stack((torch.stack((c0, c1 + c2), dim=3), torch.stack((c0 + c1, c2), dim=3))))
+    return torch.stack(phases)  # (2, 2, C_out, C_in, 2, 2)
+
+
+class _WeightCache:
+    """Packed weights keyed by the weight tensor's identity, `_version`, storage, target dtype and mode.
+
+    An entry is reused only while its weight is the same live tensor object (checked through a weak
+    reference, since `id()` values are recycled) with an unchanged version counter and data pointer; an in-place
+    update or `.data` swap refolds it. Entries die with their weight tensor. `packs` counts packings (tests use
+    it to prove an unchanged weight is never packed twice).
+    """
+
+    def __init__(self):
+        self._entries: dict = {}
+        self.packs = 0
+
+    def get(self, weight: torch.Tensor, dtype: torch.dtype, upsample: bool) -> torch.Tensor:
+        """The packed (upsample: folded and packed) `weight` in `dtype`, packing it only when stale or new.
+
+        Returns (KH*KW*C_in, C_out) contiguous, or (4, 4*C_in, C_out) for the upsample phases.
+        """
+        key = (id(weight), dtype, upsample)
+        stamp = (weight._version, weight.data_ptr(), weight.device, tuple(weight.shape))
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is weight and entry[1] == stamp:
+            return entry[2]
+        packed = self._pack(weight.detach(), dtype, upsample)
+        self.packs += 1
+        entries = self._entries
+        ref = weakref.ref(weight, lambda _, key=key: entries.pop(key, None))
+        entries[key] = (ref, stamp, packed)
+        return packed
+
+    @staticmethod
+    def _pack(weight: torch.Tensor, dtype: torch.dtype, upsample: bool) -> torch.Tensor:
+        if not upsample:
+            return pack_conv_weight_reference(weight).to(dtype).contiguous()
+        # Fold in fp64 (exact sums of two weights) and round once to the kernel's dtype.
+        folded = fold_upsample_weight(weight.to(torch.float64))  # (2, 2, C_out, C_in, 2, 2)
+        c_out = weight.shape[0]
+        packed = folded.permute(0, 1, 4, 5, 3, 2).reshape(4, -1, c_out)  # (phase, 2*2*C_in, C_out)
+        return packed.to(dtype).contiguous()
+
+    def clear(self) -> None:
+        """Drop every packed weight (the next call of each weight packs again)."""
+        self._entries.clear()
+
+
+# The process-wide cache of packed weights used by both launchers.
+weight_cache = _WeightCache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision: fp32 follows torch.backends.cudnn.allow_tf32 (see the module docstring)."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _check_tensor(name: str, t, shape: tuple, device) -> None:
+    """Raise naming `name` unless t is a floating-point tensor of `shape` on `device`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} like x, got {t.device}")
+
+
+def _check_x(x) -> None:
+    """Raise naming x unless it is a non-empty 4-D fp16/bf16/fp32 tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32 for the Triton kernel, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+
+
+def _prepare_input(x: torch.Tensor) -> torch.Tensor:
+    """On CUDA, gather NCHW or other channel-strided inputs into channels_last once (coalesced A loads)."""
+    if x.is_cuda and x.stride(1) != 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _launch(x, packed, bias, scale, shift, residual, silu, stride, pad_left, pad_top, kh, kw,
+            h_out, w_out, out, upsample):
+    """Launch `_conv_kernel` on validated arguments; unused pointers get a placeholder tensor (never read)."""
+    n, c_in, h, w = x.shape
+    c_out = packed.shape[-1]
+    res = residual if residual is not None else out  # placeholder pointer, never read
+
+    def grid(meta):
+        tiles = triton.cdiv(h_out * w_out, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"])
+        return (tiles * (4 if upsample else 1), n)
+
+    _conv_kernel[grid](
+        x, packed,
+        bias if bias is not None else packed,
+        scale if scale is not None else packed,
+        shift if shift is not None else packed,
+        res, out,
+        c_in, h, w, c_out, h_out, w_out, h_out * w_out,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        res.stride(0), res.stride(1), res.stride(2), res.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        stride, pad_left, pad_top,
+        KH=kh, KW=kw,
+        APPLY_GN=scale is not None, APPLY_SILU=bool(silu) and scale is not None,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        UPSAMPLE_2X=upsample, DOT_FP32=INTERPRET, INPUT_PRECISION=_input_precision(x.dtype),
+        ROUND_TO_BF16=INTERPRET and out.dtype == torch.bfloat16,
+    )
+    return out
+
+
+def conv_supported(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
+    """Whether `gn_silu_conv2d` below handles this case (dtype, square 1x1/3x3 kernel, stride 1 or 2)."""
+    return (x.dtype in _SUPPORTED_DTYPES and weight.dim() == 4 and weight.shape[2] == weight.shape[3]
+            and weight.shape[2] in SUPPORTED_KERNEL_SIZES and stride in SUPPORTED_STRIDES)
+
+
+def gn_silu_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    *,
+    silu: bool = True,
+    stride: int = 1,
+    padding: Sequence[int] = (1, 1, 1, 1),
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Launch `conv2d(pad(silu(x * scale + shift)), weight, bias, stride) + residual` as one implicit GEMM.
+
+    Args:
+        x: (N, C_in, H, W) fp16/bf16/fp32, any strides; CUDA, or CPU under TRITON_INTERPRET=1.
+        weight: (C_out, C_in, k, k) with k in {1, 3}; packed (cast to x's dtype) once and cached.
+        bias: (C_out,) or None, any float dtype (added in fp32).
+        scale, shift: (N, C_in) per-(sample, channel) normalisation terms (`sdvae_fast.ops.gn_scale_shift`),
+            both or neither; None gives a plain conv (no normalisation and no SiLU).
+        residual: (N, C_out, H_out, W_out), any strides and float dtype, added in fp32; or None.
+        silu: apply SiLU after the normalisation (ignored without scale/shift).
+        stride: 1 or 2.
+        padding: (left, right, top, bottom) zeros around the normalised tensor.
+        out: optional preallocated (N, C_out, H_out, W_out) output of x's dtype (any strides); tests pass a
+            NaN-filled one to prove every element is written.
+    Returns:
+        (N, C_out, H_out, W_out) in x's dtype, channels_last unless `out` was given.
+    Raises:
+        TypeError / ValueError naming the argument for unsupported dtypes, kernel sizes, strides, shapes or
+        devices; RuntimeError when the kernels cannot run on x's device.
+    """
+    _check_x(x)
+    n, c_in, h, w = x.shape
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[1] != c_in:
+        raise ValueError(f"weight must be (C_out, C_in={c_in}, k, k), got {getattr(weight, 'shape', weight)}")
+    kh, kw = weight.shape[2], weight.shape[3]
+    if kh != kw or kh not in SUPPORTED_KERNEL_SIZES:
+        raise ValueError(f"weight must be 1x1 or 3x3 for the Triton kernel, got {kh}x{kw}")
+    if stride not in SUPPORTED_STRIDES:
+        raise ValueError(f"stride must be 1 or 2 for the Triton kernel, got {stride}")
+    padding = [int(p) for p in padding]
+    if len(padding) != 4 or min(padding) < 0:
+        raise ValueError(f"padding must be 4 non-negative ints (left, right, top, bottom), got {padding}")
+    pad_left, pad_right, pad_top, pad_bottom = padding
+    h_out = (h + pad_top + pad_bottom - kh) // stride + 1
+    w_out = (w + pad_left + pad_right - kw) // stride + 1
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"x of spatial size {h}x{w} is too small for a {kh}x{kw} conv with padding {padding}")
+    c_out = weight.shape[0]
+    _check_tensor("weight", weight, weight.shape, x.device)
+    if bias is not None:
+        _check_tensor("bias", bias, (c_out,), x.device)
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift must be given together (or both None)")
+    if scale is not None:
+        _check_tensor("scale", scale, (n, c_in), x.device)
+        _check_tensor("shift", shift, (n, c_in), x.device)
+        scale = scale.to(torch.float32).contiguous()
+        shift = shift.to(torch.float32).contiguous()
+    if residual is not None:
+        _check_tensor("residual", residual, (n, c_out, h_out, w_out), x.device)
+    if out is None:
+        out = torch.empty((n, c_out, h_out, w_out), device=x.device, dtype=x.dtype,
+                          memory_format=torch.channels_last)
+    else:
+        _check_tensor("out", out, (n, c_out, h_out, w_out), x.device)
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must be {x.dtype} like x, got {out.dtype}")
+    require_kernels(x.device, "gn_silu_conv2d")
+    packed = weight_cache.get(weight, x.dtype, upsample=False)
+    return _launch(_prepare_input(x), packed, bias, scale, shift, residual, silu, stride, pad_left, pad_top,
+                   kh, kw, h_out, w_out, out, upsample=False)
+
+
+def upsample_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Launch `conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)` as four
+    2x2 phase convolutions on x (weights folded once by `fold_upsample_weight` and cached).
+
+    Args:
+        x: (N, C_in, H, W) fp16/bf16/fp32, any strides; CUDA, or CPU under TRITON_INTERPRET=1.
+        weight: (C_out, C_in, 3, 3).
+        bias: (C_out,) or None.
+        out: optional preallocated (N, C_out, 2H, 2W) output of x's dtype (any strides).
+    Returns:
+        (N, C_out, 2H, 2W) in x's dtype, channels_last unless `out` was given.
+    Raises:
+        TypeError / ValueError naming the argument; RuntimeError when the kernels cannot run on x's device.
+    """
+    _check_x(x)
+    n, c_in, h, w = x.shape
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape[1:]) != (c_in, 3, 3):
+        raise ValueError(f"weight must be (C_out, {c_in}, 3, 3), got {getattr(weight, 'shape', weight)}")
+    c_out = weight.shape[0]
+    _check_tensor("weight", weight, weight.shape, x.device)
+    if bias is not None:
+        _check_tensor("bias", bias, (c_out,), x.device)
+    if out is None:
+        out = torch.empty((n, c_out, 2 * h, 2 * w), device=x.device, dtype=x.dtype,
+                          memory_format=torch.channels_last)
+    else:
+        _check_tensor("out", out, (n, c_out, 2 * h, 2 * w), x.device)
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must be {x.dtype} like x, got {out.dtype}")
+    require_kernels(x.device, "upsample_conv2d")
+    packed = weight_cache.get(weight, x.dtype, upsample=True)
+    # Each phase is a 2x2 conv over the H x W input grid; its padding is set per phase inside the kernel.
+    return _launch(_prepare_input(x), packed, bias, None, None, None, False, 1, 0, 0, 2, 2, h, w, out,
+                   upsample=True)
