@@ -1,0 +1,155 @@
+"""Benchmark the head-dim-512 flash attention kernel against PyTorch's scaled_dot_product_attention (GPU only).
+
+The VAE mid-block case: bf16, one head of dim 512, N = 4096 / 16384 / 65536 tokens (512^2, 1024^2, 2048^2
+images). For each N the script first checks correctness (rows spread over the sequence, the last rows included,
+against an fp32 reference computed row-block-wise), then times with `triton.testing.do_bench(...,
+return_mode="median")`:
+- ours, autotuned (the chosen tile config is recorded),
+- SDPA with PyTorch's default backend choice (its memory-efficient kernel is the one that accepts head dim 512),
+- the kernel's variants with fixed tiles: column split S = 2 (BLOCK_DV 256), S = 4 (BLOCK_DV 128) and unsplit
+  (BLOCK_DV 512, accumulator spilling registers), see kernels/attention.py.
+It also records which SDPA backends accept head dim 512 in bf16.
+
+FLOPs are 4 * N^2 * D per head (QK^T and PV, 2 per multiply-add); "% peak" is against 790 TFLOP/s, the dense
+bf16 matrix rate measured on an H200 (DESIGN.md section 2). Targets from issue 4: at least 1.5x faster than SDPA
+at N >= 16384 and at least half the matrix rate.
+
+Usage: python bench/bench_attention.py --out DIR   (writes DIR/attention.csv and DIR/attention.md; ~60 s on an H200)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PEAK_TFLOPS = 790.0
+HEAD_DIM = 512
+# The same tiles as configs in kernels/attention.py's list for head dim 512, so nothing extra is compiled.
+VARIANTS = {
+    "split2 (BLOCK_DV 256)": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_DK=64, BLOCK_DV=256, num_warps=8, num_stages=2),
+    "split4 (BLOCK_DV 128)": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_DK=64, BLOCK_DV=128, num_warps=8, num_stages=2),
+    "unsplit (BLOCK_DV 512)": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_DK=64, BLOCK_DV=512, num_warps=8, num_stages=1),
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for attention.csv/.md")
+    parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536], help="sequence lengths")
+    parser.add_argument("--no-variants", action="store_true", help="skip timing the fixed-tile variants")
+    return parser.parse_args()
+
+
+def sdpa_backend_support(device) -> dict:
+    """Which SDPA backends run bf16 head dim 512 here: {backend name: 'ok' or the first line of its error}."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 1, 256, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    support = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                    SDPBackend.MATH):
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, q, q)
+            torch.cuda.synchronize()
+            support[backend.name] = "ok"
+        except Exception as error:  # noqa: BLE001 - recording why a backend refuses is the point
+            support[backend.name] = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+    return support
+
+
+def reference_rows(q, k, v, rows, scale):
+    """fp32 softmax(q k^T * scale) v for the query `rows` only: (1, 1, len(rows), D), memory len(rows) x N."""
+    qr = q[:, :, rows].float()  # (1, 1, R, D)
+    scores = qr @ k.float().transpose(-1, -2) * scale  # (1, 1, R, N)
+    return torch.softmax(scores, dim=-1) @ v.float()
+
+
+def rel_l2(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def main() -> int:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        print("bench_attention.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.",
+              file=sys.stderr)
+        return 2
+    import triton.testing
+
+    from sdvae_fast.kernels.attention import _autotuned_kernel, attention_flops, attention_forward
+
+    start = time.time()
+    device = torch.device("cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    scale = HEAD_DIM ** -0.5
+    support = sdpa_backend_support(device)
+    print("SDPA backends for bf16 head dim 512:", support)
+
+    rows_out = []
+    for n in args.n:
+        gen = torch.Generator(device=device).manual_seed(n)
+        q, k, v = (torch.randn(1, 1, n, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen) + m
+                   for m in (0.1, -0.1, 0.2))
+        flops = attention_flops(1, n, n, HEAD_DIM)
+
+        # Correctness first: 256 rows spread over the sequence, the last row included.
+        rows = torch.linspace(0, n - 1, 256, device=device).round().long()
+        ours = attention_forward(q, k, v, scale)
+        theirs = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        reference = reference_rows(q, k, v, rows, scale)
+        err_ours, err_sdpa = rel_l2(ours[:, :, rows], reference), rel_l2(theirs[:, :, rows], reference)
+        ok = bool(torch.isfinite(ours).all()) and err_ours <= 2 * err_sdpa + 1e-3
+        config = _autotuned_kernel(HEAD_DIM).best_config
+        print(f"N={n}: rel L2 ours {err_ours:.2e}, SDPA {err_sdpa:.2e} -> {'ok' if ok else 'WRONG'}; "
+              f"autotuned {config}")
+
+        timings = {"ours (autotuned)": lambda: attention_forward(q, k, v, scale),
+                   "sdpa (default backend)": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)}
+        if not args.no_variants:
+            for name, cfg in VARIANTS.items():
+                timings[f"ours {name}"] = lambda cfg=cfg: attention_forward(q, k, v, scale, config=cfg)
+        results = {}
+        for name, fn in timings.items():
+            try:
+                results[name] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            except Exception as error:  # noqa: BLE001 - a variant that does not compile is a result too
+                print(f"  {name}: failed ({type(error).__name__}: {str(error)[:100]})")
+                results[name] = float("nan")
+        sdpa_ms = results["sdpa (default backend)"]
+        for name, ms in results.items():
+            tflops = flops / (ms * 1e-3) / 1e12
+            row = {
+                "N": n, "impl": name, "ms": round(ms, 4), "TFLOP/s": round(tflops, 1),
+                "% of 790": round(100 * tflops / PEAK_TFLOPS, 1), "speedup vs sdpa": round(sdpa_ms / ms, 2),
+                "correct": ok, "rel_l2 ours": f"{err_ours:.2e}", "rel_l2 sdpa": f"{err_sdpa:.2e}",
+                "config": str(config) if name == "ours (autotuned)" else "",
+            }
+            rows_out.append(row)
+            print(f"  {name:32s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s {row['% of 790']:5.1f}% "
+                  f"x{row['speedup vs sdpa']:.2f} vs SDPA")
+        del q, k, v, ours, theirs
+        torch.cuda.empty_cache()
+
+    with open(args.out / "attention.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
+        writer.writeheader()
+        writer.writerows(rows_out)
+    with open(args.out / "attention.md", "w") as f:
+        f.write(f"# Attention, bf16, 1 head, head dim {HEAD_DIM} ({torch.cuda.get_device_name()})\n\n")
+        f.write("SDPA backends accepting head dim 512 (bf16): "
+                + ", ".join(f"{name}: {status}" for name, status in support.items()) + "\n\n")
+        f.write("| " + " | ".join(rows_out[0]) + " |\n|" + "---|" * len(rows_out[0]) + "\n")
+        for row in rows_out:
+            f.write("| " + " | ".join(str(value) for value in row.values()) + " |\n")
+    print(f"wrote {args.out / 'attention.csv'} and {args.out / 'attention.md'} in {time.time() - start:.1f} s")
+    return 0 if all(row["correct"] for row in rows_out) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
