@@ -67,3 +67,36 @@ def require_kernels(device, what: str) -> None:
             f"{what}: Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set before import for CPU "
             f"tensors; got a tensor on {torch.device(device)}. Use the 'torch' backend instead."
         )
+
+
+def tensor_stamp(t: torch.Tensor) -> tuple:
+    """A key that changes whenever `t`'s values may have changed: (version counter, storage, dtype, device, shape).
+
+    Caches of prepared weights (packed, folded, concatenated) compare stamps to decide whether to rebuild. The
+    version counter moves on every in-place write (`copy_` in `load_state_dict`, optimiser steps) and `data_ptr`
+    on `.data` swaps and `.to()`. Inference tensors (created under `torch.inference_mode()`) track no version
+    counter; for them the stamp holds -1, so only a storage, dtype or shape change is seen (they can be written
+    in place only inside inference mode).
+    """
+    version = -1 if t.is_inference() else t._version
+    return (version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_image_input(x) -> None:
+    """Raise naming `x` unless it is a non-empty 4-D (N, C, H, W) fp16/bf16/fp32 tensor (what the kernels take).
+
+    Raises:
+        TypeError: not a tensor, or another dtype (fp64 and integers run on the PyTorch reference instead).
+        ValueError: not 4-D, or empty.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32 for the Triton kernel, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")

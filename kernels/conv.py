@@ -51,9 +51,15 @@ import torch
 import triton
 import triton.language as tl
 
-from sdvae_fast.kernels._common import INTERPRET, prune_configs, require_kernels
+from sdvae_fast.kernels._common import (
+    INTERPRET,
+    SUPPORTED_DTYPES,
+    check_image_input,
+    prune_configs,
+    require_kernels,
+    tensor_stamp,
+)
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_KERNEL_SIZES = (1, 3)
 SUPPORTED_STRIDES = (1, 2)
 
@@ -260,7 +266,7 @@ class _WeightCache:
         Returns (KH*KW*C_in, C_out) contiguous, or (4, 4*C_in, C_out) for the upsample phases.
         """
         key = (id(weight), dtype, upsample)
-        stamp = (weight._version, weight.data_ptr(), weight.device, tuple(weight.shape))
+        stamp = tensor_stamp(weight)
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is weight and entry[1] == stamp:
             return entry[2]
@@ -314,18 +320,6 @@ def _check_tensor(name: str, t, shape: tuple, device) -> None:
         raise ValueError(f"{name} must be on {device} like x, got {t.device}")
 
 
-def _check_x(x) -> None:
-    """Raise naming x unless it is a non-empty 4-D fp16/bf16/fp32 tensor."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32 for the Triton kernel, got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-
-
 def _prepare_input(x: torch.Tensor) -> torch.Tensor:
     """On CUDA, gather NCHW or other channel-strided inputs into channels_last once (coalesced A loads)."""
     if x.is_cuda and x.stride(1) != 1:
@@ -366,7 +360,7 @@ def _launch(x, packed, bias, scale, shift, residual, silu, stride, pad_left, pad
 
 def conv_supported(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
     """Whether `gn_silu_conv2d` below handles this case (dtype, square 1x1/3x3 kernel, stride 1 or 2)."""
-    return (x.dtype in _SUPPORTED_DTYPES and weight.dim() == 4 and weight.shape[2] == weight.shape[3]
+    return (x.dtype in SUPPORTED_DTYPES and weight.dim() == 4 and weight.shape[2] == weight.shape[3]
             and weight.shape[2] in SUPPORTED_KERNEL_SIZES and stride in SUPPORTED_STRIDES)
 
 
@@ -403,7 +397,7 @@ def gn_silu_conv2d(
         TypeError / ValueError naming the argument for unsupported dtypes, kernel sizes, strides, shapes or
         devices; RuntimeError when the kernels cannot run on x's device.
     """
-    _check_x(x)
+    check_image_input(x)
     n, c_in, h, w = x.shape
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[1] != c_in:
         raise ValueError(f"weight must be (C_out, C_in={c_in}, k, k), got {getattr(weight, 'shape', weight)}")
@@ -466,7 +460,7 @@ def upsample_conv2d(
     Raises:
         TypeError / ValueError naming the argument; RuntimeError when the kernels cannot run on x's device.
     """
-    _check_x(x)
+    check_image_input(x)
     n, c_in, h, w = x.shape
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape[1:]) != (c_in, 3, 3):
         raise ValueError(f"weight must be (C_out, {c_in}, 3, 3), got {getattr(weight, 'shape', weight)}")

@@ -40,9 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sdvae_fast.kernels._common import require_kernels
+from sdvae_fast.kernels._common import check_image_input, require_kernels
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Elements of a tile ([BLOCK_P, BLOCK_C]) and elements one program should reduce on the GPU.
 _TILE_ELEMENTS = 4096
@@ -169,17 +168,10 @@ def group_norm_stats(
         ValueError: x not 4-D, C not divisible by num_groups (naming both), empty x, bad num_splits.
         RuntimeError: the kernels cannot run on x's device.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32 for the Triton kernel, got {x.dtype}")
+    check_image_input(x)
     n, c, h, w = x.shape
     if num_groups <= 0 or c % num_groups != 0:
         raise ValueError(f"num_channels ({c}) must be divisible by num_groups ({num_groups})")
-    if x.numel() == 0:
-        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
     require_kernels(x.device, "group_norm_stats")
 
     hw = h * w

@@ -13,12 +13,16 @@ Layout of this file: one section per op (reference, registered op, fake, public 
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from sdvae_fast.kernels._common import kernels_available
+from sdvae_fast.kernels import attention as _attention_kernels
+from sdvae_fast.kernels import conv as _conv_kernels
+from sdvae_fast.kernels import group_norm as _group_norm_kernels
+from sdvae_fast.kernels._common import kernels_available, tensor_stamp
 
 Tensor = torch.Tensor
 
@@ -51,8 +55,6 @@ def _check_groups(num_channels: int, num_groups: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-from sdvae_fast.kernels import conv as _conv_kernels  # noqa: E402  (kernels of this and the next two sections)
-from sdvae_fast.kernels import group_norm as _group_norm_kernels  # noqa: E402
 
 # Input dtypes the GroupNorm and conv kernels take; fp64 runs the references.
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -336,7 +338,6 @@ def upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) ->
 # ---------------------------------------------------------------------------------------------------------------
 
 
-from sdvae_fast.kernels import attention as _attention_kernels  # noqa: E402  (kept inside this section)
 
 
 def _attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -404,22 +405,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
 # VAE mid-block attention
 # ---------------------------------------------------------------------------------------------------------------
 
-import weakref  # noqa: E402  (kept inside this section)
 
 # module -> (key, W_qkv (3*inner, C, 1, 1), b_qkv (3*inner,)); weak, so a freed module frees its fused weights.
 _FUSED_QKV_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _tensor_key(t: Optional[Tensor]) -> tuple:
-    """What identifies a parameter's current contents: identity, version counter, storage, dtype, device.
+    """What identifies a parameter's current contents: its identity and `tensor_stamp` (version, storage, ...).
 
-    `_version` moves on every in-place write (`copy_` in `load_state_dict`, optimiser steps); `data_ptr` and
-    dtype move when `.to()` swaps the storage of the same Parameter object. Writes through `.data` bypass the
-    version counter and are not seen.
+    Writes through `.data` bypass the version counter and are not seen.
     """
     if t is None:
         return (None,)
-    return (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+    return (id(t),) + tensor_stamp(t)
 
 
 def fused_qkv_weights(module: torch.nn.Module, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:

@@ -183,6 +183,17 @@ def test_weight_cache_packs_once_and_refolds_after_in_place_change():
     assert_close(changed, -2.0 * first, rel_l2=1e-6, name="refolded")
 
 
+def test_inference_mode_weights_are_packed_without_a_version_counter():
+    with torch.inference_mode():
+        x = _random_image((1, 16, 5, 6), torch.float32)
+        weight = torch.randn(8, 16, 3, 3) * 0.1  # an inference tensor: no version counter
+        out = ops.gn_silu_conv2d(x, weight)
+        again = ops.gn_silu_conv2d(x, weight)
+    expected = F.conv2d(x.double(), weight.double(), padding=1)
+    assert_close(out, expected, rel_l2=1e-6, name="inference-mode conv")
+    assert torch.equal(out, again)
+
+
 def test_channels_not_divisible_by_groups_raises_naming_both_numbers():
     x = torch.randn(1, 50, 4, 4)
     with pytest.raises(ValueError, match=r"50.*32"):
