@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The prepared GPU check of sdvae-fast: GPU tests, parity, kernel and end-to-end benchmarks in under 5 minutes on
+# one H200, with no network. Results go to bench/results/DATE-GPU.md (+ .csv, .png, logs) and, when $OUT is set,
+# to $OUT too (the only folder that comes back from a borrowed machine), each section as soon as it ends.
+#
+# Prepare once on the CPU machine, in the repo root (see ../shared/gpu/README.md; .whl/ is gitignored):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       -d .whl diffusers==0.42.1
+# Then one device call (the `run` tool), with carry [".whl"] and timeout_s 420:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . && bash bench/gpu_check.sh
+#
+# Environment:
+#   OUT          also copy every result there (set by the device machine)
+#   SECTIONS     the sections to run, space separated (default: "env tests parity conv attention e2e")
+#   RESULTS_DIR  where results are written (default: bench/results)
+#   BUDGET_S     total seconds for all sections (default 285); each section also has its own time box
+#   PYTHON       the interpreter (default: python3)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+SECTIONS=${SECTIONS:-"env tests parity conv attention e2e"}
+RESULTS=${RESULTS_DIR:-bench/results}
+BUDGET_S=${BUDGET_S:-285}
+# The test conftest turns the Triton interpreter on unless told otherwise: on a GPU the kernels must compile.
+export TRITON_INTERPRET=0
+export PYTHONUNBUFFERED=1
+
+mkdir -p "$RESULTS"
+STEM=$("$PY" -m sdvae_fast.bench stem) || STEM="$(date -u +%Y-%m-%d)-unknown"
+REPORT="$RESULTS/$STEM.md"
+START=$(date +%s)
+
+# Copy this run's results to $OUT (when set).
+publish() {
+    if [ -n "${OUT:-}" ]; then
+        mkdir -p "$OUT"
+        cp -r "$RESULTS/$STEM"* "$OUT/" 2>/dev/null || true
+    fi
+}
+
+# section NAME LIMIT_S COMMAND...: run COMMAND under `timeout`, log to DATE-GPU-NAME.log, append a summary and
+# the log's tail to the report, publish. A section is skipped when less than 10 s of the total budget remain.
+section() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    if [ "$left" -lt 10 ]; then
+        printf '\n## %s\n\nskipped: the %s s budget is spent\n' "$name" "$BUDGET_S" >>"$REPORT"
+        publish
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    local log="$RESULTS/$STEM-$name.log" t0 rc
+    t0=$(date +%s)
+    echo "== $name (time box ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+    rc=$?
+    local took=$(($(date +%s) - t0)) status="ok"
+    [ "$rc" -ne 0 ] && status="exit code $rc"
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && status="timed out after ${limit}s"
+    {
+        printf '\n## %s (%s, %ss)\n\n`%s`\n\n```\n' "$name" "$status" "$took" "$*"
+        tail -n 60 "$log"
+        printf '```\n'
+    } >>"$REPORT"
+    echo "   $status in ${took}s; log: $log"
+    publish
+}
+
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+
+{
+    printf '# sdvae-fast GPU check, %s\n\n' "$STEM"
+    printf 'Sections: %s. Budget %s s. Full logs: %s-*.log.\n' "$SECTIONS" "$BUDGET_S" "$STEM"
+} >"$REPORT"
+
+if want env; then
+    printf '\n## environment\n\n' >>"$REPORT"
+    timeout 30 "$PY" -m sdvae_fast.bench env-info --md "$REPORT" --json "$RESULTS/$STEM-env.json" >/dev/null 2>&1 \
+        || printf -- '- environment record failed\n' >>"$REPORT"
+    publish
+fi
+want tests && section tests 80 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --durations=10
+want parity && section parity 30 "$PY" -m sdvae_fast.cli parity --preset sd15 --res 512 --dtype bf16 -q \
+    --out "$RESULTS/$STEM-parity"
+want conv && section conv 35 "$PY" bench/bench_conv.py --out "$RESULTS/$STEM-conv"
+want attention && section attention 35 "$PY" bench/bench_attention.py --out "$RESULTS/$STEM-attention" --n 4096 16384
+want e2e && section e2e 110 "$PY" -m sdvae_fast.cli bench --res 512 1024 2048 --dtype bf16 --preset sd15 -q \
+    --out "$RESULTS" --name "$STEM-e2e" --budget-s 1.0
+
+printf '\nTotal %ss.\n' "$(($(date +%s) - START))" >>"$REPORT"
+publish
+echo "report: $REPORT"

@@ -1,0 +1,636 @@
+"""The `sdvae-fast` command line: reconstruct, encode, decode, info, parity, profile, bench and train.
+
+Every subcommand takes the common options `--device`, `--dtype fp32|fp16|bf16`, `--preset`, `--vae` and
+`--backend`. Errors meant for users (a missing file, a wrong shape, no GPU) are printed as one line starting with
+`sdvae-fast CMD: error:` and exit with code 2; set `SDVAE_FAST_DEBUG=1` to see the traceback instead. Each
+`cmd_*` function takes the parsed arguments and returns the exit code (0 ok, 1 a parity check failed); it raises
+`CLIError`, or the library's ValueError/OSError/RuntimeError, for what the user can fix, and `main` turns those
+into the one-line message. Anything else (a bug) keeps its traceback.
+
+Import order matters here: Triton reads `TRITON_INTERPRET` when kernels are defined, so this module imports
+nothing that defines kernels at load time. When a command runs the kernels on CPU tensors (`parity` on CPU, or
+`--backend triton` on CPU) the interpreter is switched on before `sdvae_fast.ops` is first imported, or, if
+kernels were already imported without it, the command is re-run in a child interpreter with it set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+PROG = "sdvae-fast"
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+BACKENDS = ("auto", "triton", "torch")
+DEFAULT_VAE = "sdvae-fast/tiny"
+LATENTS_FORMAT = "sdvae-fast latents v1"
+
+
+class CLIError(Exception):
+    """An error the user can fix (bad argument, missing file, no GPU): printed as one line, exit code 2."""
+
+
+# Exceptions that carry a message for the user rather than a bug in this program; anything else keeps its
+# traceback. RuntimeError covers CUDA out-of-memory and the kernels' "needs a CUDA device" errors.
+USER_ERRORS = (CLIError, OSError, ValueError, RuntimeError, ImportError)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices, dtypes and the VAE
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: Optional[str]):
+    """`--device` as a `torch.device`: CUDA when available and nothing was asked for, else CPU.
+
+    Raises:
+        CLIError: the name is not a device torch knows, or CUDA was asked for on a machine without it.
+    """
+    torch = _torch()
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CLIError(f"--device {name!r} is not a device torch knows (try cpu or cuda)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def resolve_dtype(name: Optional[str], device):
+    """`--dtype` as a torch dtype; by default bf16 on CUDA and fp32 on CPU."""
+    torch = _torch()
+    if name is None:
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def config_dict(vae) -> dict:
+    """The model's config as a plain dict of diffusers field names (FrozenDict, dataclass or namespace)."""
+    from collections.abc import Mapping
+
+    cfg = vae.config
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    if hasattr(cfg, "to_dict"):
+        return dict(cfg.to_dict())
+    import dataclasses
+
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return dict(vars(cfg))
+
+
+def scaling_of(vae) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of a VAE's config; a missing or None shift_factor is 0."""
+    cfg = config_dict(vae)
+    shift = cfg.get("shift_factor")
+    return float(cfg["scaling_factor"]), float(shift) if shift is not None else 0.0
+
+
+def load_vae(args, *, device=None, dtype=None, backend: Optional[str] = None):
+    """Build the VAE that `--vae`/`--preset` name, on `device` in `dtype`, with `backend` set.
+
+    `--vae PATH`: a diffusers folder (config.json + safetensors) or a single checkpoint file in any layout that
+    `AutoencoderKL.from_single_file` detects (`--preset` then names the config family to use).
+    `--preset NAME` alone: that architecture with seeded random weights (`--seed`), whose output is not a
+    meaningful image. Neither: the small VAE shipped with the package (`sdvae-fast/tiny`), or, when it is not
+    installed, the sd15 preset with seeded weights. Warnings about meaningless output go to stderr.
+
+    Raises:
+        CLIError: the path does not exist, or `--preset` is combined with a diffusers folder.
+    """
+    from sdvae_fast.model import AutoencoderKL
+
+    device = resolve_device(args.device) if device is None else device
+    dtype = resolve_dtype(args.dtype, device) if dtype is None else dtype
+    if args.vae:
+        path = Path(args.vae)
+        if not path.exists():
+            raise CLIError(f"--vae {path}: no such file or folder")
+        if path.is_dir():
+            if args.preset:
+                raise CLIError(f"--preset {args.preset} applies to single files and seeded weights; "
+                               f"the diffusers folder {path} carries its own config.json")
+            vae = AutoencoderKL.from_pretrained(str(path))
+        else:
+            vae = AutoencoderKL.from_single_file(str(path), config=args.preset)
+    elif args.preset:
+        vae = AutoencoderKL.from_preset(args.preset, seed=args.seed)
+        _warn(f"no --vae given: preset {args.preset!r} with seeded random weights (seed {args.seed}); "
+              f"its output is not a meaningful image. Pass --vae PATH for real weights.")
+    else:
+        try:
+            vae = AutoencoderKL.from_pretrained(DEFAULT_VAE)
+        except Exception as exc:  # the shipped VAE is optional; say why it is not used
+            vae = AutoencoderKL.from_preset("sd15", seed=args.seed)
+            reason = " ".join(str(exc).split())
+            reason = reason if len(reason) <= 100 else reason[:97] + "..."
+            _warn(f"the shipped VAE {DEFAULT_VAE!r} is not available ({reason}); using preset "
+                  f"'sd15' with seeded random weights: the output is not a meaningful image. "
+                  f"Pass --vae PATH for real weights.")
+    vae = vae.to(device=device, dtype=dtype)
+    vae.set_backend(backend or args.backend)
+    vae.eval()
+    return vae
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        _torch().cuda.synchronize(device)
+
+
+def _unique_names(sources: Sequence[str]) -> list[str]:
+    """Output stems for image sources: the file stem or skimage name, suffixed `_2`, `_3` on repeats."""
+    names, seen = [], {}
+    for src in sources:
+        stem = src.split(":", 1)[1] if src.startswith("skimage:") else Path(src).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return names
+
+
+def _load_images(sources: Sequence[str]):
+    """Load every image first, so that a bad path fails before the model is built."""
+    from sdvae_fast.images import load_image
+
+    images = []
+    for src in sources:
+        try:
+            images.append(load_image(src))
+        except FileNotFoundError as exc:
+            raise CLIError(str(exc)) from exc
+    return images
+
+
+def image_metrics(reference, reconstruction) -> tuple[float, float]:
+    """PSNR (dB) and SSIM of two uint8 (H, W, 3) images, by skimage.metrics with data_range 255.
+
+    SSIM uses a 7x7 window, shrunk to the largest odd size that fits images smaller than 7 pixels; it is NaN for
+    images under 3 pixels on a side. PSNR is inf for identical images.
+    """
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    psnr = float(peak_signal_noise_ratio(reference, reconstruction, data_range=255))
+    win = min(7, *reference.shape[:2])
+    win -= 1 - win % 2  # SSIM needs an odd window
+    ssim = float("nan")
+    if win >= 3:
+        ssim = float(structural_similarity(reference, reconstruction, channel_axis=-1, data_range=255,
+                                           win_size=win))
+    return psnr, ssim
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reconstruct / encode / decode / info
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cmd_reconstruct(args) -> int:
+    """Encode and decode each image; write `OUT/NAME.png` (input size) and print PSNR, SSIM and ms per image."""
+    torch = _torch()
+    from tqdm import tqdm
+
+    from sdvae_fast.images import pad_to_multiple, to_pil, to_uint8
+
+    images = _load_images(args.images)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    vae = load_vae(args, device=device, dtype=dtype)
+
+    rows = []
+    with torch.no_grad():
+        bar = tqdm(list(zip(_unique_names(args.images), images)), desc="reconstruct", unit="img",
+                   file=sys.stderr, disable=args.quiet)
+        for name, x in bar:
+            padded, (h, w) = pad_to_multiple(x, 8)  # (1, 3, H8, W8), edge-replicated
+            padded = padded.to(device=device, dtype=dtype)
+            _sync(device)
+            start = time.perf_counter()
+            z = vae.encode(padded).latent_dist.mode()  # (1, C, H8/8, W8/8), unscaled
+            y = vae.decode(z).sample[..., :h, :w]  # (1, 3, H, W), cropped back
+            _sync(device)
+            ms = (time.perf_counter() - start) * 1e3
+            psnr, ssim = image_metrics(to_uint8(x)[0], to_uint8(y)[0])
+            path = out_dir / f"{name}.png"
+            to_pil(y)[0].save(path)
+            rows.append((psnr, ssim, ms))
+            tqdm.write(f"{path}  {w}x{h}  PSNR {psnr:.2f} dB  SSIM {ssim:.4f}  {ms:.1f} ms", file=sys.stdout)
+    if len(rows) > 1:
+        psnrs, ssims, times = zip(*rows)
+        times = sorted(times)
+        print(f"mean PSNR {sum(psnrs) / len(psnrs):.2f} dB  mean SSIM {sum(ssims) / len(ssims):.4f}  "
+              f"median {times[len(times) // 2]:.1f} ms per image ({len(rows)} images; the first includes warm-up)")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    """Encode images to scaled latents `(z - shift_factor) * scaling_factor` in one safetensors file.
+
+    One tensor per image, (1, C, H8/8, W8/8) float32, keyed by the image's name. The metadata holds
+    `scaling_factor`, `shift_factor`, the VAE config (JSON) and each image's source and size, so `decode` can
+    undo the scaling and crop the padding away.
+    """
+    torch = _torch()
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from sdvae_fast.images import pad_to_multiple
+
+    images = _load_images(args.images)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    vae = load_vae(args, device=device, dtype=dtype)
+    scaling, shift = scaling_of(vae)
+    generator = torch.Generator(device=device).manual_seed(args.seed) if args.sample else None
+
+    tensors, entries = {}, []
+    with torch.no_grad():
+        for name, src, x in tqdm(list(zip(_unique_names(args.images), args.images, images)), desc="encode",
+                                 unit="img", file=sys.stderr, disable=args.quiet):
+            padded, (h, w) = pad_to_multiple(x, 8)
+            dist = vae.encode(padded.to(device=device, dtype=dtype)).latent_dist
+            z = dist.sample(generator=generator) if args.sample else dist.mode()
+            tensors[name] = ((z.float() - shift) * scaling).cpu().contiguous()  # (1, C, h, w) scaled
+            entries.append({"key": name, "source": src, "height": h, "width": w})
+    metadata = {
+        "format": LATENTS_FORMAT,
+        "scaling_factor": repr(scaling),
+        "shift_factor": repr(shift),
+        "posterior": "sample" if args.sample else "mode",
+        "config": json.dumps(config_dict(vae), default=str),
+        "images": json.dumps(entries),
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    for entry in entries:
+        shape = tuple(tensors[entry["key"]].shape)
+        print(f"{entry['key']}: {entry['width']}x{entry['height']} -> latents {shape}")
+    print(f"wrote {out} (scaled: (z - {shift}) * {scaling})")
+    return 0
+
+
+def read_latents(path) -> tuple[dict, dict]:
+    """Read a latents file: ({key: tensor}, metadata). Raises CLIError when it is missing or not safetensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"latents file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CLIError(f"cannot read latents file {path}: {exc}") from exc
+    if not tensors:
+        raise CLIError(f"latents file {path} holds no tensors")
+    return tensors, metadata
+
+
+def cmd_decode(args) -> int:
+    """Decode every tensor of a latents file to PNGs in `--out`, undoing `(z - shift) * scaling` first.
+
+    The scaling stored in the file wins (it is what was applied); without it the VAE's config is used. Tensors
+    may be (C, h, w) or (N, C, h, w); images written by `encode` are cropped back to their original size.
+    """
+    torch = _torch()
+    from tqdm import tqdm
+
+    from sdvae_fast.images import to_pil
+
+    tensors, metadata = read_latents(args.latents)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    vae = load_vae(args, device=device, dtype=dtype)
+    model_scaling, model_shift = scaling_of(vae)
+    scaling = float(metadata.get("scaling_factor", model_scaling))
+    shift = float(metadata.get("shift_factor", model_shift))
+    if (scaling, shift) != (model_scaling, model_shift):
+        _warn(f"{args.latents} was scaled with scaling_factor={scaling}, shift_factor={shift}; this VAE's config "
+              f"says {model_scaling}, {model_shift}. Unscaling with the file's values.")
+    sizes = {e["key"]: (e["height"], e["width"]) for e in json.loads(metadata.get("images", "[]"))}
+    channels = int(config_dict(vae)["latent_channels"])
+
+    with torch.no_grad():
+        for key, latents in tqdm(tensors.items(), desc="decode", unit="tensor", file=sys.stderr,
+                                 disable=args.quiet):
+            if latents.dim() == 3:
+                latents = latents[None]  # (1, C, h, w)
+            if latents.dim() != 4 or latents.shape[1] != channels:
+                raise CLIError(f"{args.latents}: tensor {key!r} has shape {tuple(latents.shape)}; this VAE "
+                               f"expects (N, {channels}, h, w) latents")
+            z = latents.to(device=device, dtype=torch.float32) / scaling + shift
+            y = vae.decode(z.to(dtype)).sample  # (N, 3, 8h, 8w)
+            if key in sizes:
+                h, w = sizes[key]
+                y = y[..., :h, :w]
+            for j, img in enumerate(to_pil(y)):
+                path = out_dir / (f"{key}.png" if y.shape[0] == 1 else f"{key}_{j}.png")
+                img.save(path)
+                print(f"{path}  {img.width}x{img.height}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    """Print what `inspect_checkpoint` detects: layout, model family, config, parameter count and dtype."""
+    from sdvae_fast.loading import inspect_checkpoint
+
+    path = Path(args.checkpoint)
+    if not path.exists():
+        raise CLIError(f"checkpoint not found: {path}")
+    info = inspect_checkpoint(str(path))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{path}")
+    for key, value in info.items():
+        label = key.replace("_", " ")
+        if isinstance(value, dict):
+            print(f"  {label}:")
+            for field_name, field_value in value.items():
+                print(f"    {field_name}: {json.dumps(field_value, default=str)}")
+        elif isinstance(value, int) and not isinstance(value, bool) and "param" in key:
+            print(f"  {label}: {value:,} ({value / 1e6:.2f} M)")
+        elif isinstance(value, (list, tuple)):
+            print(f"  {label}: {', '.join(map(str, value))}")
+        else:
+            print(f"  {label}: {value if value != '' else '(none)'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parity / profile / bench / train
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cmd_parity(args) -> int:
+    """Compare the fast path with the fp32 reference unit by unit; exit 1 when a tolerance is exceeded."""
+    from sdvae_fast import parity
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or "bf16", device)
+    backend = "triton" if args.backend == "auto" else args.backend
+    res = args.res or (512 if device.type == "cuda" else 64)
+    reference = load_vae(args, device=device, dtype=_torch().float32, backend="torch")
+    parts = [p for p, on in (("encode", args.encode), ("decode", args.decode)) if on] or ["encode", "decode"]
+    report = parity.run_parity(reference, device=device, dtype=dtype, backend=backend, res=res,
+                               batch=args.batch, images=args.image, parts=parts, tol_factor=args.tol_factor,
+                               tol_floor=args.tol_floor, psnr_margin=args.psnr_margin, quiet=args.quiet)
+    print(report.format())
+    if args.out:
+        report.write(Path(args.out))
+    return 0 if report.passed else 1
+
+
+def _require_cuda(command: str, device) -> None:
+    if device.type != "cuda":
+        raise CLIError(f"{command} times GPU kernels and needs a CUDA device; none is available here "
+                       f"(torch {_torch().__version__}). On CPU, `sdvae-fast parity` checks correctness "
+                       f"through the Triton interpreter.")
+
+
+def cmd_profile(args) -> int:
+    """Per-unit time, FLOPs, TFLOP/s, bytes and peak memory on a CUDA device, plus a chrome trace."""
+    from sdvae_fast import profile
+
+    device = resolve_device(args.device)
+    _require_cuda("profile", device)
+    dtype = resolve_dtype(args.dtype or "bf16", device)
+    vae = load_vae(args, device=device, dtype=dtype)
+    parts = [p for p, on in (("encode", args.encode), ("decode", args.decode)) if on] or ["encode", "decode"]
+    profile.run_profile(vae, device=device, dtype=dtype, res=args.res, batch=args.batch, parts=parts,
+                        out_dir=Path(args.out))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """End-to-end encode/decode against diffusers eager and torch.compile; CSV, markdown and PNG to --out."""
+    from sdvae_fast import bench
+
+    device = resolve_device(args.device)
+    _require_cuda("bench", device)
+    dtype = resolve_dtype(args.dtype or "bf16", device)
+    vae = load_vae(args, device=device, dtype=dtype, backend=args.backend)
+    bench.run_bench(vae, device=device, dtype=dtype, resolutions=args.res, batch=args.batch,
+                    out_dir=Path(args.out), name=args.name, compile_res=args.compile_res,
+                    peers=not args.no_peers, budget_s=args.budget_s, quiet=args.quiet)
+    return 0
+
+
+def _run_train(argv: list[str]) -> int:
+    """`sdvae-fast train ...`: arguments and behaviour belong to `sdvae_fast.train` (imported only here)."""
+    from sdvae_fast.train import add_train_arguments, run_from_args
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} train", description="Fine-tune or train a VAE (issue 7).")
+    add_train_arguments(parser)
+    result = run_from_args(parser.parse_args(argv))
+    return int(result or 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parser
+# ---------------------------------------------------------------------------------------------------------------
+
+_PAD_NOTE = ("Images whose sides are not multiples of 8 are padded at the bottom and right by repeating the edge "
+             "pixels, encoded, and the decoded image is cropped back to the input's size.")
+_IMAGE_NOTE = "IMAGE is a file Pillow reads, or skimage:NAME for a photo scikit-image ships (e.g. skimage:chelsea)."
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("model and device")
+    group.add_argument("--vae", metavar="PATH",
+                       help="a diffusers VAE folder (config.json + safetensors) or a single checkpoint file "
+                            "(.safetensors/.ckpt/.pt, any layout: diffusers, LDM, whole-model); auto-detected. "
+                            f"Default: the shipped {DEFAULT_VAE}, else preset sd15 with seeded weights")
+    group.add_argument("--preset", metavar="NAME",
+                       help="architecture preset (sd15, sdxl, sd3, flux1): alone, seeded random weights; with a "
+                            "single-file --vae, the config family to load it with")
+    group.add_argument("--seed", type=int, default=0, help="seed for preset weights and --sample (default 0)")
+    group.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda when available)")
+    group.add_argument("--dtype", choices=DTYPE_NAMES,
+                       help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    group.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="auto: Triton kernels on CUDA, PyTorch elsewhere; triton: kernels everywhere (the "
+                            "interpreter on CPU, slow); torch: the PyTorch reference (default auto)")
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `sdvae-fast` (every subcommand except `train`, which `sdvae_fast.train` defines)."""
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="A fast Stable Diffusion VAE (Triton kernels, diffusers-compatible AutoencoderKL).",
+        epilog="Run `sdvae-fast COMMAND --help` for a command's options; `sdvae-fast train --help` for training.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, func, help_text, description=None):
+        p = sub.add_parser(name, parents=[common], help=help_text, description=description or help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("reconstruct", cmd_reconstruct, "encode and decode images; print PSNR, SSIM and ms per image",
+            "Encode and decode each IMAGE through the VAE, write OUT/NAME.png at the input's size, and print PSNR "
+            "and SSIM (skimage.metrics, on the 8-bit images) and milliseconds per image.\n\n"
+            f"{_PAD_NOTE}\n{_IMAGE_NOTE}")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the PNGs (created)")
+
+    p = add("encode", cmd_encode, "encode images to scaled latents in a safetensors file",
+            "Encode each IMAGE and store its latents scaled as diffusion pipelines use them, "
+            "(z - shift_factor) * scaling_factor, one tensor per image, with the scaling and the VAE config in "
+            f"the file's metadata.\n\n{_PAD_NOTE.replace('the decoded image is cropped', '`decode` crops')}\n"
+            f"{_IMAGE_NOTE}")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-o", "--output", required=True, metavar="LATENTS", help="output .safetensors file")
+    p.add_argument("--sample", action="store_true",
+                   help="draw z from the posterior (seeded by --seed) instead of taking its mode (the mean)")
+
+    p = add("decode", cmd_decode, "decode a latents file to PNGs",
+            "Decode every tensor in LATENTS (written by `encode`, or any safetensors file of scaled latents "
+            "(N, C, h, w)) to PNGs, unscaling with z / scaling_factor + shift_factor.")
+    p.add_argument("latents", metavar="LATENTS")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the PNGs (created)")
+
+    p = add("info", cmd_info, "show a checkpoint's layout, family, config, parameters and dtype")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file or diffusers folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("parity", cmd_parity, "compare the fast path with the fp32 reference, unit by unit",
+            "Run the fast path (Triton kernels; through the interpreter on CPU) and the fp32 PyTorch reference on "
+            "the same weights and inputs. Each unit (conv_in, every resnet, downsample, upsample, attention, the "
+            "output head) is fed the reference's own input, so errors do not compound; the table shows max abs "
+            "error, relative L2 error ||a-b||/||b||, the worst index and PyTorch's own error in the same dtype. "
+            "Then the whole encode and decode, with the decoded image's PSNR against the reference image.\n\n"
+            "A check passes when rel_l2 <= TOL_FACTOR * torch_rel_l2 + TOL_FLOOR, and the image PSNR is at least "
+            "PyTorch's PSNR minus PSNR_MARGIN dB (or 50 dB). Exit code 1 when any check fails.")
+    p.add_argument("--res", type=int, help="image side in pixels (default 512 on CUDA, 64 on CPU)")
+    p.add_argument("--batch", type=int, default=1, help="images per batch (default 1)")
+    p.add_argument("--image", nargs="+", metavar="IMAGE",
+                   help="encoder inputs (default: scikit-image photos chelsea, coffee, astronaut), "
+                        "center-cropped and resized to --res")
+    p.add_argument("--encode", action="store_true", help="compare only the encoder")
+    p.add_argument("--decode", action="store_true", help="compare only the decoder (fed the reference's latents)")
+    p.add_argument("--tol-factor", type=float, default=2.0, help="allowed multiple of PyTorch's own error")
+    p.add_argument("--tol-floor", type=float, help="added to the allowed rel L2 error "
+                                                      "(default 1e-4 fp32, 2e-3 fp16, 5e-3 bf16)")
+    p.add_argument("--psnr-margin", type=float, default=6.0,
+                   help="allowed PSNR shortfall against PyTorch in the same dtype, dB (default 6, i.e. 2x error)")
+    p.add_argument("--out", metavar="DIR", help="also write the tables as markdown to DIR/parity.md")
+    p.set_defaults(dtype=None)
+
+    p = add("profile", cmd_profile, "per-unit GPU time, FLOPs, TFLOP/s, bytes and memory (CUDA only)",
+            "Time every unit of the fast path with CUDA events and report FLOPs (torch.utils.flop_counter, the "
+            "reference's arithmetic), TFLOP/s, percent of this device's measured bf16 matmul rate, the minimum "
+            "bytes moved (inputs, outputs, weights) and peak memory; write a chrome trace (torch.profiler).")
+    p.add_argument("--res", type=int, default=1024, help="image side in pixels (default 1024)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--encode", action="store_true", help="profile only the encoder")
+    p.add_argument("--decode", action="store_true", help="profile only the decoder")
+    p.add_argument("--out", default="profile", metavar="DIR", help="folder for tables and traces")
+
+    p = add("bench", cmd_bench, "end-to-end encode/decode timings against diffusers (CUDA only)",
+            "Median time of encode and decode per resolution after warm-up (CUDA events) for sdvae-fast, "
+            "diffusers eager (SDPA attention) and torch.compile of diffusers' decode (compiled once, at "
+            "--compile-res), all in one run; prints ratios, TFLOP/s, percent of the 790 TFLOP/s floor and peak "
+            "memory; writes NAME.csv, NAME.md and NAME.png (matplotlib) to --out.")
+    p.add_argument("--res", type=int, nargs="+", default=[512, 1024, 2048], help="image sides in pixels")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--compile-res", type=int, default=1024,
+                   help="the one resolution at which diffusers' decode is also run under torch.compile "
+                        "(0: never)")
+    p.add_argument("--no-peers", action="store_true", help="time sdvae-fast only (no diffusers needed)")
+    p.add_argument("--budget-s", type=float, default=2.0, help="timed seconds per measurement at most")
+    p.add_argument("--out", default="bench/results", metavar="DIR")
+    p.add_argument("--name", help="file stem of the results (default: DATE-GPU-e2e)")
+
+    sub.add_parser("train", help="fine-tune or train a VAE (see `sdvae-fast train --help`)", add_help=False)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _needs_interpreter(args) -> bool:
+    """Whether the command will launch Triton kernels on CPU tensors (parity on CPU, or --backend triton)."""
+    if args.command in ("profile", "bench", "info") or args.backend == "torch":
+        return False
+    if args.command != "parity" and args.backend != "triton":
+        return False
+    return resolve_device(args.device).type == "cpu"
+
+
+def _switch_on_interpreter(argv: list[str]) -> Optional[int]:
+    """Make sure kernels are defined under TRITON_INTERPRET=1; returns a child's exit code if one had to run.
+
+    If no kernel module is imported yet, setting the variable now is enough. Otherwise the kernels were defined
+    for the GPU, and the command is re-run in a child process with the variable set.
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    if "sdvae_fast.kernels._common" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return None
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.call([sys.executable, "-m", "sdvae_fast.cli", *argv], env=env)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{text} ({type(exc).__name__})" if isinstance(exc, (RuntimeError, ImportError)) else text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run `sdvae-fast` with `argv` (default `sys.argv[1:]`); returns the exit code (0 ok, 1 check failed, 2 error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
+    try:
+        if command == "train":
+            return _run_train(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if _needs_interpreter(args):
+            code = _switch_on_interpreter(argv)
+            if code is not None:
+                return code
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        if os.environ.get("SDVAE_FAST_DEBUG") == "1":
+            raise
+        print(f"{PROG} {command or ''}: error: {_one_line(exc)}".replace("  ", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""`sdvae-fast parity`: the fast path against the fp32 PyTorch reference, unit by unit and end to end.
+
+The VAE is cut into *units*, the pieces the fast path fuses: `conv_in`, every ResnetBlock2D, every Downsample2D
+and Upsample2D, the mid-block attention, the output head (GroupNorm -> SiLU -> conv_out) and the quant convs.
+Names are diffusers' module paths (`decoder.up_blocks.1.resnets.2`), so the same code serves our
+`AutoencoderKL` and a diffusers one.
+
+Method:
+1. Run the reference (fp32, backend "torch", TF32 off) with forward hooks on every unit, recording each unit's
+   inputs and output.
+2. Feed each unit of the model under test (the same weights in the chosen dtype) the reference's own inputs, cast
+   to that dtype: teacher forcing, so one unit's error does not hide in the next one's. On the fast path a unit
+   runs through the same unit function `sdvae_fast.fast` chains in a forward (the kernels); the whole forward
+   then also fuses `quant_conv` into the encoder's head, which the end-to-end rows cover.
+3. Do the same with PyTorch in that dtype, whose error is the yardstick: a check passes when
+   `rel_l2 <= tol_factor * torch_rel_l2 + tol_floor` (the project's rule: at most 2x PyTorch's own
+   low-precision error plus a small floor).
+4. Run the whole encode and decode, and compare the decoded 8-bit images by PSNR (skimage.metrics).
+
+`relative L2 error` is `||a - b|| / ||b||` with b the reference, computed in float64.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_PHOTOS = ("skimage:chelsea", "skimage:coffee", "skimage:astronaut")
+# Floors added to the allowed relative L2 error, per compute dtype (see the module docstring).
+TOL_FLOOR = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 5e-3}
+PSNR_ALWAYS_OK = 50.0  # dB: an image this close to the reference passes whatever PyTorch achieves
+
+_UNIT_RE = re.compile(
+    r"^(quant_conv|post_quant_conv"
+    r"|(encoder|decoder)\.(conv_in|mid_block\.(resnets|attentions)\.\d+"
+    r"|(down|up)_blocks\.\d+\.(resnets|downsamplers|upsamplers)\.\d+))$"
+)
+HEAD_SUFFIX = "conv_out*"  # the output head unit: conv_norm_out -> SiLU -> conv_out
+
+
+@dataclass
+class Capture:
+    """One unit's recorded call on the reference: positional args, keyword args, output (all detached)."""
+
+    name: str
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor
+
+
+def unit_names(model: torch.nn.Module) -> list[str]:
+    """The unit module names of a VAE tree in definition order; the heads appear as `encoder.conv_out*`."""
+    names = [n for n, _ in model.named_modules() if _UNIT_RE.match(n)]
+    for part in ("encoder", "decoder"):
+        if hasattr(model, part) and hasattr(getattr(model, part), "conv_norm_out"):
+            names.append(f"{part}.{HEAD_SUFFIX}")
+    return names
+
+
+def _detach(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    return value
+
+
+@contextmanager
+def record_units(model: torch.nn.Module, captures: list):
+    """Forward hooks on every unit of `model`; appends a `Capture` per call, in execution order."""
+    handles, pending = [], {}
+    for name in unit_names(model):
+        if name.endswith(HEAD_SUFFIX):
+            prefix = name[: -len(HEAD_SUFFIX)]
+            norm, conv = model.get_submodule(prefix + "conv_norm_out"), model.get_submodule(prefix + "conv_out")
+
+            def pre(module, args, _name=name):
+                pending[_name] = _detach(args)
+
+            def post(module, args, output, _name=name):
+                captures.append(Capture(_name, pending.pop(_name), {}, _detach(output)))
+
+            handles += [norm.register_forward_pre_hook(pre), conv.register_forward_hook(post)]
+        else:
+            def hook(module, args, kwargs, output, _name=name):
+                captures.append(Capture(_name, _detach(args), _detach(kwargs), _detach(output)))
+
+            handles.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield captures
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _fast_unit(model: torch.nn.Module, name: str):
+    """The fast path's own unit function for unit `name` (the ones `sdvae_fast.fast` chains in a forward)."""
+    from sdvae_fast import fast
+
+    if name.endswith(HEAD_SUFFIX):
+        prefix = name[: -len(HEAD_SUFFIX)]
+        return fast._out_unit(model.get_submodule(prefix + "conv_norm_out"),
+                              model.get_submodule(prefix + "conv_act"), model.get_submodule(prefix + "conv_out"))
+    parts = name.split(".")
+    kind = parts[-2] if parts[-1].isdigit() else parts[-1]  # resnets, attentions, ..., conv_in, quant_conv
+    factories = {"resnets": fast._resnet_unit, "attentions": fast._attention_unit,
+                 "downsamplers": fast._downsample_unit, "upsamplers": fast._upsample_unit}
+    return factories.get(kind, fast._conv_unit)(model.get_submodule(name))
+
+
+def run_unit(model: torch.nn.Module, name: str, args: tuple, kwargs: dict, fast_path: bool) -> torch.Tensor:
+    """Run unit `name` of `model` on the given inputs.
+
+    `fast_path`: through `sdvae_fast.fast`'s unit function (the kernels), fed `args[0]` (N, C, H, W); else the
+    module's own forward with `args`/`kwargs` (the head: conv_norm_out, SiLU, conv_out).
+    """
+    if fast_path:
+        from sdvae_fast import fast
+
+        return _fast_unit(model, name)([args[0]], fast._IDENTITY)
+    if name.endswith(HEAD_SUFFIX):
+        prefix = name[: -len(HEAD_SUFFIX)]
+        h = model.get_submodule(prefix + "conv_norm_out")(*args)
+        return model.get_submodule(prefix + "conv_out")(F.silu(h))
+    return model.get_submodule(name)(*args, **kwargs)
+
+
+def _cast(value, dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
+def error_stats(actual: torch.Tensor, expected: torch.Tensor) -> dict:
+    """{'max_abs', 'rel_l2', 'worst_index', 'nonfinite'} of `actual` against the reference `expected`.
+
+    Computed in float64 on CPU; `rel_l2 = ||a - b|| / ||b||` (plain ||a - b|| when b is all zero); non-finite
+    entries of `actual` count as infinite error. Raises ValueError on a shape mismatch.
+    """
+    if tuple(actual.shape) != tuple(expected.shape):
+        raise ValueError(f"shape mismatch: {tuple(actual.shape)} vs reference {tuple(expected.shape)}")
+    a = actual.detach().to("cpu", torch.float64)
+    b = expected.detach().to("cpu", torch.float64)
+    diff = (a - b).abs()
+    nonfinite = int((~torch.isfinite(diff)).sum())
+    diff = torch.nan_to_num(diff, nan=math.inf)
+    flat = int(diff.argmax()) if diff.numel() else 0
+    worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
+    denom = float(b.norm())
+    rel = math.inf if nonfinite else float(diff.norm()) / (denom if denom > 0 else 1.0)
+    return {"max_abs": float(diff.max()) if diff.numel() else 0.0, "rel_l2": rel, "worst_index": worst,
+            "nonfinite": nonfinite}
+
+
+@dataclass
+class Row:
+    """One compared tensor: the model under test and PyTorch in the same dtype, both against the reference."""
+
+    name: str
+    shape: tuple
+    stats: dict
+    torch_rel_l2: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.stats["nonfinite"] == 0 and self.stats["rel_l2"] <= self.tolerance
+
+
+@dataclass
+class ImageCheck:
+    """PSNR (dB) of the tested path's decoded 8-bit images, and of PyTorch's in the same dtype, vs the reference."""
+
+    name: str
+    psnr: float
+    torch_psnr: float
+    margin: float
+
+    @property
+    def passed(self) -> bool:
+        return self.psnr >= min(self.torch_psnr - self.margin, PSNR_ALWAYS_OK)
+
+
+@dataclass
+class ParityReport:
+    """Tables per part ("encode", "decode"): unit rows, end-to-end rows and the image PSNR checks."""
+
+    title: str
+    rows: dict = field(default_factory=dict)  # part -> list[Row]
+    images: list = field(default_factory=list)  # list[ImageCheck]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for rows in self.rows.values() for r in rows) and all(i.passed for i in self.images)
+
+    def markdown(self) -> str:
+        """The report as markdown tables (also what `format` prints)."""
+        lines = [f"# {self.title}", ""]
+        for part, rows in self.rows.items():
+            lines += [f"## {part}", "",
+                      "| unit | shape | max abs | rel L2 | torch rel L2 | tol | worst index | ok |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in rows:
+                s = r.stats
+                lines.append(f"| {r.name} | {'x'.join(map(str, r.shape))} | {s['max_abs']:.3e} | "
+                             f"{s['rel_l2']:.3e} | {r.torch_rel_l2:.3e} | {r.tolerance:.2e} | "
+                             f"{s['worst_index']} | {'ok' if r.passed else 'FAIL'} |")
+            lines.append("")
+        if self.images:
+            lines += ["## images (8-bit, vs the reference decoder's output)", "",
+                      "| check | PSNR dB | torch PSNR dB | ok |", "|---|---|---|---|"]
+            for i in self.images:
+                lines.append(f"| {i.name} | {i.psnr:.2f} | {i.torch_psnr:.2f} | {'ok' if i.passed else 'FAIL'} |")
+            lines.append("")
+        lines.append(f"**{'PASS' if self.passed else 'FAIL'}**")
+        return "\n".join(lines)
+
+    def format(self) -> str:
+        return self.markdown()
+
+    def write(self, out_dir: Path) -> Path:
+        """Write `out_dir/parity.md` (folder created); returns its path."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "parity.md"
+        path.write_text(self.markdown() + "\n", encoding="utf-8")
+        return path
+
+
+def load_photos(sources: Sequence[str], res: int, batch: int) -> torch.Tensor:
+    """`batch` images as (batch, 3, res, res) float32 in [-1, 1]: each center-cropped square, resized (Lanczos).
+
+    Sources are cycled when `batch` exceeds their number. Raises ValueError when res is not a positive multiple
+    of 8 or batch < 1.
+    """
+    from PIL import Image
+
+    from sdvae_fast.images import load_image, to_pil
+
+    if res < 8 or res % 8:
+        raise ValueError(f"--res must be a positive multiple of 8, got {res}")
+    if batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {batch}")
+    out = []
+    for i in range(batch):
+        img = to_pil(load_image(sources[i % len(sources)]))[0]
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((res, res), Image.LANCZOS)
+        out.append(load_image(img))
+    return torch.cat(out)  # (batch, 3, res, res)
+
+
+@contextmanager
+def _exact_fp32():
+    """Turn TF32 off for the reference (cuDNN convs use TF32 by default on Ampere and later)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from sdvae_fast.images import to_uint8
+
+    a, b = to_uint8(images), to_uint8(reference)
+    if (a == b).all():
+        return math.inf
+    return float(peak_signal_noise_ratio(b, a, data_range=255))
+
+
+def _compare_units(captures, fast, fast_path, lowp, dtype, tolerance, rows):
+    """Teacher-forced unit comparison: each unit of `fast` and `lowp` gets the reference's inputs."""
+    for cap in captures:
+        args, kwargs = _cast(cap.args, dtype), _cast(cap.kwargs, dtype)
+        got = run_unit(fast, cap.name, args, kwargs, fast_path)
+        base = run_unit(lowp, cap.name, args, kwargs, False)
+        torch_rel = error_stats(base, cap.output)["rel_l2"]
+        rows.append(Row(cap.name, tuple(cap.output.shape), error_stats(got, cap.output), torch_rel,
+                        tolerance(torch_rel)))
+
+
+def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int, batch: int = 1,
+               images: Optional[Sequence[str]] = None, parts: Sequence[str] = ("encode", "decode"),
+               tol_factor: float = 2.0, tol_floor: Optional[float] = None, psnr_margin: float = 6.0,
+               quiet: bool = False) -> ParityReport:
+    """Compare `backend` in `dtype` against `reference` (fp32, backend "torch"), unit by unit and end to end.
+
+    Args:
+        reference: an `AutoencoderKL` (ours) in float32 on `device`; copies of it make the tested model and the
+            PyTorch low-precision yardstick.
+        device: torch.device of all runs. dtype: compute dtype of the tested path (float32/float16/bfloat16).
+        backend: "triton" or "torch" (or "auto") for the tested copy.
+        res: image side in pixels (multiple of 8); the decoder gets the reference encoder's latents of the images.
+        batch: images per batch. images: encoder inputs (paths or skimage:NAME; default scikit-image photos).
+        parts: "encode" and/or "decode", the halves to compare.
+        tol_factor, tol_floor: a tensor passes when rel_l2 <= tol_factor * torch_rel_l2 + tol_floor
+            (tol_floor defaults to TOL_FLOOR[dtype]).
+        psnr_margin: dB the tested images may fall short of PyTorch's in the same dtype.
+    Returns:
+        A ParityReport; `.passed` is False when any check failed.
+    Raises:
+        ValueError: bad res, batch or parts. RuntimeError: backend "triton" where the kernels cannot run.
+    """
+    from tqdm import tqdm
+
+    from sdvae_fast.fast import use_fast_path
+
+    if not parts or set(parts) - {"encode", "decode"}:
+        raise ValueError(f"parts must be a non-empty subset of ('encode', 'decode'), got {tuple(parts)}")
+    floor = TOL_FLOOR[dtype] if tol_floor is None else tol_floor
+
+    def tolerance(torch_rel: float) -> float:
+        return tol_factor * torch_rel + floor
+
+    def compare(rows, name, got, base, expected):
+        torch_rel = error_stats(base, expected)["rel_l2"]
+        rows.append(Row(name, tuple(expected.shape), error_stats(got, expected), torch_rel, tolerance(torch_rel)))
+
+    x = load_photos(list(images or DEFAULT_PHOTOS), res, batch).to(device)  # (B, 3, res, res) fp32
+    fast_path = use_fast_path(backend, device)  # raises for "triton" where the kernels cannot run
+    fast = copy.deepcopy(reference).to(dtype=dtype)
+    fast.set_backend(backend)
+    lowp = copy.deepcopy(reference).to(dtype=dtype)
+    lowp.set_backend("torch")
+    dtype_name = str(dtype).replace("torch.", "")
+    report = ParityReport(f"parity: {backend} {dtype_name} vs fp32 reference, {batch}x3x{res}x{res} on {device}")
+
+    steps = tqdm(total=2 * len(parts), desc="parity", disable=quiet)
+    with torch.no_grad(), _exact_fp32():
+        # The reference run, recording every unit's inputs and output (TF32 off throughout).
+        enc_caps: list = []
+        with record_units(reference, enc_caps):
+            ref_mean = reference.encode(x).latent_dist.mean  # (B, C, res/8, res/8) fp32
+        dec_caps: list = []
+        with record_units(reference, dec_caps):
+            ref_image = reference.decode(ref_mean).sample  # (B, 3, res, res) fp32
+
+    with torch.no_grad():
+        if "encode" in parts:
+            rows = report.rows.setdefault("encode", [])
+            _compare_units(enc_caps, fast, fast_path, lowp, dtype, tolerance, rows)
+            steps.update()
+            fast_mean = fast.encode(x.to(dtype)).latent_dist.mean
+            lowp_mean = lowp.encode(x.to(dtype)).latent_dist.mean
+            compare(rows, "encode: latent_dist.mean", fast_mean, lowp_mean, ref_mean)
+            with _exact_fp32():
+                # The encoder's error in image space: the reference decoder on the tested latents.
+                enc_image = reference.decode(fast_mean.float()).sample
+                enc_image_lowp = reference.decode(lowp_mean.float()).sample
+            report.images.append(ImageCheck("encode (reference decoder on tested latents)",
+                                            _psnr(enc_image, ref_image), _psnr(enc_image_lowp, ref_image),
+                                            psnr_margin))
+            steps.update()
+        if "decode" in parts:
+            rows = report.rows.setdefault("decode", [])
+            _compare_units(dec_caps, fast, fast_path, lowp, dtype, tolerance, rows)
+            steps.update()
+            fast_image = fast.decode(ref_mean.to(dtype)).sample
+            lowp_image = lowp.decode(ref_mean.to(dtype)).sample
+            compare(rows, "decode: sample", fast_image, lowp_image, ref_image)
+            report.images.append(ImageCheck("decode", _psnr(fast_image, ref_image), _psnr(lowp_image, ref_image),
+                                            psnr_margin))
+            steps.update()
+    steps.close()
+    return report

@@ -1,0 +1,382 @@
+"""The `sdvae-fast` command line, the parity/profile/bench tools on CPU, and bench/gpu_check.sh's CPU-side parts.
+
+Models are narrow but keep the SD structure (four levels, f = 8, mid attention) so that padding to multiples of
+8 is exercised; the parity runs use a two-level model at 8x8 pixels because the Triton interpreter is slow.
+Commands run in-process through `main(argv)` (conftest has switched the interpreter on), except where the
+process boundary itself is under test (the entry point, one-line errors, the shell script).
+"""
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from sdvae_fast import AutoencoderKL
+from sdvae_fast import bench as bench_mod
+from sdvae_fast import cli
+from sdvae_fast.images import load_image, pad_to_multiple, to_uint8
+
+REPO = Path(__file__).resolve().parent.parent
+NARROW = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, layers_per_block=1)
+TWO_LEVEL = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1)
+
+
+@pytest.fixture(scope="module")
+def narrow_dir(tmp_path_factory):
+    """A narrow four-level VAE with a shift_factor (as SD3/FLUX have), saved in diffusers' layout."""
+    folder = tmp_path_factory.mktemp("narrow") / "vae"
+    vae = AutoencoderKL.from_preset("sd15", seed=1, scaling_factor=0.5, shift_factor=0.1, **NARROW)
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_level_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two") / "vae"
+    AutoencoderKL.from_preset("sd15", seed=2, **TWO_LEVEL).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Crops of scikit-image's chelsea photo: 64x96 (multiples of 8) and 67x99 (not)."""
+    import skimage.data
+
+    folder = tmp_path_factory.mktemp("photos")
+    cat = skimage.data.chelsea()  # (300, 451, 3) uint8
+    paths = []
+    for h, w in ((64, 96), (67, 99)):
+        path = folder / f"chelsea_{w}x{h}.png"
+        Image.fromarray(cat[60:60 + h, 120:120 + w]).save(path)
+        paths.append(path)
+    return paths
+
+
+def _run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if not line.startswith("sdvae-fast: warning")]
+    assert len(lines) == 1 and "error:" in lines[0], err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reconstruct / encode / decode / info
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_reconstruct_writes_pngs_of_the_input_size_with_psnr_ssim_and_ms(narrow_dir, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = _run(["reconstruct", *photos, "--vae", narrow_dir, "--out", out, "-q"], capsys)
+    assert code == 0
+    for src in photos:
+        assert Image.open(out / f"{src.stem}.png").size == Image.open(src).size
+    # The printed PSNR/SSIM are those of the written PNG against the input (8-bit images, skimage.metrics).
+    line = next(l for l in stdout.splitlines() if "chelsea_99x67.png" in l)
+    psnr, ssim, ms = map(float, re.search(r"PSNR ([\d.]+) dB\s+SSIM ([\d.]+)\s+([\d.]+) ms", line).groups())
+    ref = np.asarray(Image.open(photos[1]).convert("RGB"))
+    got = np.asarray(Image.open(out / "chelsea_99x67.png"))
+    expected_psnr, expected_ssim = cli.image_metrics(ref, got)
+    assert psnr == pytest.approx(expected_psnr, abs=0.006) and ssim == pytest.approx(expected_ssim, abs=6e-5)
+    assert ms > 0 and "median" in stdout
+
+
+def test_reconstruct_of_a_non_multiple_of_8_image_equals_pad_encode_decode_crop(narrow_dir, photos, tmp_path,
+                                                                                 capsys):
+    code, _, _ = _run(["reconstruct", photos[1], "--vae", narrow_dir, "--out", tmp_path, "-q"], capsys)
+    assert code == 0
+    vae = AutoencoderKL.from_pretrained(narrow_dir)
+    vae.set_backend("torch")
+    x = load_image(photos[1])  # (1, 3, 67, 99)
+    padded, (h, w) = pad_to_multiple(x, 8)  # (1, 3, 72, 104), edges repeated
+    assert padded.shape[-2:] == (72, 104)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(padded).latent_dist.mode()).sample[..., :h, :w]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / f"{photos[1].stem}.png")), to_uint8(y)[0])
+
+
+def test_reconstruct_help_says_what_happens_to_odd_sizes(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["reconstruct", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "not multiples of 8 are padded" in text and "cropped back" in text and "skimage:chelsea" in text
+
+
+def test_encode_then_decode_through_a_latents_file_equals_model_decode(narrow_dir, photos, tmp_path, capsys):
+    latents_path = tmp_path / "latents.safetensors"
+    code, stdout, _ = _run(["encode", photos[1], "skimage:chelsea", "--vae", narrow_dir, "-o", latents_path, "-q"],
+                           capsys)
+    assert code == 0 and "latents (1, 4, 9, 13)" in stdout
+    vae = AutoencoderKL.from_pretrained(narrow_dir)
+    vae.set_backend("torch")
+    stored = load_file(latents_path)
+    from safetensors import safe_open
+
+    with safe_open(str(latents_path), "pt") as f:
+        meta = f.metadata()
+    assert float(meta["scaling_factor"]) == 0.5 and float(meta["shift_factor"]) == 0.1
+    assert json.loads(meta["config"])["block_out_channels"] == [8, 16, 16, 16]
+    sizes = {e["key"]: (e["height"], e["width"]) for e in json.loads(meta["images"])}
+    assert sizes == {photos[1].stem: (67, 99), "chelsea": (300, 451)}
+
+    with torch.no_grad():
+        padded, _ = pad_to_multiple(load_image(photos[1]), 8)
+        mean = vae.encode(padded).latent_dist.mean  # (1, 4, 9, 13) unscaled
+        # Scaled as pipelines expect: (z - shift_factor) * scaling_factor.
+        torch.testing.assert_close(stored[photos[1].stem], (mean - 0.1) * 0.5, rtol=0, atol=0)
+        expected = vae.decode(stored[photos[1].stem] / 0.5 + 0.1).sample[..., :67, :99]
+
+    code, _, _ = _run(["decode", latents_path, "--vae", narrow_dir, "--out", tmp_path / "dec", "-q"], capsys)
+    assert code == 0
+    decoded = np.asarray(Image.open(tmp_path / "dec" / f"{photos[1].stem}.png"))
+    assert decoded.shape == (67, 99, 3)
+    assert np.array_equal(decoded, to_uint8(expected)[0])
+    assert Image.open(tmp_path / "dec" / "chelsea.png").size == (451, 300)
+
+
+def test_decode_of_latents_with_the_wrong_channel_count_is_a_one_line_error(narrow_dir, tmp_path, capsys):
+    path = tmp_path / "bad.safetensors"
+    save_file({"x": torch.randn(1, 3, 4, 4) + 0.5}, str(path))
+    code, _, err = _run(["decode", path, "--vae", narrow_dir, "--out", tmp_path, "-q"], capsys)
+    _assert_one_line_error(code, err, "(1, 3, 4, 4)", "(N, 4, h, w)")
+
+
+def test_decode_of_a_batched_file_without_metadata_writes_one_png_per_image(narrow_dir, tmp_path, capsys):
+    path = tmp_path / "batch.safetensors"
+    save_file({"z": torch.randn(2, 4, 3, 5) + 0.3}, str(path))
+    code, _, _ = _run(["decode", path, "--vae", narrow_dir, "--out", tmp_path / "dec", "-q"], capsys)
+    assert code == 0
+    assert [Image.open(tmp_path / "dec" / f"z_{i}.png").size for i in range(2)] == [(40, 24)] * 2
+
+
+def test_info_reports_layout_family_config_parameters_and_dtype(narrow_dir, capsys):
+    vae = AutoencoderKL.from_pretrained(narrow_dir)
+    count = sum(p.numel() for p in vae.parameters())
+    for target in (narrow_dir, narrow_dir / "diffusion_pytorch_model.safetensors"):
+        code, stdout, _ = _run(["info", target], capsys)
+        assert code == 0
+        assert "layout: diffusers" in stdout and "family:" in stdout and "dtypes: float32" in stdout
+        assert f"parameter count: {count:,}" in stdout and "block_out_channels: [8, 16, 16, 16]" in stdout
+    code, stdout, _ = _run(["info", narrow_dir, "--json"], capsys)
+    assert json.loads(stdout)["parameter_count"] == count
+
+
+def test_user_errors_are_one_line_with_exit_code_2(narrow_dir, tmp_path, capsys):
+    code, _, err = _run(["reconstruct", tmp_path / "missing.png", "--vae", narrow_dir, "--out", tmp_path], capsys)
+    _assert_one_line_error(code, err, "missing.png")
+    code, _, err = _run(["info", tmp_path / "nothing.safetensors"], capsys)
+    _assert_one_line_error(code, err, "nothing.safetensors")
+    code, _, err = _run(["encode", "skimage:chelsea", "--vae", tmp_path / "no_vae", "-o", tmp_path / "z"], capsys)
+    _assert_one_line_error(code, err, "--vae")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1")
+    code, _, err = _run(["decode", corrupt, "--vae", narrow_dir, "--out", tmp_path], capsys)
+    _assert_one_line_error(code, err, "corrupt.safetensors")
+
+
+def test_without_vae_the_fallback_says_the_output_is_not_meaningful(monkeypatch, capsys):
+    """When the shipped VAE is absent the CLI falls back to seeded preset weights and says so on stderr."""
+    narrow = AutoencoderKL.from_preset("sd15", seed=0, **NARROW)
+    monkeypatch.setattr(cli, "DEFAULT_VAE", "/nonexistent/tiny")
+    monkeypatch.setattr(AutoencoderKL, "from_preset", classmethod(lambda cls, name, seed=0: narrow))
+    args = Namespace(vae=None, preset=None, seed=0, device="cpu", dtype=None, backend="torch")
+    vae = cli.load_vae(args)
+    assert vae is narrow and vae.backend == "torch"
+    err = capsys.readouterr().err
+    assert "not a meaningful image" in err and "--vae PATH" in err
+
+
+def test_kernels_on_cpu_switch_the_interpreter_on_before_kernels_are_defined(monkeypatch):
+    """Nothing kernel-related imported yet: setting TRITON_INTERPRET in this process is enough."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delitem(sys.modules, "sdvae_fast.kernels._common", raising=False)
+    assert cli._switch_on_interpreter(["parity"]) is None
+    assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+def test_kernels_on_cpu_rerun_the_command_when_kernels_were_defined_for_the_gpu(monkeypatch):
+    """Kernels already imported without the interpreter: the command re-runs in a child with it switched on."""
+    import sdvae_fast.kernels._common  # noqa: F401  (imported while the interpreter is on, as conftest wants)
+
+    calls = []
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 7)
+    assert cli._switch_on_interpreter(["parity", "--res", "8"]) == 7
+    (cmd, env), = calls
+    assert cmd == [sys.executable, "-m", "sdvae_fast.cli", "parity", "--res", "8"] and env["TRITON_INTERPRET"] == "1"
+    assert cli._needs_interpreter(cli.build_parser().parse_args(["parity", "--device", "cpu"]))
+    assert not cli._needs_interpreter(cli.build_parser().parse_args(["parity", "--device", "cpu", "--backend", "torch"]))
+    assert not cli._needs_interpreter(cli.build_parser().parse_args(["reconstruct", "x.png", "-o", "d", "--device", "cpu"]))
+    assert cli._needs_interpreter(cli.build_parser().parse_args(["decode", "z", "-o", "d", "--device", "cpu",
+                                                                 "--backend", "triton"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parity / profile / bench
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_parity_of_the_decoder_on_cpu_through_the_interpreter_passes(two_level_dir, tmp_path, capsys):
+    """The kernels through the interpreter (about a second per launch): the decoder half only, to stay quick."""
+    code, stdout, err = _run(["parity", "--vae", two_level_dir, "--res", 8, "--dtype", "fp32", "--batch", 2, "-q",
+                              "--decode", "--out", tmp_path], capsys)
+    assert code == 0, stdout + err
+    assert "PASS" in stdout and "triton float32" in stdout and "## encode" not in stdout
+    for unit in ("decoder.mid_block.attentions.0", "decoder.up_blocks.0.upsamplers.0", "decoder.conv_out*",
+                 "decode: sample"):
+        assert f"| {unit} |" in stdout
+    assert (tmp_path / "parity.md").read_text().strip().endswith("**PASS**")
+
+
+def test_parity_exits_1_when_a_tolerance_is_exceeded(two_level_dir, capsys):
+    """No tolerance at all: bf16 differs from the fp32 reference, so every check fails and the exit code is 1."""
+    code, stdout, _ = _run(["parity", "--vae", two_level_dir, "--res", 8, "--dtype", "bf16", "--backend", "torch",
+                            "--tol-factor", 0, "--tol-floor", 0, "--psnr-margin", -100, "-q"], capsys)
+    assert code == 1
+    assert "FAIL" in stdout and stdout.strip().endswith("**FAIL**")
+    assert "| encode: latent_dist.mean |" in stdout and "| decode: sample |" in stdout
+
+
+def test_parity_report_flags_non_finite_output():
+    from sdvae_fast.parity import Row, error_stats
+
+    stats = error_stats(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0]))
+    assert stats["nonfinite"] == 1 and math.isinf(stats["rel_l2"]) and stats["worst_index"] == (1,)
+    assert not Row("x", (2,), stats, 0.0, 1.0).passed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+@pytest.mark.parametrize("command", [["profile"], ["bench", "--res", "64"]])
+def test_profile_and_bench_without_cuda_say_so_in_one_line(command, capsys):
+    code, _, err = _run(command + ["--preset", "sd15"], capsys)
+    _assert_one_line_error(code, err, "needs a CUDA device")
+
+
+def test_profile_units_on_cpu_cover_every_unit_with_flops_and_bytes(two_level_dir):
+    """The GPU tool's per-unit logic, run on CPU (perf_counter timing): FLOPs add up to the whole decode's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdvae_fast.profile import format_rows, profile_part
+
+    vae = AutoencoderKL.from_pretrained(two_level_dir)
+    vae.set_backend("torch")
+    z = torch.randn(1, 4, 6, 5) + 0.3
+    with torch.no_grad():
+        rows = profile_part(vae, "decode", z, budget_s=0.0)
+        with FlopCounterMode(display=False) as counter:
+            vae.decode(z)
+    names = [r.name for r in rows]
+    assert names[0] == "post_quant_conv" and names[-1] == "decode (end to end)"
+    assert "decoder.mid_block.attentions.0" in names and "decoder.conv_out*" in names
+    assert rows[-1].gflop == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-9)
+    assert all(r.ms > 0 and r.bytes > 0 for r in rows)
+    assert "| decoder.conv_out* | 1x3x12x10 |" in format_rows(rows, peak_tflops=1.0)
+
+
+def test_bench_on_cpu_times_ours_and_diffusers_and_writes_csv_and_markdown(two_level_dir, tmp_path):
+    vae = AutoencoderKL.from_pretrained(two_level_dir)
+    vae.set_backend("torch")
+    rows = bench_mod.run_bench(vae, device=torch.device("cpu"), dtype=torch.float32, resolutions=[16], batch=2,
+                               out_dir=tmp_path, name="run", compile_res=0, budget_s=0.0, quiet=True)
+    assert {(r.op, r.impl) for r in rows} == {(op, impl) for op in ("encode", "decode")
+                                               for impl in ("sdvae-fast", "diffusers eager")}
+    assert all(r.ms > 0 and r.gflop > 0 and r.note == "" for r in rows)
+    csv_text = (tmp_path / "run.csv").read_text()
+    assert csv_text.splitlines()[0].startswith("op,res,batch,dtype,impl,ms,speedup_vs_eager")
+    md = (tmp_path / "run.md").read_text()
+    assert "| decode | 16 | 2 | fp32 | sdvae-fast |" in md and "- torch: " in md
+
+
+def test_bench_rows_compute_speedups_tflops_and_percent_of_floor(tmp_path):
+    rows = [bench_mod.Row("decode", 1024, 1, "bf16", "diffusers eager", ms=40.0, gflop=9921.0),
+            bench_mod.Row("decode", 1024, 1, "bf16", "diffusers compile", ms=30.0, gflop=9921.0),
+            bench_mod.Row("decode", 1024, 1, "bf16", "sdvae-fast", ms=20.0, gflop=9921.0)]
+    assert bench_mod._speedups(rows, rows[2]) == (2.0, 1.5)
+    assert rows[2].tflops == pytest.approx(496.05) and rows[2].pct_floor == pytest.approx(496.05 / 7.9)
+    paths = bench_mod.write_results(rows, tmp_path, "x", header="# h")
+    assert "| decode | 1024 | 1 | bf16 | sdvae-fast | 20.00 | 2.00 | 1.50 | 496.1 | 62.8 |" in paths["md"].read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench/gpu_check.sh and its CPU-side helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_results_stem_names_date_and_gpu():
+    day = datetime.date(2026, 11, 29)
+    assert bench_mod.results_stem("NVIDIA H200", day) == "2026-11-29-NVIDIA-H200"
+    assert bench_mod.results_stem("NVIDIA H100 80GB HBM3 (MIG 1g.10gb)", day) == \
+        "2026-11-29-NVIDIA-H100-80GB-HBM3-MIG-1g.10gb"
+    if not torch.cuda.is_available():
+        assert bench_mod.results_stem(date=day) == "2026-11-29-cpu"
+
+
+def test_env_info_names_gpu_driver_versions_commit_and_date():
+    info = bench_mod.env_info()
+    for key in ("date", "gpu", "driver", "torch", "triton", "diffusers", "sdvae_fast_commit", "python"):
+        assert key in info
+    assert info["torch"] == torch.__version__
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", info["date"])
+    assert f"- torch: {torch.__version__}" in bench_mod.env_markdown(info)
+
+
+def test_gpu_check_script_is_executable_bash_that_parses():
+    script = REPO / "bench" / "gpu_check.sh"
+    assert script.is_file() and os.access(script, os.X_OK)
+    assert script.read_text().startswith("#!/usr/bin/env bash")
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_gpu_check_env_section_writes_the_report_to_results_and_out(tmp_path):
+    """The env section runs on CPU; a section left without budget is recorded as skipped; both copies exist."""
+    results, out = tmp_path / "results", tmp_path / "out"
+    env = dict(os.environ, SECTIONS="env parity", RESULTS_DIR=str(results), OUT=str(out), BUDGET_S="0",
+               PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    reports = list(results.glob("*.md"))
+    assert len(reports) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d-.+\.md", reports[0].name)
+    text = reports[0].read_text()
+    assert f"- torch: {torch.__version__}" in text and "- sdvae_fast_commit:" in text
+    assert "## parity" in text and "skipped" in text
+    assert (out / reports[0].name).read_text() == text
+    assert json.loads((out / reports[0].name.replace(".md", "-env.json")).read_text())["torch"] == torch.__version__
+
+
+def test_entry_point_reports_missing_cuda_without_a_traceback(tmp_path):
+    """The installed `sdvae-fast` script (or `python -m sdvae_fast.cli`) in a fresh process."""
+    exe = shutil.which("sdvae-fast")
+    cmd = [exe] if exe else [sys.executable, "-m", "sdvae_fast.cli"]
+    proc = subprocess.run(cmd + ["info", str(tmp_path / "missing.ckpt")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"sdvae-fast info: error: checkpoint not found: {tmp_path / 'missing.ckpt'}"
+
+
+def test_train_subcommand_is_wired_to_the_trainer(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "sdvae-fast train" in out and "--data" in out
