@@ -3,11 +3,16 @@
 # one H200, with no network. Results go to bench/results/DATE-GPU.md (+ .csv, .png, logs) and, when $OUT is set,
 # to $OUT too (the only folder that comes back from a borrowed machine), each section as soon as it ends.
 #
-# Prepare once on the CPU machine, in the repo root (see ../shared/gpu/README.md; .whl/ is gitignored):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       -d .whl diffusers==0.42.1
-# Then one device call (the `run` tool), with carry [".whl"] and timeout_s 420:
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . && bash bench/gpu_check.sh
+# The GPU machine (Python 3.12) has no network; it holds torch, triton, numpy, safetensors, scikit-image and
+# setuptools but not diffusers (the e2e section's peer and the tests' reference). So the recipe has two steps.
+# 1. Once, on a machine with network, in the repo root: download the diffusers wheel for the GPU machine's Python
+#    (3.12) into .whl/ (gitignored):
+#      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#          -d .whl diffusers==0.42.1
+# 2. On the GPU machine, in the repo root, with .whl/ copied along (for the device `run` tool: carry [".whl"],
+#    timeout_s 420): install that wheel into a private folder, install this package in place, run this script:
+#      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site \
+#          && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . && bash bench/gpu_check.sh
 #
 # Environment:
 #   OUT          also copy every result there (set by the device machine)

@@ -1,11 +1,15 @@
 """The `sdvae-fast` command line: reconstruct, encode, decode, info, parity, profile, bench and train.
 
-Every subcommand takes the common options `--device`, `--dtype fp32|fp16|bf16`, `--preset`, `--vae` and
-`--backend`. Errors meant for users (a missing file, a wrong shape, no GPU) are printed as one line starting with
-`sdvae-fast CMD: error:` and exit with code 2; set `SDVAE_FAST_DEBUG=1` to see the traceback instead. Each
+Every subcommand that runs a VAE takes the model options `--vae`, `--preset`, `--seed`, `--scaling-factor`,
+`--shift-factor`, `--unsafe-pickle` and the run options `--device`, `--dtype fp32|fp16|bf16`, `--backend`, `-q`;
+`info` takes the model options that describe a checkpoint (`--preset`, the scaling options, `--unsafe-pickle`).
+Errors meant for users (a missing file, a wrong shape, no GPU) are printed as one line starting with
+`sdvae-fast CMD: error:` and exit with code 2; with `SDVAE_FAST_DEBUG=1` the traceback is printed too (still exit
+code 2). The loader's warnings are printed as one `sdvae-fast: warning:` line each, in the CLI's option names. Each
 `cmd_*` function takes the parsed arguments and returns the exit code (0 ok, 1 a parity check failed); it raises
 `CLIError`, or the library's ValueError/OSError/RuntimeError, for what the user can fix, and `main` turns those
-into the one-line message. Anything else (a bug) keeps its traceback.
+into the one-line message. Anything else (a bug) keeps its traceback. A closed stdout (`info --json | head`)
+ends the command quietly with exit code 141, as a shell reports a process killed by SIGPIPE.
 
 Import order matters here: Triton reads `TRITON_INTERPRET` when kernels are defined, so this module imports
 nothing that defines kernels at load time. When a command runs the kernels on CPU tensors (`parity` on CPU, or
@@ -17,15 +21,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 PROG = "sdvae-fast"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 BACKENDS = ("auto", "triton", "torch")
+# The model reads this variable for its default backend (sdvae_fast.model.BACKEND_ENV); `--backend` wins over it.
+BACKEND_ENV = "SDVAE_FAST_BACKEND"
+# The presets `--preset` offers: the public SD VAE families (sdvae_fast.configs.PRESETS also holds test presets).
+PUBLIC_PRESETS = ("sd15", "sdxl", "sd3", "flux1")
+# The config fields that decide parameter shapes, compared when `--preset` does not fit a file's weights.
+ARCHITECTURE_FIELDS = ("latent_channels", "block_out_channels", "layers_per_block", "in_channels", "out_channels",
+                       "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+# SSIM's uniform 7x7 window (skimage's default) needs images at least this many pixels on each side.
+SSIM_MIN_SIDE = 7
 DEFAULT_VAE = "sdvae-fast/tiny"
 LATENTS_FORMAT = "sdvae-fast latents v1"
 
@@ -103,22 +119,90 @@ def scaling_of(vae) -> tuple[float, float]:
     return float(cfg["scaling_factor"]), float(shift) if shift is not None else 0.0
 
 
-def load_vae(args, *, device=None, dtype=None, backend: Optional[str] = None):
-    """Build the VAE that `--vae`/`--preset` name, on `device` in `dtype`, with `backend` set.
-
-    `--vae PATH`: a diffusers folder (config.json + safetensors) or a single checkpoint file in any layout that
-    `AutoencoderKL.from_single_file` detects (`--preset` then names the config family to use).
-    `--preset NAME` alone: that architecture with seeded random weights (`--seed`), whose output is not a
-    meaningful image. Neither: the small VAE shipped with the package (`sdvae-fast/tiny`), or, when it is not
-    installed, the sd15 preset with seeded weights. Warnings about meaningless output go to stderr.
+def resolve_backend(name: Optional[str]) -> str:
+    """`--backend` as a backend name; None (the default) is the model's own default: env SDVAE_FAST_BACKEND, else auto.
 
     Raises:
-        CLIError: the path does not exist, or `--preset` is combined with a diffusers folder.
+        CLIError: SDVAE_FAST_BACKEND holds something other than auto, triton or torch (checked even when
+        `--backend` is given, because the model reads the variable whenever it is built).
     """
+    env = os.environ.get(BACKEND_ENV)
+    if env and env not in BACKENDS:
+        raise CLIError(f"environment variable {BACKEND_ENV}={env!r} is not a backend: set it to one of "
+                       f"{', '.join(BACKENDS)}, or unset it")
+    return name or env or "auto"
+
+
+def _overrides(args) -> dict:
+    """The config fields that `--scaling-factor` / `--shift-factor` set (only those given)."""
+    fields = {"scaling_factor": args.scaling_factor, "shift_factor": args.shift_factor}
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+# The loader's messages name Python arguments; the CLI prints its own options instead. Applied only to the advice
+# after "Pass"/"pass", so that descriptions such as "Using FLUX.1 (scaling_factor=0.3611)" stay as they are.
+_CLI_WORDING = (
+    (re.compile(r"config=(['\"])(\w+)\1"), r"--preset \2"),
+    (re.compile(r"\bunsafe_pickle=True"), "--unsafe-pickle"),
+    (re.compile(r"\bscaling_factor=([-+.\deE]+), shift_factor=([-+.\deE]+)"),
+     r"--scaling-factor \1 --shift-factor \2"),
+    (re.compile(r"\bscaling_factor=([-+.\deE]+)"), r"--scaling-factor \1"),
+    (re.compile(r"\bscaling_factor=(?!\S)"), "--scaling-factor"),
+)
+
+
+def cli_wording(message: str) -> str:
+    """`message` (a loader warning or error) on one line, its advice in CLI options: `config='sd3'` becomes
+    `--preset sd3`, `scaling_factor=X` `--scaling-factor X`, `unsafe_pickle=True` `--unsafe-pickle`."""
+    message = " ".join(message.split())
+    match = re.search(r"\b[Pp]ass ", message)
+    if match is None:
+        return message
+    head, advice = message[:match.start()], message[match.start():]
+    for pattern, replacement in _CLI_WORDING:
+        advice = pattern.sub(replacement, advice)
+    return head + advice
+
+
+def _plain(value):
+    """Config values as JSON shows them (tuples as lists), for comparing and printing."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def preset_mismatch(path, preset: str, unsafe_pickle: bool = False) -> Optional[str]:
+    """A short message when `--preset`'s architecture differs from the one the weights of `path` imply, else None.
+
+    Compares ARCHITECTURE_FIELDS of `sdvae_fast.configs.PRESETS[preset]` with what `inspect_checkpoint` infers
+    from the weight shapes, and names the public presets that would fit (or says to omit `--preset`).
+    """
+    from sdvae_fast.configs import PRESETS
+    from sdvae_fast.loading import inspect_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the family guess is not the point here
+        inferred = inspect_checkpoint(str(path), unsafe_pickle=unsafe_pickle)["config"]
+    wanted = PRESETS[preset]
+    differs = [k for k in ARCHITECTURE_FIELDS if _plain(inferred.get(k)) != _plain(wanted.get(k))]
+    if not differs:
+        return None
+    has = ", ".join(f"{k}={_plain(inferred.get(k))}" for k in differs)
+    says = ", ".join(f"{k}={_plain(wanted.get(k))}" for k in differs)
+    fitting = [name for name in PUBLIC_PRESETS
+               if all(_plain(PRESETS[name].get(k)) == _plain(inferred.get(k)) for k in ARCHITECTURE_FIELDS)]
+    if fitting:
+        advice = f"Use --preset {' or --preset '.join(fitting)}, or omit --preset"
+    else:
+        advice = ("Omit --preset (the architecture is then read from the weights) and give --scaling-factor / "
+                  "--shift-factor if the family guess is wrong")
+    return f"--preset {preset} does not fit {path}: the weights have {has}; the preset says {says}. {advice}."
+
+
+def _build_vae(args):
+    """The model `--vae`/`--preset`/scaling options name, on CPU in float32 (see `load_vae`)."""
+    from sdvae_fast.loading import CheckpointError
     from sdvae_fast.model import AutoencoderKL
 
-    device = resolve_device(args.device) if device is None else device
-    dtype = resolve_dtype(args.dtype, device) if dtype is None else dtype
+    overrides = _overrides(args)
     if args.vae:
         path = Path(args.vae)
         if not path.exists():
@@ -127,25 +211,57 @@ def load_vae(args, *, device=None, dtype=None, backend: Optional[str] = None):
             if args.preset:
                 raise CLIError(f"--preset {args.preset} applies to single files and seeded weights; "
                                f"the diffusers folder {path} carries its own config.json")
-            vae = AutoencoderKL.from_pretrained(str(path))
-        else:
-            vae = AutoencoderKL.from_single_file(str(path), config=args.preset)
-    elif args.preset:
-        vae = AutoencoderKL.from_preset(args.preset, seed=args.seed)
+            return AutoencoderKL.from_pretrained(str(path), unsafe_pickle=args.unsafe_pickle, **overrides)
+        try:
+            return AutoencoderKL.from_single_file(str(path), config=args.preset, unsafe_pickle=args.unsafe_pickle,
+                                                  **overrides)
+        except CheckpointError as exc:
+            # The loader lists every key that does not fit; the CLI says which architecture fields differ.
+            mismatch = preset_mismatch(path, args.preset, args.unsafe_pickle) if args.preset else None
+            if mismatch:
+                raise CLIError(mismatch) from exc
+            raise
+    if args.preset:
+        vae = AutoencoderKL.from_preset(args.preset, seed=args.seed, **overrides)
         _warn(f"no --vae given: preset {args.preset!r} with seeded random weights (seed {args.seed}); "
               f"its output is not a meaningful image. Pass --vae PATH for real weights.")
-    else:
-        try:
-            vae = AutoencoderKL.from_pretrained(DEFAULT_VAE)
-        except Exception as exc:  # the shipped VAE is optional; say why it is not used
-            vae = AutoencoderKL.from_preset("sd15", seed=args.seed)
-            reason = " ".join(str(exc).split())
-            reason = reason if len(reason) <= 100 else reason[:97] + "..."
-            _warn(f"the shipped VAE {DEFAULT_VAE!r} is not available ({reason}); using preset "
-                  f"'sd15' with seeded random weights: the output is not a meaningful image. "
-                  f"Pass --vae PATH for real weights.")
+        return vae
+    try:
+        return AutoencoderKL.from_pretrained(DEFAULT_VAE, **overrides)
+    except Exception as exc:  # the shipped VAE is optional; say why it is not used
+        reason = " ".join(str(exc).split())
+        reason = reason if len(reason) <= 100 else reason[:97] + "..."
+        _warn(f"the shipped VAE {DEFAULT_VAE!r} is not available ({reason}); using preset "
+              f"'sd15' with seeded random weights: the output is not a meaningful image. "
+              f"Pass --vae PATH for real weights.")
+        return AutoencoderKL.from_preset("sd15", seed=args.seed, **overrides)
+
+
+def load_vae(args, *, device=None, dtype=None, backend: Optional[str] = None):
+    """Build the VAE that `--vae`/`--preset` name, on `device` in `dtype`, with `backend` (default `--backend`).
+
+    `--vae PATH`: a diffusers folder (config.json + safetensors) or a single checkpoint file in any layout that
+    `AutoencoderKL.from_single_file` detects (`--preset` then names the config family to use; its architecture
+    must fit the weights). `--preset NAME` alone: that architecture with seeded random weights (`--seed`), whose
+    output is not a meaningful image. Neither: the small VAE shipped with the package (`sdvae-fast/tiny`), or,
+    when it is not installed, the sd15 preset with seeded weights. `--scaling-factor` / `--shift-factor` override
+    the config in every case; `--unsafe-pickle` lets pickled checkpoints build arbitrary Python objects.
+    Warnings (meaningless output, a guessed model family) go to stderr as one `sdvae-fast: warning:` line each.
+
+    Raises:
+        CLIError: the path does not exist, `--preset` is combined with a diffusers folder, or `--preset`'s
+        architecture does not fit the file's weights. The loader's CheckpointError (a ValueError) for files it
+        cannot read.
+    """
+    device = resolve_device(args.device) if device is None else device
+    dtype = resolve_dtype(args.dtype, device) if dtype is None else dtype
+    backend = resolve_backend(backend or args.backend)
+    with warnings.catch_warnings(record=True) as caught:
+        vae = _build_vae(args)
+    for warning in caught:
+        _warn(cli_wording(str(warning.message)))
     vae = vae.to(device=device, dtype=dtype)
-    vae.set_backend(backend or args.backend)
+    vae.set_backend(backend)
     vae.eval()
     return vae
 
@@ -178,22 +294,22 @@ def _load_images(sources: Sequence[str]):
     return images
 
 
-def image_metrics(reference, reconstruction) -> tuple[float, float]:
+def image_metrics(reference, reconstruction) -> tuple[float, Optional[float]]:
     """PSNR (dB) and SSIM of two uint8 (H, W, 3) images, by skimage.metrics with data_range 255.
 
-    SSIM uses a 7x7 window, shrunk to the largest odd size that fits images smaller than 7 pixels; it is NaN for
-    images under 3 pixels on a side. PSNR is inf for identical images.
+    SSIM uses skimage's default uniform 7x7 window (Wang et al. 2004 use 11x11 Gaussian), so it is None (printed
+    "n/a") for images smaller than 7 pixels on a side. PSNR is inf for identical images.
     """
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     psnr = float(peak_signal_noise_ratio(reference, reconstruction, data_range=255))
-    win = min(7, *reference.shape[:2])
-    win -= 1 - win % 2  # SSIM needs an odd window
-    ssim = float("nan")
-    if win >= 3:
-        ssim = float(structural_similarity(reference, reconstruction, channel_axis=-1, data_range=255,
-                                           win_size=win))
-    return psnr, ssim
+    if min(reference.shape[:2]) < SSIM_MIN_SIDE:
+        return psnr, None
+    return psnr, float(structural_similarity(reference, reconstruction, channel_axis=-1, data_range=255))
+
+
+def _format_ssim(ssim: Optional[float]) -> str:
+    return "n/a" if ssim is None else f"{ssim:.4f}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,11 +348,14 @@ def cmd_reconstruct(args) -> int:
             path = out_dir / f"{name}.png"
             to_pil(y)[0].save(path)
             rows.append((psnr, ssim, ms))
-            tqdm.write(f"{path}  {w}x{h}  PSNR {psnr:.2f} dB  SSIM {ssim:.4f}  {ms:.1f} ms", file=sys.stdout)
+            tqdm.write(f"{path}  {w}x{h}  PSNR {psnr:.2f} dB  SSIM {_format_ssim(ssim)}  {ms:.1f} ms",
+                       file=sys.stdout)
     if len(rows) > 1:
         psnrs, ssims, times = zip(*rows)
         times = sorted(times)
-        print(f"mean PSNR {sum(psnrs) / len(psnrs):.2f} dB  mean SSIM {sum(ssims) / len(ssims):.4f}  "
+        ssims = [v for v in ssims if v is not None]  # images under 7 px on a side have no SSIM
+        mean_ssim = sum(ssims) / len(ssims) if ssims else None
+        print(f"mean PSNR {sum(psnrs) / len(psnrs):.2f} dB  mean SSIM {_format_ssim(mean_ssim)}  "
               f"median {times[len(times) // 2]:.1f} ms per image ({len(rows)} images; the first includes warm-up)")
     return 0
 
@@ -306,11 +425,57 @@ def read_latents(path) -> tuple[dict, dict]:
     return tensors, metadata
 
 
+def _family_of(scaling: float, shift: float) -> str:
+    """The public preset whose scaling_factor / shift_factor these are ("sd3", ...), or "" when none is."""
+    from sdvae_fast.configs import PRESETS
+
+    for name in PUBLIC_PRESETS:
+        preset = PRESETS[name]
+        if preset["scaling_factor"] == scaling and float(preset.get("shift_factor") or 0.0) == shift:
+            return name
+    return ""
+
+
+def _json_field(metadata: dict, field: str, default, path):
+    """A JSON-encoded metadata field of a latents file; CLIError when it is not valid JSON."""
+    try:
+        return json.loads(metadata[field]) if field in metadata else default
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{path}: metadata field {field!r} is not valid JSON ({exc})") from exc
+
+
+def check_latents(tensors: dict, metadata: dict, path) -> dict:
+    """Check a latents file's tensors before any model is built: {key: (N, C, h, w) tensor}.
+
+    Raises:
+        CLIError: the file holds model weights (names such as `encoder.conv_in.weight`) rather than latents, or
+        a tensor is neither (C, h, w) nor (N, C, h, w).
+    """
+    weight_like = [k for k in tensors if k.startswith(("encoder.", "decoder.", "first_stage_model.", "vae."))
+                   or k.endswith((".weight", ".bias"))]
+    if metadata.get("format") != LATENTS_FORMAT and weight_like:
+        raise CLIError(f"{path} looks like model weights (tensor {weight_like[0]!r}), not a latents file: decode "
+                       f"takes what `sdvae-fast encode` writes, or scaled latents (N, C, h, w); pass weights "
+                       f"with --vae")
+    batches = {}
+    for key, latents in tensors.items():
+        if latents.dim() == 3:
+            latents = latents[None]  # (1, C, h, w)
+        if latents.dim() != 4 or not latents.is_floating_point():
+            raise CLIError(f"{path}: tensor {key!r} has shape {tuple(latents.shape)} and dtype "
+                           f"{str(latents.dtype).removeprefix('torch.')}; latents are float (N, C, h, w) or (C, h, w)")
+        batches[key] = latents
+    return batches
+
+
 def cmd_decode(args) -> int:
     """Decode every tensor of a latents file to PNGs in `--out`, undoing `(z - shift) * scaling` first.
 
     The scaling stored in the file wins (it is what was applied); without it the VAE's config is used. Tensors
     may be (C, h, w) or (N, C, h, w); images written by `encode` are cropped back to their original size.
+    Everything is checked before the first image is decoded: latents of a VAE with another channel count are an
+    error naming that VAE's family; a different scaling (same channels) is a warning, since the latent spaces of
+    different VAEs (e.g. SD 1.x and SDXL) are not interchangeable.
     """
     torch = _torch()
     from tqdm import tqdm
@@ -318,29 +483,40 @@ def cmd_decode(args) -> int:
     from sdvae_fast.images import to_pil
 
     tensors, metadata = read_latents(args.latents)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    batches = check_latents(tensors, metadata, args.latents)
+    entries = _json_field(metadata, "images", [], args.latents)
+    sizes = {e["key"]: (e["height"], e["width"]) for e in entries if isinstance(e, dict) and "key" in e}
+    file_config = _json_field(metadata, "config", {}, args.latents)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     vae = load_vae(args, device=device, dtype=dtype)
     model_scaling, model_shift = scaling_of(vae)
     scaling = float(metadata.get("scaling_factor", model_scaling))
     shift = float(metadata.get("shift_factor", model_shift))
-    if (scaling, shift) != (model_scaling, model_shift):
-        _warn(f"{args.latents} was scaled with scaling_factor={scaling}, shift_factor={shift}; this VAE's config "
-              f"says {model_scaling}, {model_shift}. Unscaling with the file's values.")
-    sizes = {e["key"]: (e["height"], e["width"]) for e in json.loads(metadata.get("images", "[]"))}
+    family = _family_of(scaling, shift)
+    made_by = f"a VAE with scaling_factor={scaling}, shift_factor={shift}"
+    made_by += f" (the {family} family)" if family else ""
     channels = int(config_dict(vae)["latent_channels"])
+    file_channels = file_config.get("latent_channels") if isinstance(file_config, dict) else None
+    if file_channels is not None and int(file_channels) != channels:
+        raise CLIError(f"{args.latents} was encoded by {made_by} with {file_channels} latent channels; this VAE "
+                       f"has {channels}. Decode with the VAE that encoded it (--vae PATH, or --preset "
+                       f"{family or 'NAME'})")
+    for key, latents in batches.items():
+        if latents.shape[1] != channels:
+            raise CLIError(f"{args.latents}: tensor {key!r} has shape {tuple(latents.shape)}; this VAE "
+                           f"expects (N, {channels}, h, w) latents")
+    if (scaling, shift) != (model_scaling, model_shift):
+        _warn(f"{args.latents} was encoded by {made_by}; this VAE's config says scaling_factor={model_scaling}, "
+              f"shift_factor={model_shift}, so it is probably another VAE, whose latent space differs. Unscaling "
+              f"with the file's values; decode with the VAE that encoded it for meaningful images.")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     with torch.no_grad():
-        for key, latents in tqdm(tensors.items(), desc="decode", unit="tensor", file=sys.stderr,
+        for key, latents in tqdm(batches.items(), desc="decode", unit="tensor", file=sys.stderr,
                                  disable=args.quiet):
-            if latents.dim() == 3:
-                latents = latents[None]  # (1, C, h, w)
-            if latents.dim() != 4 or latents.shape[1] != channels:
-                raise CLIError(f"{args.latents}: tensor {key!r} has shape {tuple(latents.shape)}; this VAE "
-                               f"expects (N, {channels}, h, w) latents")
-            z = latents.to(device=device, dtype=torch.float32) / scaling + shift
+            z = latents.to(device=device, dtype=torch.float32) / scaling + shift  # (N, C, h, w) unscaled
             y = vae.decode(z.to(dtype)).sample  # (N, 3, 8h, 8w)
             if key in sizes:
                 h, w = sizes[key]
@@ -353,13 +529,26 @@ def cmd_decode(args) -> int:
 
 
 def cmd_info(args) -> int:
-    """Print what `inspect_checkpoint` detects: layout, model family, config, parameter count and dtype."""
+    """Print what `inspect_checkpoint` detects: layout, model family, config, parameter count and dtype.
+
+    `--preset` (single files only; its architecture must fit the weights), `--scaling-factor` and `--shift-factor`
+    change the family and config shown, as they change what `reconstruct` loads.
+    """
     from sdvae_fast.loading import inspect_checkpoint
 
     path = Path(args.checkpoint)
     if not path.exists():
         raise CLIError(f"checkpoint not found: {path}")
-    info = inspect_checkpoint(str(path))
+    if args.preset:
+        if path.is_dir():
+            raise CLIError(f"--preset {args.preset} applies to single files; the diffusers folder {path} carries "
+                           f"its own config.json")
+        mismatch = preset_mismatch(path, args.preset, args.unsafe_pickle)
+        if mismatch:
+            raise CLIError(mismatch)
+    info = inspect_checkpoint(str(path), config=args.preset, unsafe_pickle=args.unsafe_pickle, **_overrides(args))
+    if args.preset:
+        info["family"], info["family_certain"], info["family_reason"] = args.preset, True, f"--preset {args.preset}"
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -457,23 +646,46 @@ _PAD_NOTE = ("Images whose sides are not multiples of 8 are padded at the bottom
 _IMAGE_NOTE = "IMAGE is a file Pillow reads, or skimage:NAME for a photo scikit-image ships (e.g. skimage:chelsea)."
 
 
+def _checkpoint_options(parser: argparse.ArgumentParser, *, with_vae: bool) -> None:
+    """The options that say how a checkpoint is read: `--preset`, the scaling options, `--unsafe-pickle` (and,
+    for commands that run a VAE, `--vae` and `--seed`)."""
+    group = parser.add_argument_group("model")
+    if with_vae:
+        group.add_argument("--vae", metavar="PATH",
+                           help="a diffusers VAE folder (config.json + safetensors) or a single checkpoint file "
+                                "(.safetensors/.ckpt/.pt, any layout: diffusers, LDM, whole-model); auto-detected. "
+                                f"Default: the shipped {DEFAULT_VAE}, else preset sd15 with seeded weights")
+    alone = "alone, seeded random weights; " if with_vae else ""
+    group.add_argument("--preset", metavar="NAME", choices=PUBLIC_PRESETS,
+                       help=f"architecture and scaling preset ({', '.join(PUBLIC_PRESETS)}): {alone}with a single "
+                            "checkpoint file, the model family to read it as (SD 1.x and SDXL VAEs, and SD3 and "
+                            "FLUX.1 VAEs, have the same weight shapes); the preset's architecture must fit the "
+                            "weights")
+    group.add_argument("--scaling-factor", type=float, metavar="X",
+                       help="the config's scaling_factor (latents are scaled (z - shift_factor) * scaling_factor); "
+                            "default: the checkpoint's or preset's")
+    group.add_argument("--shift-factor", type=float, metavar="X",
+                       help="the config's shift_factor (default: the checkpoint's or preset's; none for SD 1.x/SDXL)")
+    group.add_argument("--unsafe-pickle", action="store_true",
+                       help="let a pickled checkpoint (.ckpt/.pt/.bin) build arbitrary Python objects, which can "
+                            "run code from the file: only for files you trust (by default only tensors are "
+                            "unpickled)")
+    if with_vae:
+        group.add_argument("--seed", type=int, default=0, help="seed for preset weights and --sample (default 0)")
+
+
 def _common_options() -> argparse.ArgumentParser:
+    """The parent parser of the commands that run a VAE: model options, then device, dtype, backend, quiet."""
     common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("model and device")
-    group.add_argument("--vae", metavar="PATH",
-                       help="a diffusers VAE folder (config.json + safetensors) or a single checkpoint file "
-                            "(.safetensors/.ckpt/.pt, any layout: diffusers, LDM, whole-model); auto-detected. "
-                            f"Default: the shipped {DEFAULT_VAE}, else preset sd15 with seeded weights")
-    group.add_argument("--preset", metavar="NAME",
-                       help="architecture preset (sd15, sdxl, sd3, flux1): alone, seeded random weights; with a "
-                            "single-file --vae, the config family to load it with")
-    group.add_argument("--seed", type=int, default=0, help="seed for preset weights and --sample (default 0)")
+    _checkpoint_options(common, with_vae=True)
+    group = common.add_argument_group("device")
     group.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda when available)")
     group.add_argument("--dtype", choices=DTYPE_NAMES,
                        help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
-    group.add_argument("--backend", choices=BACKENDS, default="auto",
+    group.add_argument("--backend", choices=BACKENDS,
                        help="auto: Triton kernels on CUDA, PyTorch elsewhere; triton: kernels everywhere (the "
-                            "interpreter on CPU, slow); torch: the PyTorch reference (default auto)")
+                            "interpreter on CPU, slow); torch: the PyTorch reference (default: the environment "
+                            f"variable {BACKEND_ENV}, else auto)")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return common
 
@@ -486,15 +698,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `sdvae-fast COMMAND --help` for a command's options; `sdvae-fast train --help` for training.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name, func, help_text, description=None):
-        p = sub.add_parser(name, parents=[common], help=help_text, description=description or help_text,
+    def add(name, func, help_text, description=None, parents=(common,)):
+        p = sub.add_parser(name, parents=list(parents), help=help_text, description=description or help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func)
         return p
 
     p = add("reconstruct", cmd_reconstruct, "encode and decode images; print PSNR, SSIM and ms per image",
             "Encode and decode each IMAGE through the VAE, write OUT/NAME.png at the input's size, and print PSNR "
-            "and SSIM (skimage.metrics, on the 8-bit images) and milliseconds per image.\n\n"
+            "and SSIM (skimage.metrics, on the 8-bit images) and milliseconds per image. SSIM uses a 7x7 window, "
+            "so it is n/a for images smaller than 7 pixels on a side.\n\n"
             f"{_PAD_NOTE}\n{_IMAGE_NOTE}")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the PNGs (created)")
@@ -515,8 +728,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("latents", metavar="LATENTS")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the PNGs (created)")
 
-    p = add("info", cmd_info, "show a checkpoint's layout, family, config, parameters and dtype")
+    p = add("info", cmd_info, "show a checkpoint's layout, family, config, parameters and dtype",
+            "Show what the loader detects in CHECKPOINT without building a model: layout, model family (guessed "
+            "for VAE-only files: --preset or the scaling options change it, as they change what reconstruct "
+            "loads), config, parameter count and dtypes.", parents=())
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file or diffusers folder")
+    _checkpoint_options(p, with_vae=False)
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("parity", cmd_parity, "compare the fast path with the fp32 reference, unit by unit",
@@ -534,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "center-cropped and resized to --res")
     p.add_argument("--encode", action="store_true", help="compare only the encoder")
     p.add_argument("--decode", action="store_true", help="compare only the decoder (fed the reference's latents)")
-    p.add_argument("--tol-factor", type=float, default=2.0, help="allowed multiple of PyTorch's own error")
+    p.add_argument("--tol-factor", type=float, default=2.0,
+                   help="allowed multiple of PyTorch's own error (default 2.0)")
     p.add_argument("--tol-floor", type=float, help="added to the allowed rel L2 error "
                                                       "(default 1e-4 fp32, 2e-3 fp16, 5e-3 bf16)")
     p.add_argument("--psnr-margin", type=float, default=6.0,
@@ -547,24 +765,27 @@ def build_parser() -> argparse.ArgumentParser:
             "reference's arithmetic), TFLOP/s, percent of this device's measured bf16 matmul rate, the minimum "
             "bytes moved (inputs, outputs, weights) and peak memory; write a chrome trace (torch.profiler).")
     p.add_argument("--res", type=int, default=1024, help="image side in pixels (default 1024)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="images per batch (default 1)")
     p.add_argument("--encode", action="store_true", help="profile only the encoder")
     p.add_argument("--decode", action="store_true", help="profile only the decoder")
-    p.add_argument("--out", default="profile", metavar="DIR", help="folder for tables and traces")
+    p.add_argument("--out", default="profile", metavar="DIR", help="folder for tables and traces (default profile)")
 
     p = add("bench", cmd_bench, "end-to-end encode/decode timings against diffusers (CUDA only)",
             "Median time of encode and decode per resolution after warm-up (CUDA events) for sdvae-fast, "
             "diffusers eager (SDPA attention) and torch.compile of diffusers' decode (compiled once, at "
             "--compile-res), all in one run; prints ratios, TFLOP/s, percent of the 790 TFLOP/s floor and peak "
             "memory; writes NAME.csv, NAME.md and NAME.png (matplotlib) to --out.")
-    p.add_argument("--res", type=int, nargs="+", default=[512, 1024, 2048], help="image sides in pixels")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--res", type=int, nargs="+", default=[512, 1024, 2048],
+                   help="image sides in pixels (default 512 1024 2048)")
+    p.add_argument("--batch", type=int, default=1, help="images per batch (default 1)")
     p.add_argument("--compile-res", type=int, default=1024,
                    help="the one resolution at which diffusers' decode is also run under torch.compile "
-                        "(0: never)")
+                        "(0: never; default 1024)")
     p.add_argument("--no-peers", action="store_true", help="time sdvae-fast only (no diffusers needed)")
-    p.add_argument("--budget-s", type=float, default=2.0, help="timed seconds per measurement at most")
-    p.add_argument("--out", default="bench/results", metavar="DIR")
+    p.add_argument("--budget-s", type=float, default=2.0,
+                   help="timed seconds per measurement at most (default 2.0)")
+    p.add_argument("--out", default="bench/results", metavar="DIR", help="folder for the results "
+                                                                          "(default bench/results)")
     p.add_argument("--name", help="file stem of the results (default: DATE-GPU-e2e)")
 
     sub.add_parser("train", help="fine-tune or train a VAE (see `sdvae-fast train --help`)", add_help=False)
@@ -577,10 +798,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _needs_interpreter(args) -> bool:
-    """Whether the command will launch Triton kernels on CPU tensors (parity on CPU, or --backend triton)."""
-    if args.command in ("profile", "bench", "info") or args.backend == "torch":
+    """Whether the command will launch Triton kernels on CPU tensors (parity on CPU, or backend triton)."""
+    if args.command in ("profile", "bench", "info"):
         return False
-    if args.command != "parity" and args.backend != "triton":
+    backend = resolve_backend(args.backend)  # --backend, else SDVAE_FAST_BACKEND, else auto
+    if backend == "torch" or (args.command != "parity" and backend != "triton"):
         return False
     return resolve_device(args.device).type == "cpu"
 
@@ -601,7 +823,13 @@ def _switch_on_interpreter(argv: list[str]) -> Optional[int]:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """The error message on one line, in CLI wording; an indented list (e.g. every missing key) is left out."""
+    lines = str(exc).splitlines()
+    listed = [line for line in lines[1:] if line.startswith(" ")]
+    if listed:
+        lines = [line for line in lines if not line.startswith(" ")]
+        lines.append(f"(set SDVAE_FAST_DEBUG=1 for the {len(listed)} lines listed)")
+    text = cli_wording("\n".join(lines)) or type(exc).__name__
     return f"{text} ({type(exc).__name__})" if isinstance(exc, (RuntimeError, ImportError)) else text
 
 
@@ -617,14 +845,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if hasattr(args, "backend"):
+            args.backend = resolve_backend(args.backend)  # None: SDVAE_FAST_BACKEND, else auto
         if _needs_interpreter(args):
             code = _switch_on_interpreter(argv)
             if code is not None:
                 return code
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`info --json | head`): send the rest of stdout nowhere, so that the interpreter's
+        # final flush does not fail again, and end quietly.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file descriptor (e.g. captured by a test)
+            pass
+        return 141
     except USER_ERRORS as exc:
         if os.environ.get("SDVAE_FAST_DEBUG") == "1":
-            raise
+            traceback.print_exc()
         print(f"{PROG} {command or ''}: error: {_one_line(exc)}".replace("  ", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,10 +15,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 SKIMAGE_PREFIX = "skimage:"
+# Pillow's single-channel integer modes that hold 16-bit samples (0..65535): 16-bit grayscale PNG and TIFF files
+# open as "I;16" (Pillow >= 10.1 for PNG) or as 32-bit "I" (older Pillow); "I;16B"/"I;16L"/"I;16N" name the byte order.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# 65535 / 255: the factor between 16-bit and 8-bit full scale (x / 257 maps 0..65535 onto 0..255 exactly).
+SIXTEEN_TO_EIGHT_BIT = 257.0
 
 
 def load_image(source: Union[str, Path, Image.Image]) -> torch.Tensor:
     """Load an RGB image as a (1, 3, H, W) float32 tensor in [-1, 1].
+
+    Grayscale and palette images are repeated over the three channels and alpha is dropped (Pillow's
+    `convert("RGB")`). 16-bit grayscale images (Pillow modes I;16* and I, whose samples are 0..65535) are scaled
+    by 1/257 to the 8-bit range, keeping their fractional values (Pillow's own conversion would clip them to
+    white); 16-bit RGB files are already reduced to 8 bits by Pillow when opened.
 
     Args:
         source: a file path readable by Pillow, a PIL image, or `skimage:NAME` for a photo that scikit-image
@@ -40,7 +50,11 @@ def load_image(source: Union[str, Path, Image.Image]) -> torch.Tensor:
             img.load()
         except Exception as exc:  # Pillow raises several types for unreadable files
             raise ValueError(f"cannot read image {path}: {exc}") from exc
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
+    if img.mode in SIXTEEN_BIT_MODES:
+        gray = np.asarray(img, dtype=np.float64) / SIXTEEN_TO_EIGHT_BIT  # (H, W) in [0, 255]
+        arr = np.repeat(np.clip(gray, 0.0, 255.0)[..., None], 3, axis=-1).astype(np.float32)  # (H, W, 3)
+    else:
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
     x = torch.from_numpy(arr).permute(2, 0, 1)[None]  # (1, 3, H, W)
     return x / 127.5 - 1.0
 

@@ -5,6 +5,7 @@ Models are narrow but keep the SD structure (four levels, f = 8, mid attention) 
 Commands run in-process through `main(argv)` (conftest has switched the interpreter on), except where the
 process boundary itself is under test (the entry point, one-line errors, the shell script).
 """
+import argparse
 import datetime
 import json
 import math
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from sdvae_fast import AutoencoderKL
 from sdvae_fast import bench as bench_mod
 from sdvae_fast import cli
+from sdvae_fast.configs import PRESETS
 from sdvae_fast.images import load_image, pad_to_multiple, to_uint8
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +49,29 @@ def two_level_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two") / "vae"
     AutoencoderKL.from_preset("sd15", seed=2, **TWO_LEVEL).save_pretrained(folder)
     return folder
+
+
+# Two levels of width 32 and 32 GroupNorm groups: single files load with the loader's default norm_num_groups.
+SMALL_32 = dict(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1)
+
+
+@pytest.fixture(scope="module")
+def single_files(tmp_path_factory):
+    """VAE-only single files: 16 latent channels (FLUX.1 or SD3?), 4 latent channels (SD 1.x or SDXL?), and the
+    latter as a pickle that also holds a non-tensor object (refused without --unsafe-pickle)."""
+    folder = tmp_path_factory.mktemp("single")
+    files = {}
+    for name, preset in (("flux_like", "flux1"), ("sd_like", "sd15")):
+        state = AutoencoderKL.from_preset(preset, seed=3, **SMALL_32).state_dict()
+        files[name] = folder / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(files[name]))
+    files["pickle"] = folder / "sd_like.ckpt"
+    torch.save({"state_dict": state, "hparams": Namespace(lr=1e-4)}, files["pickle"])
+    tiny = folder / "tiny.png"
+    Image.fromarray(np.full((1, 1, 3), 180, np.uint8)).save(tiny)
+    files["one_pixel_png"] = tiny
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +224,8 @@ def test_without_vae_the_fallback_says_the_output_is_not_meaningful(monkeypatch,
     narrow = AutoencoderKL.from_preset("sd15", seed=0, **NARROW)
     monkeypatch.setattr(cli, "DEFAULT_VAE", "/nonexistent/tiny")
     monkeypatch.setattr(AutoencoderKL, "from_preset", classmethod(lambda cls, name, seed=0: narrow))
-    args = Namespace(vae=None, preset=None, seed=0, device="cpu", dtype=None, backend="torch")
+    args = Namespace(vae=None, preset=None, seed=0, device="cpu", dtype=None, backend="torch", scaling_factor=None,
+                     shift_factor=None, unsafe_pickle=False)
     vae = cli.load_vae(args)
     assert vae is narrow and vae.backend == "torch"
     err = capsys.readouterr().err
@@ -380,3 +406,168 @@ def test_train_subcommand_is_wired_to_the_trainer(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "sdvae-fast train" in out and "--data" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# New-user trial findings: warnings, flags, presets, backends, images, small edges
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_family_guess_is_one_warning_line_naming_cli_options_and_ssim_of_a_1x1_image_is_na(single_files, tmp_path,
+                                                                                           capsys):
+    code, stdout, err = _run(["reconstruct", single_files["one_pixel_png"], "--vae", single_files["flux_like"],
+                              "--out", tmp_path, "--backend", "torch", "-q"], capsys)
+    assert code == 0, err
+    assert err.count("\n") == 1 and err.startswith("sdvae-fast: warning: "), err
+    assert "--preset sd3 (or --scaling-factor 1.5305 --shift-factor 0.0609)" in err
+    assert "config=" not in err and "AmbiguousFamilyWarning" not in err
+    assert "1x1  PSNR" in stdout and "SSIM n/a" in stdout and "nan" not in stdout
+
+
+def test_scaling_options_settle_the_family_and_info_shows_them(single_files, capsys):
+    code, stdout, err = _run(["info", single_files["flux_like"], "--scaling-factor", 1.5305, "--shift-factor",
+                              0.0609, "--json"], capsys)
+    assert code == 0 and err == ""
+    info = json.loads(stdout)
+    assert info["family"] == "sd3" and info["family_certain"]
+    assert (info["config"]["scaling_factor"], info["config"]["shift_factor"]) == (1.5305, 0.0609)
+
+
+def test_refused_pickle_names_the_unsafe_pickle_flag_which_then_loads_it(single_files, capsys):
+    code, _, err = _run(["info", single_files["pickle"]], capsys)
+    _assert_one_line_error(code, err, "argparse.Namespace", "pass --unsafe-pickle only if you trust this file")
+    assert "unsafe_pickle=True" not in err
+    code, stdout, _ = _run(["info", single_files["pickle"], "--unsafe-pickle"], capsys)
+    assert code == 0 and "format: pickle" in stdout
+    help_text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["encode"].format_help().split())
+    assert "--unsafe-pickle" in help_text and "only for files you trust" in help_text
+
+
+def test_info_honours_preset_and_offers_no_device_options(single_files, monkeypatch, capsys):
+    # A preset whose architecture fits the small file: --preset then sets the family and scaling, as on load.
+    monkeypatch.setitem(PRESETS, "sdxl", dict(PRESETS["sdxl"], **SMALL_32))
+    code, stdout, _ = _run(["info", single_files["sd_like"], "--preset", "sdxl", "--json"], capsys)
+    info = json.loads(stdout)
+    assert code == 0 and info["family"] == "sdxl" and info["config"]["scaling_factor"] == 0.13025
+    for option in (["--device", "cpu"], ["--dtype", "fp16"], ["--backend", "torch"], ["--seed", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["info", str(single_files["sd_like"]), *option])
+        assert exc.value.code == 2
+        assert f"unrecognized arguments: {option[0]}" in capsys.readouterr().err
+
+
+def test_preset_that_does_not_fit_a_single_file_is_a_short_error_saying_what_differs(single_files, tmp_path,
+                                                                                      capsys):
+    for command in (["reconstruct", "skimage:chelsea", "--out", tmp_path, "--vae"], ["info"]):
+        code, _, err = _run([*command, single_files["flux_like"], "--preset", "sdxl"], capsys)
+        _assert_one_line_error(code, err, "--preset sdxl does not fit", "the weights have latent_channels=16",
+                               "the preset says latent_channels=4", "Omit --preset")
+        assert len(err) < 600 and "missing key" not in err
+
+
+def test_long_loader_errors_leave_their_key_lists_out_of_the_one_line(capsys):
+    from sdvae_fast.loading import CheckpointError
+
+    listed = "\n  ".join(f"decoder.up_blocks.{i}.conv.weight" for i in range(40))
+    exc = CheckpointError(f"x.safetensors: the checkpoint does not fit AutoencoderKL(...).\n40 missing key(s):\n  "
+                          f"{listed}\nThe weights imply latent_channels=16; omit config= to infer them.")
+    line = cli._one_line(exc)
+    assert "decoder.up_blocks" not in line and "40 missing key(s)" in line and "SDVAE_FAST_DEBUG=1" in line
+
+
+def test_backend_default_is_the_models_environment_variable_and_a_bad_value_is_one_line(single_files, tmp_path,
+                                                                                          monkeypatch, capsys):
+    parser = cli.build_parser()
+    args = parser.parse_args(["decode", "z", "-o", "d", "--device", "cpu"])
+    assert args.backend is None
+    monkeypatch.setenv("SDVAE_FAST_BACKEND", "triton")
+    assert cli.resolve_backend(None) == "triton" and cli.resolve_backend("torch") == "torch"
+    args.backend = cli.resolve_backend(args.backend)
+    assert cli._needs_interpreter(args)
+    monkeypatch.setenv("SDVAE_FAST_BACKEND", "torch")
+    vae_args = Namespace(vae=str(single_files["sd_like"]), preset=None, seed=0, device="cpu", dtype=None,
+                         backend=None, scaling_factor=0.18215, shift_factor=None, unsafe_pickle=False)
+    assert cli.load_vae(vae_args).backend == "torch"
+    monkeypatch.setenv("SDVAE_FAST_BACKEND", "fastest")
+    code, _, err = _run(["decode", tmp_path / "z.safetensors", "-o", tmp_path, "--backend", "torch"], capsys)
+    _assert_one_line_error(code, err, "SDVAE_FAST_BACKEND='fastest'", "auto, triton, torch")
+    assert len(err) < 200
+
+
+def test_sixteen_bit_grayscale_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    rng = np.random.default_rng(0)
+    levels = rng.integers(1000, 65535, size=(5, 7), dtype=np.uint16)  # (H, W) 16-bit samples
+    path = tmp_path / "gray16.png"
+    Image.fromarray(levels).save(path)
+    assert Image.open(path).mode in ("I;16", "I")
+    x = load_image(path)  # (1, 3, 5, 7) in [-1, 1]
+    expected = torch.from_numpy(levels / 257.0).float() / 127.5 - 1.0
+    assert x.shape == (1, 3, 5, 7) and x.max() < 1.0
+    for channel in range(3):
+        torch.testing.assert_close(x[0, channel], expected, rtol=0, atol=1e-6)
+    big_endian = Image.fromarray(levels).convert("I").convert("I;16B")
+    torch.testing.assert_close(load_image(big_endian), x, rtol=0, atol=1e-6)
+
+
+def test_a_closed_stdout_ends_quietly(narrow_dir, monkeypatch, capsys):
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w") as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        code = cli.main(["info", str(narrow_dir), "--json"])
+        monkeypatch.undo()
+    assert code == 141 and capsys.readouterr().err == ""
+
+
+def test_debug_mode_prints_the_traceback_and_still_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDVAE_FAST_DEBUG", "1")
+    code, _, err = _run(["info", tmp_path / "missing.pt"], capsys)
+    assert code == 2 and "Traceback" in err
+    assert err.strip().endswith(f"checkpoint not found: {tmp_path / 'missing.pt'}")
+
+
+def test_decode_of_a_weights_file_fails_before_any_model_or_progress_bar(single_files, tmp_path, capsys):
+    code, _, err = _run(["decode", single_files["flux_like"], "--out", tmp_path / "dec"], capsys)
+    _assert_one_line_error(code, err, "looks like model weights", "--vae")
+    assert "%|" not in err and not (tmp_path / "dec").exists()  # no progress bar, no output folder
+
+
+def test_decode_of_latents_from_another_vae_says_which_and_warns_on_other_scaling(single_files, tmp_path, capsys):
+    meta = {"format": cli.LATENTS_FORMAT, "scaling_factor": "0.3611", "shift_factor": "0.1159",
+            "config": json.dumps({"latent_channels": 16})}
+    flux_latents = tmp_path / "flux.safetensors"
+    save_file({"a": torch.randn(1, 16, 2, 2) + 0.2}, str(flux_latents), metadata=meta)
+    code, _, err = _run(["decode", flux_latents, "--vae", single_files["sd_like"], "--out", tmp_path, "-q",
+                         "--scaling-factor", 0.18215], capsys)
+    _assert_one_line_error(code, err, "16 latent channels", "flux1", "this VAE has 4", "--preset flux1")
+    sdxl_latents = tmp_path / "sdxl.safetensors"
+    meta.update(scaling_factor="0.13025", shift_factor="0.0", config=json.dumps({"latent_channels": 4}))
+    save_file({"b": torch.randn(1, 4, 2, 2) + 0.2}, str(sdxl_latents), metadata=meta)
+    code, _, err = _run(["decode", sdxl_latents, "--vae", single_files["sd_like"], "--out", tmp_path, "-q",
+                         "--scaling-factor", 0.18215, "--backend", "torch"], capsys)
+    assert code == 0 and "sdxl family" in err and "latent space differs" in err
+    assert Image.open(tmp_path / "b.png").size == (4, 4)
+
+
+def test_every_option_has_help_with_its_default_and_test_presets_are_hidden():
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        if name == "train":
+            continue
+        for action in sub._actions:
+            if action.option_strings and action.help is not argparse.SUPPRESS:
+                assert action.help, f"{name} {action.option_strings} has no help text"
+                if action.default not in (None, False, argparse.SUPPRESS) and action.dest != "help":
+                    assert "default" in action.help, f"{name} {action.option_strings} hides its default"
+        text = sub.format_help()
+        assert "diffusers_test" not in text
+    assert "default 512 1024 2048" in " ".join(commands["bench"].format_help().split())
+    assert "images per batch" in commands["profile"].format_help()
+    assert "n/a for images smaller than 7 pixels" in " ".join(commands["reconstruct"].format_help().split())
+
+
+def test_gpu_check_script_header_restates_the_recipe_without_files_a_clone_lacks():
+    header = (REPO / "bench" / "gpu_check.sh").read_text().split("set -uo pipefail")[0]
+    assert "shared/" not in header
+    assert "pip download" in header and "carry" in header and "bash bench/gpu_check.sh" in header
