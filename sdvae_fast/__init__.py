@@ -21,17 +21,14 @@ __all__ = [
     "resolve_config",
     "patch",
     "unpatch",
+    "is_patched",
 ]
 
-_LAZY = {"patch": "sdvae_fast.patch", "unpatch": "sdvae_fast.patch"}
+_LAZY = {"patch": "sdvae_fast.patching", "unpatch": "sdvae_fast.patching", "is_patched": "sdvae_fast.patching"}
 
 
 def __getattr__(name: str):
-    """Import `patch` / `unpatch` from `sdvae_fast.patch` on first access.
-
-    Importing the submodule binds the package attribute `patch` to the module object, so the functions are bound
-    over it here (`sdvae_fast.patch` then is the function; `sys.modules["sdvae_fast.patch"]` stays the module).
-    """
+    """Import `patch` / `unpatch` (and `is_patched`) from `sdvae_fast.patching` on first access."""
     if name in _LAZY:
         import importlib
 

@@ -426,16 +426,19 @@ def fused_qkv_weights(module: torch.nn.Module, dtype: torch.dtype, device) -> tu
     `to_q`, `to_k`, `to_v` are Linear layers (inner, C); their weights stack row-wise into (3*inner, C) so one
     GEMM computes [q | k | v] per pixel (missing biases count as zeros). The result is cached in a weak
     per-module table keyed by `_tensor_key` of the six tensors and the requested dtype/device: a changed weight
-    is re-concatenated on the next call, an unchanged one never is (the same tensor objects come back).
+    is re-concatenated on the next call, an unchanged one never is (the same tensor objects come back). Under
+    `torch.compile` the concatenation is traced into the graph instead (a few small copies per call).
 
     Returns:
         (weight (3*inner, C, 1, 1), bias (3*inner,)), in `dtype` on `device`, contiguous.
     """
     linears = (module.to_q, module.to_k, module.to_v)
-    key = tuple(_tensor_key(t) for lin in linears for t in (lin.weight, lin.bias)) + (dtype, torch.device(device))
-    cached = _FUSED_QKV_CACHE.get(module)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
+    compiling = torch.compiler.is_compiling()  # dynamo cannot trace data-pointer keys: build in the graph
+    if not compiling:
+        key = tuple(_tensor_key(t) for lin in linears for t in (lin.weight, lin.bias)) + (dtype, torch.device(device))
+        cached = _FUSED_QKV_CACHE.get(module)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
     with torch.no_grad():
         weight = torch.cat([lin.weight for lin in linears], dim=0)  # (3*inner, C)
         bias = torch.cat([
@@ -443,7 +446,8 @@ def fused_qkv_weights(module: torch.nn.Module, dtype: torch.dtype, device) -> tu
         ])  # (3*inner,)
         weight = weight.to(device=device, dtype=dtype)[:, :, None, None].contiguous()  # (3*inner, C, 1, 1)
         bias = bias.to(device=device, dtype=dtype).contiguous()
-    _FUSED_QKV_CACHE[module] = (key, weight, bias)
+    if not compiling:
+        _FUSED_QKV_CACHE[module] = (key, weight, bias)
     return weight, bias
 
 

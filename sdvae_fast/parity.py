@@ -100,19 +100,19 @@ def record_units(model: torch.nn.Module, captures: list):
             handle.remove()
 
 
-def _fast_unit(model: torch.nn.Module, name: str):
-    """The fast path's own unit function for unit `name` (the ones `sdvae_fast.fast` chains in a forward)."""
+def _fast_unit_output(model: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Unit `name` of `model` run alone on the fast path (`sdvae_fast.fast.run_unit` / `run_head`)."""
     from sdvae_fast import fast
 
     if name.endswith(HEAD_SUFFIX):
         prefix = name[: -len(HEAD_SUFFIX)]
-        return fast._out_unit(model.get_submodule(prefix + "conv_norm_out"),
-                              model.get_submodule(prefix + "conv_act"), model.get_submodule(prefix + "conv_out"))
+        return fast.run_head(model.get_submodule(prefix + "conv_norm_out"),
+                             model.get_submodule(prefix + "conv_act"), model.get_submodule(prefix + "conv_out"), x)
     parts = name.split(".")
     kind = parts[-2] if parts[-1].isdigit() else parts[-1]  # resnets, attentions, ..., conv_in, quant_conv
-    factories = {"resnets": fast._resnet_unit, "attentions": fast._attention_unit,
-                 "downsamplers": fast._downsample_unit, "upsamplers": fast._upsample_unit}
-    return factories.get(kind, fast._conv_unit)(model.get_submodule(name))
+    if kind not in ("resnets", "attentions", "downsamplers", "upsamplers"):
+        kind = "conv"
+    return fast.run_unit(kind, model.get_submodule(name), x)
 
 
 def run_unit(model: torch.nn.Module, name: str, args: tuple, kwargs: dict, fast_path: bool) -> torch.Tensor:
@@ -122,9 +122,7 @@ def run_unit(model: torch.nn.Module, name: str, args: tuple, kwargs: dict, fast_
     module's own forward with `args`/`kwargs` (the head: conv_norm_out, SiLU, conv_out).
     """
     if fast_path:
-        from sdvae_fast import fast
-
-        return _fast_unit(model, name)([args[0]], fast._IDENTITY)
+        return _fast_unit_output(model, name, args[0])
     if name.endswith(HEAD_SUFFIX):
         prefix = name[: -len(HEAD_SUFFIX)]
         h = model.get_submodule(prefix + "conv_norm_out")(*args)

@@ -478,7 +478,7 @@ def test_backend_names_are_validated_from_argument_and_environment(monkeypatch):
 def test_package_import_stays_light():
     import subprocess
 
-    code = ("import sys, sdvae_fast; heavy = [m for m in ('diffusers', 'triton', 'sdvae_fast.patch', "
+    code = ("import sys, sdvae_fast; heavy = [m for m in ('diffusers', 'triton', 'sdvae_fast.patching', "
             "'sdvae_fast.fast') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
