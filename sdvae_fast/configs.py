@@ -69,6 +69,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                   use_quant_conv=False, use_post_quant_conv=False),
     "flux1": _kl_f8(sample_size=1024, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
                     use_quant_conv=False, use_post_quant_conv=False),
+    # The architecture of the embedded default `sdvae-fast/tiny` (trained by `sdvae-fast train`, shipped in
+    # sdvae_fast/data/tiny): SD's kl-f8 structure with 1/8 of the widths and one resnet per encoder block (two per
+    # decoder block); 0.98 M parameters.
+    "tiny": _kl_f8(sample_size=256, block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
+                   force_upcast=False),
     # diffusers' tests/models/autoencoders `get_autoencoder_kl_config()`: two levels, widths [2, 4], 2 groups.
     "diffusers_test": dict(DEFAULTS, block_out_channels=(2, 4), norm_num_groups=2,
                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
