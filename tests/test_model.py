@@ -13,6 +13,8 @@ import types
 import pytest
 import torch
 
+import sdvae_fast
+
 diffusers = pytest.importorskip("diffusers")
 
 from sdvae_fast import PRESETS, AutoencoderKL, DecoderOutput, DiagonalGaussianDistribution, resolve_config  # noqa: E402
@@ -448,7 +450,9 @@ def _fake_fast_module(calls):
 
 def test_backend_hook_calls_fast_path_only_when_asked(monkeypatch):
     calls = []
-    monkeypatch.setitem(sys.modules, "sdvae_fast.fast", _fake_fast_module(calls))
+    fake = _fake_fast_module(calls)
+    monkeypatch.setitem(sys.modules, "sdvae_fast.fast", fake)
+    monkeypatch.setattr(sdvae_fast, "fast", fake, raising=False)  # bound once the real module was imported
     model = AutoencoderKL(config="sd15", **NARROW)
     z, x = _latents(2, 4, 3, 5), _images(1, 3, 16, 24)
     with torch.no_grad():
