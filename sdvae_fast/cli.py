@@ -36,7 +36,7 @@ BACKENDS = ("auto", "triton", "torch")
 # The model reads this variable for its default backend (sdvae_fast.model.BACKEND_ENV); `--backend` wins over it.
 BACKEND_ENV = "SDVAE_FAST_BACKEND"
 # The presets `--preset` offers: the public SD VAE families (sdvae_fast.configs.PRESETS also holds test presets).
-PUBLIC_PRESETS = ("sd15", "sdxl", "sd3", "flux1")
+PUBLIC_PRESETS = ("sd15", "sdxl", "sd3", "flux1", "tiny")
 # The config fields that decide parameter shapes, compared when `--preset` does not fit a file's weights.
 ARCHITECTURE_FIELDS = ("latent_channels", "block_out_channels", "layers_per_block", "in_channels", "out_channels",
                        "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
@@ -199,12 +199,14 @@ def preset_mismatch(path, preset: str, unsafe_pickle: bool = False) -> Optional[
 
 def _build_vae(args):
     """The model `--vae`/`--preset`/scaling options name, on CPU in float32 (see `load_vae`)."""
-    from sdvae_fast.loading import CheckpointError
+    from sdvae_fast.loading import TINY_FOLDER, TINY_NAMES, CheckpointError
     from sdvae_fast.model import AutoencoderKL
 
     overrides = _overrides(args)
     if args.vae:
         path = Path(args.vae)
+        if not path.exists() and args.vae in TINY_NAMES:
+            path = TINY_FOLDER  # the shipped VAE by name, as from_pretrained("sdvae-fast/tiny") takes it
         if not path.exists():
             raise CLIError(f"--vae {path}: no such file or folder")
         if path.is_dir():
@@ -534,9 +536,11 @@ def cmd_info(args) -> int:
     `--preset` (single files only; its architecture must fit the weights), `--scaling-factor` and `--shift-factor`
     change the family and config shown, as they change what `reconstruct` loads.
     """
-    from sdvae_fast.loading import inspect_checkpoint
+    from sdvae_fast.loading import TINY_FOLDER, TINY_NAMES, inspect_checkpoint
 
     path = Path(args.checkpoint)
+    if not path.exists() and args.checkpoint in TINY_NAMES:
+        path = TINY_FOLDER
     if not path.exists():
         raise CLIError(f"checkpoint not found: {path}")
     if args.preset:
@@ -631,7 +635,7 @@ def _run_train(argv: list[str]) -> int:
     """`sdvae-fast train ...`: arguments and behaviour belong to `sdvae_fast.train` (imported only here)."""
     from sdvae_fast.train import add_train_arguments, run_from_args
 
-    parser = argparse.ArgumentParser(prog=f"{PROG} train", description="Fine-tune or train a VAE (issue 7).")
+    parser = argparse.ArgumentParser(prog=f"{PROG} train", description="Fine-tune or train a VAE.")
     add_train_arguments(parser)
     result = run_from_args(parser.parse_args(argv))
     return int(result or 0)
@@ -743,7 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
             "error, relative L2 error ||a-b||/||b||, the worst index and PyTorch's own error in the same dtype. "
             "Then the whole encode and decode, with the decoded image's PSNR against the reference image.\n\n"
             "A check passes when rel_l2 <= TOL_FACTOR * torch_rel_l2 + TOL_FLOOR, and the image PSNR is at least "
-            "PyTorch's PSNR minus PSNR_MARGIN dB (or 50 dB). Exit code 1 when any check fails.")
+            "PyTorch's PSNR minus PSNR_MARGIN dB (or 50 dB). Exit code 1 when any check fails. parity runs in "
+            "bf16 unless --dtype says otherwise, on CPU too; there it takes a few minutes per image.")
     p.add_argument("--res", type=int, help="image side in pixels (default 512 on CUDA, 64 on CPU)")
     p.add_argument("--batch", type=int, default=1, help="images per batch (default 1)")
     p.add_argument("--image", nargs="+", metavar="IMAGE",

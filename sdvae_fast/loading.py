@@ -95,7 +95,7 @@ PathLike = Union[str, os.PathLike]
 CONFIG_NAME = "config.json"
 SAFETENSORS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
-# The bundled tiny VAE with seeded weights: `load_pretrained(cls, "sdvae-fast/tiny")` (or "tiny").
+# The bundled tiny VAE trained by `sdvae-fast train`: `load_pretrained(cls, "sdvae-fast/tiny")` (or "tiny").
 TINY_NAMES = ("sdvae-fast/tiny", "tiny")
 TINY_FOLDER = Path(__file__).resolve().parent / "data" / "tiny"
 

@@ -549,7 +549,7 @@ def train(
         log("LPIPS perceptual loss: off (the `lpips` package or its VGG16 weights are not available locally)")
     log(
         f"training {sum(p.numel() for p in trainable) / 1e6:.2f} M of "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {len(dataset)} images, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {len(dataset)} image(s), "
         f"{len(val_images)} held out; discriminator from step {disc_start}"
     )
 

@@ -571,3 +571,12 @@ def test_gpu_check_script_header_restates_the_recipe_without_files_a_clone_lacks
     header = (REPO / "bench" / "gpu_check.sh").read_text().split("set -uo pipefail")[0]
     assert "shared/" not in header
     assert "pip download" in header and "carry" in header and "bash bench/gpu_check.sh" in header
+
+
+def test_the_shipped_vae_is_accepted_by_name_in_info_and_vae(tmp_path, capsys):
+    code, stdout, _ = _run(["info", "sdvae-fast/tiny"], capsys)
+    assert code == 0 and "diffusers" in stdout
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((16, 24, 3), 90, np.uint8)).save(small)
+    code, stdout, _ = _run(["reconstruct", small, "--vae", "sdvae-fast/tiny", "--out", tmp_path / "o", "-q"], capsys)
+    assert code == 0 and (tmp_path / "o" / "small.png").exists()
