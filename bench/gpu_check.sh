@@ -36,11 +36,13 @@ STEM=$("$PY" -m sdvae_fast.bench stem) || STEM="$(date -u +%Y-%m-%d)-unknown"
 REPORT="$RESULTS/$STEM.md"
 START=$(date +%s)
 
-# Copy this run's results to $OUT (when set).
+# Copy this run's results to $OUT (when set): the report itself plus one tarball of everything, since a borrowed
+# machine returns at most 8 files.
 publish() {
     if [ -n "${OUT:-}" ]; then
         mkdir -p "$OUT"
-        cp -r "$RESULTS/$STEM"* "$OUT/" 2>/dev/null || true
+        cp "$REPORT" "$OUT/" 2>/dev/null || true
+        (cd "$RESULTS" && tar czf "$OUT/$STEM-results.tar.gz" "$STEM"*) 2>/dev/null || true
     fi
 }
 
