@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from argparse import Namespace
 from pathlib import Path
 
@@ -374,7 +375,8 @@ def test_gpu_check_script_is_executable_bash_that_parses():
 
 
 def test_gpu_check_env_section_writes_the_report_to_results_and_out(tmp_path):
-    """The env section runs on CPU; a section left without budget is recorded as skipped; both copies exist."""
+    """The env section runs on CPU; a section left without budget is recorded as skipped; $OUT gets the report and
+    one tarball of every result file (a borrowed machine returns at most 8 files)."""
     results, out = tmp_path / "results", tmp_path / "out"
     env = dict(os.environ, SECTIONS="env parity", RESULTS_DIR=str(results), OUT=str(out), BUDGET_S="0",
                PYTHON=sys.executable)
@@ -387,7 +389,9 @@ def test_gpu_check_env_section_writes_the_report_to_results_and_out(tmp_path):
     assert f"- torch: {torch.__version__}" in text and "- sdvae_fast_commit:" in text
     assert "## parity" in text and "skipped" in text
     assert (out / reports[0].name).read_text() == text
-    assert json.loads((out / reports[0].name.replace(".md", "-env.json")).read_text())["torch"] == torch.__version__
+    with tarfile.open(out / reports[0].name.replace(".md", "-results.tar.gz")) as tar:  # one file for all results
+        env_json = tar.extractfile(reports[0].name.replace(".md", "-env.json")).read()
+    assert json.loads(env_json)["torch"] == torch.__version__
 
 
 def test_entry_point_reports_missing_cuda_without_a_traceback(tmp_path):
