@@ -16,6 +16,37 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _fix_interpreter_index() -> None:
+    """Make Triton < 3.7's interpreter work with numpy >= 2.4 (triton-lang/triton#9171).
+
+    Its `tensor.__index__` (what `range()` over a run-time loop bound calls) is `int(data)` on a 1-element
+    array, which numpy 2.4 rejects ("only 0-dimensional arrays can be converted to Python scalars"); later
+    Triton releases use `int(data.squeeze())`. Re-register that after Triton's own patching; a no-op where
+    Triton already has the fix.
+    """
+    import inspect
+
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    try:
+        buggy = original is not None and "int(self.handle.data))" in inspect.getsource(original)
+    except (OSError, TypeError):
+        buggy = False
+    if not buggy:
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+if INTERPRET:
+    _fix_interpreter_index()
+
+
 def kernels_available(device) -> bool:
     """Whether the Triton kernels can run on `device` (a `torch.device` or string).
 

@@ -26,6 +26,15 @@ phase is a 2x2 conv with padding top = 1 - a, left = 1 - b, so K = 4*C_in instea
 and the 4x larger upsampled tensor is never stored. (Sub-pixel decomposition; the fold is checked in fp64 to
 1e-14 in tests/test_upsample_conv.py.)
 
+Emitted GroupNorm statistics (`EMIT_STATS`, `stats_groups` in the launchers): the epilogue also reduces the
+stored tile (values rounded to the output dtype, exactly what a later statistics pass would read) to a (count,
+mean, M2) triple per run of STATS_GS channels (a power of two dividing C/G, so a run never straddles a group or a
+channel tile): per column the tile mean and the M2 centred on it, then the k-way Chan merge of the run's columns.
+`group_norm.merge_partial_stats` merges the triples of each (image, group) in a fixed order: deterministic, no
+atomics, batch invariant (tiles never span two images). Without a shared shift the fp32 partial means round at
+|mean| scale, so rstd is accurate to about 1e-7 * |mean| / std relative (the separate statistics pass, which
+subtracts a shift first, stays exact for any mean).
+
 Supported: x fp16, bf16 or fp32 (CUDA, or CPU under TRITON_INTERPRET=1); square 1x1 or 3x3 weights, stride 1 or
 2, any non-negative asymmetric padding (left, right, top, bottom); upsample mode with 3x3 weights. The weight is
 cast to x's dtype when packed. `sdvae_fast.ops` falls back to the PyTorch reference for everything else (fp64,
@@ -39,8 +48,13 @@ dots are exact either way, bf16/fp16 dot operands are upcast to fp32 (`DOT_FP32`
 wrong there, and bf16 outputs are rounded to nearest even explicitly before the store (`ROUND_TO_BF16`), since
 the interpreter's fp32 -> bf16 conversion truncates where the GPU rounds.
 
-Large tensors: every activation, residual and output offset is computed in int64 (program ids, index vectors
-and sizes are cast before any multiplication), so tensors of 2^31 elements and more (a 4096^2 decode) work.
+Large tensors (a 4096^2 decode has activations of 2^31 and 2^32 elements): each program addresses every
+activation, residual and output through an int64 scalar pointer to its tile's first pixel, and offsets within
+the tile in int32, which is exact while one tile's span of a tensor stays below 2^31 elements (always for
+channels_last activations). When it may not (huge channel strides), the launcher sets `WIDE_OFFSETS` and the
+tile offsets are int64 too. Measured on the sm_90 compile (triton 3.9, `cuobjdump -res-usage`, bf16 3x3 GSC
+with residual, 128x128x64 tiles, 8 warps): int64 tile offsets used 255 registers and spilled 1.9 KiB per thread
+(1.4-7.8 KiB across CONV_CONFIGS); int32 ones fit the registers.
 """
 from __future__ import annotations
 
@@ -51,6 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sdvae_fast.kernels import group_norm
 from sdvae_fast.kernels._common import (
     INTERPRET,
     SUPPORTED_DTYPES,
@@ -76,16 +91,23 @@ def _config(block_m, block_n, block_k, num_warps, num_stages):
                          num_warps=num_warps, num_stages=num_stages)
 
 
+# Each fits the sm_90 register file: for the heaviest variant (3x3 GSC + residual + emitted statistics, bf16) the
+# first spills 160 bytes per thread with triton 3.9 (224 with 3.6), the 128x128x32 one 128 (136), the rest at most
+# 32, most none (tests/test_conv.py checks <= 256). Larger tiles (128x256, 256x128, 128x128 on 4 warps) spilled
+# 1-3 KiB per thread and were dropped.
 CONV_CONFIGS = [
     _config(128, 128, 64, 8, 3),
-    _config(128, 256, 64, 8, 3),
-    _config(256, 128, 64, 8, 3),
-    _config(128, 128, 64, 4, 4),
-    _config(128, 64, 64, 4, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(128, 32, 64, 4, 3),  # narrow outputs: conv_out to 3 channels, quant convs
-    _config(128, 16, 64, 4, 3),
+    _config(64, 128, 64, 8, 3),
+    _config(64, 128, 64, 8, 4),
+    _config(128, 128, 32, 8, 4),
+    _config(64, 256, 64, 8, 3),
+    _config(64, 64, 64, 4, 3),
+    _config(128, 16, 64, 8, 3),  # narrow outputs: conv_out to 3 channels, quant convs
+    _config(64, 32, 64, 4, 3),
 ]
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONV_CONFIGS)
+_MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in CONV_CONFIGS)
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in CONV_CONFIGS)
 
 
 def _smem_bytes(config: triton.Config, elem_bytes: int) -> int:
@@ -101,15 +123,26 @@ def _prune(configs, named_args, **kwargs):
     return prune_configs(configs, lambda c: _smem_bytes(c, x.element_size()), x.device)
 
 
+@triton.jit
+def _index(x, WIDE_OFFSETS: tl.constexpr):
+    """Index vectors enter offset arithmetic as int64 when WIDE_OFFSETS, else as they are (int32)."""
+    if WIDE_OFFSETS:
+        return x.to(tl.int64)
+    else:
+        return x
+
+
 @triton.autotune(
-    configs=CONV_CONFIGS,
+    # The interpreter gets the default config alone: Triton < 3.8 benchmarks even when pruning leaves one
+    # config, which needs a GPU driver ("0 active drivers" on CPU).
+    configs=CONV_CONFIGS[:1] if INTERPRET else CONV_CONFIGS,
     # Per-sample sizes and the mode only (never the batch), so an image runs the same tiles alone or in a batch.
     key=["C_in", "H", "W", "C_out", "H_out", "W_out", "stride", "KH", "APPLY_GN", "UPSAMPLE_2X"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _conv_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, stats_ptr, tiles_ptr,
     C_in, H, W, C_out, H_out, W_out, M,
     sxn, sxc, sxh, sxw,
     srn, src, srh, srw,
@@ -118,7 +151,7 @@ def _conv_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     APPLY_GN: tl.constexpr, APPLY_SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     UPSAMPLE_2X: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ROUND_TO_BF16: tl.constexpr,
+    ROUND_TO_BF16: tl.constexpr, EMIT_STATS: tl.constexpr, STATS_GS: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid (tiles_m * tiles_n [* 4 phases], N). H_out, W_out: the GEMM's output grid per image and phase;
@@ -127,8 +160,17 @@ def _conv_kernel(
     w_ptr: packed weight, (KH*KW*C_in, C_out) row-major, K ordered (kh, kw, ci); in upsample mode four such
     matrices, one per phase. scale/shift: (N, C_in) fp32 contiguous. Program order puts the output-channel
     tiles (and the phases) of one pixel tile next to each other, so its input rows are re-read from L2.
+
+    Addressing: each tensor's tile base (image, first pixel of the tile) is an int64 scalar pointer; offsets
+    inside the tile are int32 (`WIDE_OFFSETS` False), or int64 when the launcher found that a tile's span of some
+    tensor can pass 2^31 elements (`_needs_wide_offsets`: huge channel strides, never for our channels_last
+    activations). Wide tile offsets cost about 2 KiB of register spills per thread on sm_90.
+
+    EMIT_STATS: also write GroupNorm partials of the stored output, one (count, mean, M2) triple per (image,
+    run of STATS_GS channels, row tile), to stats_ptr as (N, C_out/STATS_GS, T, 3) fp32 with T the number of row
+    tiles (tiles_m, times 4 phases in upsample mode), and T itself to tiles_ptr (int32, one element).
     """
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     tiles_n = tl.cdiv(C_out, BLOCK_N)
     pid_n = pid % tiles_n
@@ -147,15 +189,30 @@ def _conv_kernel(
         left = pad_left
         w_base = w_ptr
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,) output pixel oh*W_out + ow
+    # Output pixels of this tile (per image and phase, < 2^31) and their position relative to its first pixel.
+    m0 = pid_m * BLOCK_M
+    oh0 = m0 // W_out
+    ow0 = m0 % W_out
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,) output pixel oh*W_out + ow
     m_mask = offs_m < M
     oh = offs_m // W_out
     ow = offs_m % W_out
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,) output channel
+    d_oh = _index(oh - oh0, WIDE_OFFSETS)  # (BLOCK_M,) rows after the tile's first row (can reach BLOCK_M)
+    d_ow = _index(ow - ow0, WIDE_OFFSETS)  # (BLOCK_M,) columns from the tile's first column (can be < 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output channel
     n_mask = offs_n < C_out
     lane_k = tl.arange(0, BLOCK_K)
 
-    x_img = x_ptr + n * sxn
+    # Input tile base: image n, row ih0, column iw0 (may sit in the padding). Tap (kh, kw) of output pixel
+    # (oh, ow) reads input pixel (ih0 + r_h + kh, iw0 + r_w + kw); the padding mask compares with scalar bounds.
+    ih0 = oh0 * stride - top
+    iw0 = ow0 * stride - left
+    x_tile = x_ptr + n * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+    r_h = d_oh * stride  # (BLOCK_M,)
+    r_w = d_ow * stride
+    r_off = r_h * sxh + r_w * sxw  # (BLOCK_M,) offset of tap (0, 0) from x_tile
+    scale_img = scale_ptr + n * C_in
+    shift_img = shift_ptr + n * C_in
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # One flat K loop over (tap, channel block), so the GPU pipelines across taps as well.
     c_blocks = tl.cdiv(C_in, BLOCK_K)
@@ -164,24 +221,22 @@ def _conv_kernel(
         c0 = (t % c_blocks) * BLOCK_K
         kh = tap // KW
         kw = tap % KW
-        # Input coordinates of this tap; the bounds mask is built before any division (// truncates toward 0).
-        ih = oh * stride - top + kh
-        iw = ow * stride - left + kw
-        pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        pix_ok = (m_mask & (r_h + kh >= -ih0) & (r_h + kh < H - ih0)
+                  & (r_w + kw >= -iw0) & (r_w + kw < W - iw0))
         ci = c0 + lane_k  # (BLOCK_K,) input channel
         k_mask = ci < C_in
         a_mask = pix_ok[:, None] & k_mask[None, :]
-        a_offs = (ih * sxh + iw * sxw)[:, None] + (ci.to(tl.int64) * sxc)[None, :]  # (BLOCK_M, BLOCK_K)
-        a = tl.load(x_img + a_offs, mask=a_mask, other=0.0)
+        a_offs = (r_off + (kh * sxh + kw * sxw))[:, None] + (_index(ci, WIDE_OFFSETS) * sxc)[None, :]
+        a = tl.load(x_tile + a_offs, mask=a_mask, other=0.0)  # (BLOCK_M, BLOCK_K)
         if APPLY_GN:
-            sc = tl.load(scale_ptr + n * C_in + ci, mask=k_mask, other=0.0)
-            sh = tl.load(shift_ptr + n * C_in + ci, mask=k_mask, other=0.0)
+            sc = tl.load(scale_img + ci, mask=k_mask, other=0.0)
+            sh = tl.load(shift_img + ci, mask=k_mask, other=0.0)
             a = a.to(tl.float32) * sc[None, :] + sh[None, :]
             if APPLY_SILU:
                 a = a * tl.sigmoid(a)
             # Padded taps are zeros of the normalised tensor: mask after the prologue.
             a = tl.where(a_mask, a, 0.0)
-        k_rows = tap * C_in + ci  # (BLOCK_K,) row of the packed weight
+        k_rows = tap * C_in + ci  # (BLOCK_K,) row of the packed weight (the weight has < 2^31 elements)
         b = tl.load(w_base + k_rows[:, None] * C_out + offs_n[None, :],
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_FP32:
@@ -195,23 +250,57 @@ def _conv_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if UPSAMPLE_2X:
-        out_h = oh * 2 + phase_a
-        out_w = ow * 2 + phase_b
+        # Output pixel (2*oh + a, 2*ow + b): the tile starts at (2*oh0 + a, 2*ow0 + b) and steps by 2.
+        out_h0 = oh0 * 2 + phase_a
+        out_w0 = ow0 * 2 + phase_b
+        d_out_h = d_oh * 2
+        d_out_w = d_ow * 2
     else:
-        out_h = oh
-        out_w = ow
+        out_h0 = oh0
+        out_w0 = ow0
+        d_out_h = d_oh
+        d_out_w = d_ow
     mask = m_mask[:, None] & n_mask[None, :]
+    c_out_idx = _index(offs_n, WIDE_OFFSETS)
     if HAS_RESIDUAL:
-        r_offs = n * srn + (out_h * srh + out_w * srw)[:, None] + (offs_n * src)[None, :]
-        acc += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+        r_tile = res_ptr + n * srn + out_h0.to(tl.int64) * srh + out_w0.to(tl.int64) * srw
+        r_offs = (d_out_h * srh + d_out_w * srw)[:, None] + (c_out_idx * src)[None, :]  # (BLOCK_M, BLOCK_N)
+        acc += tl.load(r_tile + r_offs, mask=mask, other=0.0).to(tl.float32)
     if ROUND_TO_BF16:
         # The interpreter truncates fp32 -> bf16 on store (the GPU rounds to nearest even): round the fp32
         # bits to the nearest even bf16 value first, so the store's truncation is exact.
         bits = acc.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         acc = bits.to(tl.float32, bitcast=True)
-    o_offs = n * son + (out_h * soh + out_w * sow)[:, None] + (offs_n * soc)[None, :]
-    tl.store(out_ptr + o_offs, acc, mask=mask)
+    o_tile = out_ptr + n * son + out_h0.to(tl.int64) * soh + out_w0.to(tl.int64) * sow
+    o_offs = (d_out_h * soh + d_out_w * sow)[:, None] + (c_out_idx * soc)[None, :]  # (BLOCK_M, BLOCK_N)
+    tl.store(o_tile + o_offs, acc, mask=mask)
+
+    if EMIT_STATS:
+        # GroupNorm partials of the tile as stored (rounded to the output dtype), so the next unit's statistics
+        # need no pass over the tensor. Per column: mean and centred M2 over the tile's valid rows; then the
+        # STATS_GS columns of each run merge with the k-way Chan formula (equal counts):
+        # mean = avg(mean_c), M2 = sum(M2_c + rows * (mean_c - mean)^2).
+        # Only the row mask: columns past C_out hold zeros and their runs are not stored.
+        v = tl.where(m_mask[:, None], acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        rows = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
+        col_mean = tl.sum(v, axis=0) / rows  # (BLOCK_N,)
+        d = tl.where(m_mask[:, None], v - col_mean[None, :], 0.0)
+        col_m2 = tl.sum(d * d, axis=0)  # (BLOCK_N,)
+        col_mean = tl.reshape(col_mean, (BLOCK_N // STATS_GS, STATS_GS))  # (runs, STATS_GS)
+        run_mean = tl.sum(col_mean, axis=1) / STATS_GS  # (runs,)
+        dm = col_mean - run_mean[:, None]
+        run_m2 = tl.sum(tl.reshape(col_m2, (BLOCK_N // STATS_GS, STATS_GS)) + rows * dm * dm, axis=1)
+        runs = C_out // STATS_GS
+        num_tiles = tl.num_programs(0) // tiles_n  # T: tiles_m (x 4 phases)
+        run = pid_n * (BLOCK_N // STATS_GS) + tl.arange(0, BLOCK_N // STATS_GS).to(tl.int64)  # (runs,)
+        s_offs = ((n * runs + run) * num_tiles + rest) * 3
+        run_mask = run < runs
+        tl.store(stats_ptr + s_offs, tl.zeros_like(run_mean) + rows * STATS_GS, mask=run_mask)
+        tl.store(stats_ptr + s_offs + 1, run_mean, mask=run_mask)
+        tl.store(stats_ptr + s_offs + 2, run_m2, mask=run_mask)
+        # T for the merge kernel, from program (0, 0): a predicated store (a branch here made ptxas spill).
+        tl.store(tiles_ptr, num_tiles.to(tl.int32), mask=pid + n == 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,6 +409,12 @@ def _check_tensor(name: str, t, shape: tuple, device) -> None:
         raise ValueError(f"{name} must be on {device} like x, got {t.device}")
 
 
+def _check_stats_groups(c_out: int, stats_groups: int) -> None:
+    """Raise naming both numbers unless stats_groups is 0 (no statistics) or divides C_out."""
+    if not isinstance(stats_groups, int) or stats_groups < 0 or (stats_groups and c_out % stats_groups):
+        raise ValueError(f"C_out ({c_out}) must be divisible by stats_groups ({stats_groups}), or stats_groups 0")
+
+
 def _prepare_input(x: torch.Tensor) -> torch.Tensor:
     """On CUDA, gather NCHW or other channel-strided inputs into channels_last once (coalesced A loads)."""
     if x.is_cuda and x.stride(1) != 1:
@@ -327,12 +422,52 @@ def _prepare_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def stats_run_size(channels_per_group: int) -> int:
+    """STATS_GS: channels per partial-statistics run, the largest power of two dividing `channels_per_group` up to
+    the narrowest BLOCK_N of CONV_CONFIGS, so runs never straddle a group or an output-channel tile."""
+    run = 1
+    while channels_per_group % (2 * run) == 0 and 2 * run <= _MIN_BLOCK_N:
+        run *= 2
+    return run
+
+
+def _needs_wide_offsets(x, residual, out, w_out: int, stride: int, kh: int, upsample: bool) -> bool:
+    """Whether some tile's offsets relative to its int64 base may pass int32 (then the kernel uses int64 ones).
+
+    A tile of at most `_MAX_BLOCK_M` output pixels spans `_MAX_BLOCK_M // W_out + 2` output rows (per phase),
+    hence about `stride` times that plus the taps in input rows (doubled in output rows in upsample mode), any
+    column of its tensor and any channel. Channels_last activations stay far below 2^31 (a 4096^2 image with
+    256 channels: about 2^29); huge channel strides (NCHW at 4096^2) do not.
+    """
+    rows = _MAX_BLOCK_M // w_out + 2
+
+    def span(t, t_rows):
+        _, c, h, w = t.shape
+        _, sc, sh, sw = (abs(s) for s in t.stride())
+        return min(h + 2, t_rows) * sh + (w + 2) * sw + c * sc
+
+    spans = [span(x, rows * stride + kh)]
+    spans += [span(t, rows * (2 if upsample else 1)) for t in (residual, out) if t is not None]
+    return max(spans) >= 2**31
+
+
 def _launch(x, packed, bias, scale, shift, residual, silu, stride, pad_left, pad_top, kh, kw,
-            h_out, w_out, out, upsample):
-    """Launch `_conv_kernel` on validated arguments; unused pointers get a placeholder tensor (never read)."""
+            h_out, w_out, out, upsample, stats_groups=0, stats_eps=1e-6):
+    """Launch `_conv_kernel` on validated arguments; unused pointers get a placeholder tensor (never read).
+
+    Returns out, or (out, mean, rstd) of out's GroupNorm statistics when `stats_groups` > 0.
+    """
     n, c_in, h, w = x.shape
     c_out = packed.shape[-1]
     res = residual if residual is not None else out  # placeholder pointer, never read
+    gs = 1
+    partials = tiles = packed  # placeholders, never touched unless EMIT_STATS
+    if stats_groups:
+        gs = stats_run_size(c_out // stats_groups)
+        # Sized for the most row tiles any config makes; the kernel writes T of them and T itself to `tiles`.
+        max_tiles = triton.cdiv(h_out * w_out, _MIN_BLOCK_M) * (4 if upsample else 1)
+        partials = torch.empty(n * (c_out // gs) * max_tiles * 3, device=x.device, dtype=torch.float32)
+        tiles = torch.empty(1, device=x.device, dtype=torch.int32)
 
     def grid(meta):
         tiles = triton.cdiv(h_out * w_out, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"])
@@ -343,7 +478,7 @@ def _launch(x, packed, bias, scale, shift, residual, silu, stride, pad_left, pad
         bias if bias is not None else packed,
         scale if scale is not None else packed,
         shift if shift is not None else packed,
-        res, out,
+        res, out, partials, tiles,
         c_in, h, w, c_out, h_out, w_out, h_out * w_out,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         res.stride(0), res.stride(1), res.stride(2), res.stride(3),
@@ -353,9 +488,14 @@ def _launch(x, packed, bias, scale, shift, residual, silu, stride, pad_left, pad
         APPLY_GN=scale is not None, APPLY_SILU=bool(silu) and scale is not None,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         UPSAMPLE_2X=upsample, DOT_FP32=INTERPRET, INPUT_PRECISION=_input_precision(x.dtype),
-        ROUND_TO_BF16=INTERPRET and out.dtype == torch.bfloat16,
+        ROUND_TO_BF16=INTERPRET and out.dtype == torch.bfloat16, EMIT_STATS=bool(stats_groups), STATS_GS=gs,
+        WIDE_OFFSETS=_needs_wide_offsets(x, residual, out, w_out, stride, kh, upsample),
     )
-    return out
+    if not stats_groups:
+        return out
+    mean, rstd = group_norm.merge_partial_stats(partials, tiles, n, stats_groups, c_out // stats_groups // gs,
+                                                stats_eps)
+    return out, mean, rstd
 
 
 def conv_supported(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
@@ -376,7 +516,9 @@ def gn_silu_conv2d(
     stride: int = 1,
     padding: Sequence[int] = (1, 1, 1, 1),
     out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    stats_groups: int = 0,
+    stats_eps: float = 1e-6,
+):
     """Launch `conv2d(pad(silu(x * scale + shift)), weight, bias, stride) + residual` as one implicit GEMM.
 
     Args:
@@ -391,11 +533,14 @@ def gn_silu_conv2d(
         padding: (left, right, top, bottom) zeros around the normalised tensor.
         out: optional preallocated (N, C_out, H_out, W_out) output of x's dtype (any strides); tests pass a
             NaN-filled one to prove every element is written.
+        stats_groups, stats_eps: when stats_groups > 0, the epilogue also emits the GroupNorm statistics of the
+            output (as stored) over stats_groups groups, for the unit that normalises it next.
     Returns:
-        (N, C_out, H_out, W_out) in x's dtype, channels_last unless `out` was given.
+        (N, C_out, H_out, W_out) in x's dtype, channels_last unless `out` was given; with stats_groups > 0 the
+        tuple (out, mean, rstd), mean and rstd (N, stats_groups) float32.
     Raises:
-        TypeError / ValueError naming the argument for unsupported dtypes, kernel sizes, strides, shapes or
-        devices; RuntimeError when the kernels cannot run on x's device.
+        TypeError / ValueError naming the argument for unsupported dtypes, kernel sizes, strides, shapes,
+        devices or a C_out not divisible by stats_groups; RuntimeError when the kernels cannot run on x's device.
     """
     check_image_input(x)
     n, c_in, h, w = x.shape
@@ -416,6 +561,7 @@ def gn_silu_conv2d(
         raise ValueError(f"x of spatial size {h}x{w} is too small for a {kh}x{kw} conv with padding {padding}")
     c_out = weight.shape[0]
     _check_tensor("weight", weight, weight.shape, x.device)
+    _check_stats_groups(c_out, stats_groups)
     if bias is not None:
         _check_tensor("bias", bias, (c_out,), x.device)
     if (scale is None) != (shift is None):
@@ -437,7 +583,7 @@ def gn_silu_conv2d(
     require_kernels(x.device, "gn_silu_conv2d")
     packed = weight_cache.get(weight, x.dtype, upsample=False)
     return _launch(_prepare_input(x), packed, bias, scale, shift, residual, silu, stride, pad_left, pad_top,
-                   kh, kw, h_out, w_out, out, upsample=False)
+                   kh, kw, h_out, w_out, out, upsample=False, stats_groups=stats_groups, stats_eps=stats_eps)
 
 
 def upsample_conv2d(
@@ -446,7 +592,9 @@ def upsample_conv2d(
     bias: Optional[torch.Tensor] = None,
     *,
     out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    stats_groups: int = 0,
+    stats_eps: float = 1e-6,
+):
     """Launch `conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)` as four
     2x2 phase convolutions on x (weights folded once by `fold_upsample_weight` and cached).
 
@@ -455,8 +603,10 @@ def upsample_conv2d(
         weight: (C_out, C_in, 3, 3).
         bias: (C_out,) or None.
         out: optional preallocated (N, C_out, 2H, 2W) output of x's dtype (any strides).
+        stats_groups, stats_eps: as in `gn_silu_conv2d`: also emit the output's GroupNorm statistics.
     Returns:
-        (N, C_out, 2H, 2W) in x's dtype, channels_last unless `out` was given.
+        (N, C_out, 2H, 2W) in x's dtype, channels_last unless `out` was given; with stats_groups > 0 the tuple
+        (out, mean, rstd), mean and rstd (N, stats_groups) float32.
     Raises:
         TypeError / ValueError naming the argument; RuntimeError when the kernels cannot run on x's device.
     """
@@ -466,6 +616,7 @@ def upsample_conv2d(
         raise ValueError(f"weight must be (C_out, {c_in}, 3, 3), got {getattr(weight, 'shape', weight)}")
     c_out = weight.shape[0]
     _check_tensor("weight", weight, weight.shape, x.device)
+    _check_stats_groups(c_out, stats_groups)
     if bias is not None:
         _check_tensor("bias", bias, (c_out,), x.device)
     if out is None:
@@ -479,4 +630,4 @@ def upsample_conv2d(
     packed = weight_cache.get(weight, x.dtype, upsample=True)
     # Each phase is a 2x2 conv over the H x W input grid; its padding is set per phase inside the kernel.
     return _launch(_prepare_input(x), packed, bias, None, None, None, False, 1, 0, 0, 2, 2, h, w, out,
-                   upsample=True)
+                   upsample=True, stats_groups=stats_groups, stats_eps=stats_eps)

@@ -130,6 +130,60 @@ def _gn_combine_kernel(
     tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
 
 
+@triton.jit
+def _gn_merge_partials_kernel(part_ptr, tiles_ptr, mean_ptr, rstd_ptr, RUNS_PER_GROUP, eps, BLOCK_S: tl.constexpr):
+    """One program per (sample, group): merge the (count, mean, M2) triples a conv epilogue wrote; grid (N*G,).
+
+    part_ptr: (N, G*RUNS_PER_GROUP, T, 3) fp32 (the conv kernel's EMIT_STATS layout), so the triples of one
+    (sample, group) are RUNS_PER_GROUP*T consecutive entries; T is read from tiles_ptr (int32), where the conv
+    wrote it. Chunks of BLOCK_S entries are reduced with the k-way formula and merged in order with Chan's.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    length = RUNS_PER_GROUP * tl.load(tiles_ptr).to(tl.int64)
+    base = part_ptr + pid * length * 3
+    count = tl.zeros((), dtype=tl.float32)
+    mean = tl.zeros((), dtype=tl.float32)
+    m2 = tl.zeros((), dtype=tl.float32)
+    for s0 in range(0, length, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+        s_mask = s < length
+        cnt = tl.load(base + s * 3, mask=s_mask, other=0.0)
+        mu = tl.load(base + s * 3 + 1, mask=s_mask, other=0.0)
+        m2_s = tl.load(base + s * 3 + 2, mask=s_mask, other=0.0)
+        count_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(cnt * mu, axis=0) / count_b
+        d = mu - mean_b
+        m2_b = tl.sum(m2_s + cnt * d * d, axis=0)
+        total = count + count_b
+        delta = mean_b - mean
+        mean = mean + delta * (count_b / total)
+        m2 = m2 + m2_b + delta * delta * (count * count_b / total)
+        count = total
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(m2 / count + eps))
+
+
+def merge_partial_stats(
+    partials: torch.Tensor, tiles: torch.Tensor, batch: int, num_groups: int, runs_per_group: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) of each (sample, group) from the partial triples a conv epilogue wrote (`EMIT_STATS`).
+
+    Args:
+        partials: flat fp32 buffer holding (N, num_groups*runs_per_group, T, 3) triples (count, mean, M2).
+        tiles: int32 (1,) tensor holding T, written by the conv on the device (no host sync).
+        batch: N. num_groups: G. runs_per_group: channel runs per group (C/G / the conv's STATS_GS).
+        eps: added to the biased variance before the reciprocal square root.
+    Returns:
+        (mean, rstd), each (N, G) float32 contiguous.
+    """
+    mean = torch.empty((batch, num_groups), device=partials.device, dtype=torch.float32)
+    rstd = torch.empty((batch, num_groups), device=partials.device, dtype=torch.float32)
+    _gn_merge_partials_kernel[(batch * num_groups,)](
+        partials, tiles, mean, rstd, runs_per_group, float(eps), BLOCK_S=1024,
+    )
+    return mean, rstd
+
+
 def _tile_shape(channels_per_group: int) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_C): BLOCK_C covers one group's channels, BLOCK_P*BLOCK_C about _TILE_ELEMENTS."""
     block_c = triton.next_power_of_2(channels_per_group)

@@ -6,7 +6,10 @@ latents z (batch, C, res/8, res/8), random inputs, in the chosen dtype on one CU
 - `diffusers eager`: `diffusers.AutoencoderKL` with the same config and weights, SDPA attention
   (`AttnProcessor2_0`),
 - `diffusers compile`: `torch.compile` of that model's decode, compiled once at one resolution (a compile per
-  resolution would cost more than the whole run).
+  resolution would cost more than the whole run),
+- `sdvae-fast, stats pass`: our decode at that same resolution with `sdvae_fast.fast.EMIT_GN_STATS` off, i.e.
+  every GroupNorm reading its input once more for its statistics instead of taking them from the producing
+  conv's epilogue (what the emitted statistics save, measured).
 Each time is the median of repeated runs after two warm-up calls, timed with CUDA events. FLOPs are the
 reference arithmetic counted by `torch.utils.flop_counter.FlopCounterMode` on a meta-device copy (2 FLOPs per
 multiply-add; convs, linears and attention), so TFLOP/s compare implementations on the same work; the floor is
@@ -39,7 +42,8 @@ import torch
 
 FLOOR_TFLOPS = 790.0  # dense bf16 matrix rate of one H200, TFLOP/s (DESIGN.md section 2)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-IMPLS = ("sdvae-fast", "diffusers eager", "diffusers compile")
+IMPLS = ("sdvae-fast", "diffusers eager", "diffusers compile", "sdvae-fast, stats pass")
+STATS_PASS = IMPLS[3]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,6 +311,17 @@ def _build_peer(vae, device, dtype):
     return peer.to(device=device, dtype=dtype).eval()
 
 
+def _decode_with_stats_pass(vae, z: torch.Tensor) -> torch.Tensor:
+    """`vae.decode(z).sample` with `fast.EMIT_GN_STATS` off (each GroupNorm computes its own statistics)."""
+    from sdvae_fast import fast
+
+    saved, fast.EMIT_GN_STATS = fast.EMIT_GN_STATS, False
+    try:
+        return vae.decode(z).sample
+    finally:
+        fast.EMIT_GN_STATS = saved
+
+
 def run_bench(vae, *, device, dtype: torch.dtype, resolutions: Sequence[int], batch: int = 1, out_dir: Path,
               name: Optional[str] = None, compile_res: int = 1024, peers: bool = True, budget_s: float = 2.0,
               quiet: bool = False) -> list[Row]:
@@ -318,7 +333,8 @@ def run_bench(vae, *, device, dtype: torch.dtype, resolutions: Sequence[int], ba
         resolutions: image sides in pixels (multiples of 8). batch: images per call.
         out_dir, name: results go to out_dir/name.{csv,md,png} (name defaults to `DATE-GPU-e2e`), rewritten
             after every measurement so an interrupted run keeps what it measured.
-        compile_res: the resolution at which diffusers' decode also runs under torch.compile (0: never).
+        compile_res: the resolution at which diffusers' decode also runs under torch.compile, and ours without
+            emitted statistics (0: never).
         peers: also time diffusers. budget_s: timed seconds per measurement at most (at least 3 runs).
     Returns:
         The rows measured. Raises ValueError for a resolution that is not a positive multiple of 8.
@@ -345,6 +361,8 @@ def run_bench(vae, *, device, dtype: torch.dtype, resolutions: Sequence[int], ba
 
     plan = [(res, op, impl) for res in resolutions for op in ("encode", "decode")
             for impl in (("diffusers eager", "sdvae-fast") if peer is not None else ("sdvae-fast",))]
+    if compile_res in resolutions:
+        plan.append((compile_res, "decode", STATS_PASS))
     if peer is not None and compile_res in resolutions:
         plan.append((compile_res, "decode", "diffusers compile"))  # last: its compile may be cut short
     rows: list[Row] = []
@@ -368,6 +386,8 @@ def run_bench(vae, *, device, dtype: torch.dtype, resolutions: Sequence[int], ba
                     _sync(device)
                     row.note = f"compiled in {time.perf_counter() - start:.0f} s"
                     fn = lambda: compiled_decode(x).sample  # noqa: E731
+                elif impl == STATS_PASS:
+                    fn = lambda: _decode_with_stats_pass(vae, x)  # noqa: E731
                 else:
                     model = vae if impl == "sdvae-fast" else peer
                     fn = (lambda: model.encode(x).latent_dist) if op == "encode" else (lambda: model.decode(x).sample)

@@ -7,7 +7,7 @@ functions here serve both: the model calls `encode_moments` / `decode_sample` wh
 
 Units (each reads the module's own parameters; nothing is copied):
 - GSC unit (GroupNorm -> SiLU -> conv) = one `ops.gn_silu_conv2d`, GroupNorm statistics in fp32 over the whole
-  (sample, group), computed by the op.
+  (sample, group), emitted by the conv that wrote the tensor (below) or computed by the op.
 - ResnetBlock2D: `conv1(GSC(x))` and `conv2(GSC(h)) + shortcut(x)` as two GSC ops, the residual added in the
   second op's epilogue; the 1x1 `conv_shortcut` is a plain `gn_silu_conv2d(norm_weight=None, padding=0)` whose
   output is that residual.
@@ -27,10 +27,21 @@ embedding, dropout while training, LoRA-wrapped or dilated convs, custom attenti
 classes) runs that unit's own module forward, so results stay correct. When autograd is needed (grad enabled and
 the input or a parameter requires grad) the whole forward is the module's own, since the ops have no backward.
 
+Statistics from the producer (`EMIT_GN_STATS`, on by default). Every tensor a GroupNorm normalises here is written
+by one of our convs (conv_in, a ResNet's convs, Downsample2D, Upsample2D, the attention's out projection). That
+conv's epilogue reduces each output tile, as stored, to per-channel-run (count, mean, M2) partials, and one small
+kernel merges them per (sample, group) with Chan's formula in a fixed order (`kernels/conv.py`,
+`kernels/group_norm.py`): the next unit gets its (mean, rstd) without reading the tensor again (one full read of
+every normalised activation saved; the partials are about 3 floats per 128-pixel tile and channel run). `_link`
+tells each unit which GroupNorm (num_groups, eps) its successor applies first. Deterministic and batch invariant
+like the separate statistics pass (tiles never span two images), but a different summation order, so the two agree
+to fp32 rounding, not bitwise. Set `EMIT_GN_STATS = False` to compute every statistic with
+`ops.group_norm_stats` instead; `bench/gpu_check.sh` times the decode both ways.
+
 Layout and memory: the public functions take NCHW tensors in any memory format and return contiguous NCHW.
 Between units activations are channels_last (NHWC in memory), as the ops write them. Each unit takes its input
-out of a one-element list (`box`) so that no caller keeps it alive: an activation is freed as soon as its last
-consumer has run (for a ResNet with a shortcut, before its second conv).
+out of a `_Carry` (with the statistics emitted for it) so that no caller keeps it alive: an activation is freed as
+soon as its last consumer has run (for a ResNet with a shortcut, before its second conv).
 
 Prepared weights (the folded quant_conv here, the fused QKV projection in `ops`) are cached per module, keyed by weak
 references to the source parameters together with their `tensor_stamp` (version, storage, dtype, device), so
@@ -71,6 +82,8 @@ VALID_BACKENDS = ("auto", "triton", "torch")
 FP16_GUARD = True
 #: The dtype an overflowing fp16 stage and everything after it are recomputed in.
 FP16_OVERFLOW_DTYPE = torch.float32
+#: Have each conv emit the GroupNorm statistics of its output for the next unit (see the module docstring).
+EMIT_GN_STATS = True
 
 _FP16_MAX = 65504.0
 
@@ -279,19 +292,66 @@ def _upsample_conv(up) -> Optional[nn.Conv2d]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Units. Each takes its input out of `box` (a one-element list) so that no caller keeps it alive, and returns its
-# output: NCHW logically, channels_last in memory for the fast units.
+# Units. Each takes its input (and the GroupNorm statistics the previous unit emitted for it) out of a `_Carry`,
+# so that no caller keeps the activation alive, and returns (output, statistics of the output or None): NCHW
+# logically, channels_last in memory for the fast units.
 # ---------------------------------------------------------------------------------------------------------------
 
-Unit = Callable[[List[Tensor], _Cast], Tensor]
+
+class _Carry:
+    """The activation between two units, and the GroupNorm (mean, rstd) of it that its producer emitted for the
+    next unit's first norm (None when it emitted none). The consumer empties it with `take`."""
+
+    __slots__ = ("x", "stats")
+
+    def __init__(self, x: Optional[Tensor] = None, stats: Optional[tuple] = None):
+        self.x, self.stats = x, stats
+
+    def take(self) -> tuple:
+        x, stats = self.x, self.stats
+        self.x = self.stats = None
+        return x, stats
+
+    def put(self, x: Tensor, stats: Optional[tuple] = None) -> None:
+        self.x, self.stats = x, stats
+
+
+class _Unit:
+    """One unit of the fast forward: `unit(carry, cast) -> (y, stats of y or None)`.
+
+    `input_norm` is the GroupNorm the unit applies to its input first (or None): the previous unit emits that
+    norm's statistics from its epilogue when `_link` sets its `emit` to `(num_groups, eps)`.
+    """
+
+    __slots__ = ("fn", "input_norm", "emit")
+
+    def __init__(self, fn: Callable, input_norm: Optional[nn.Module] = None):
+        self.fn, self.input_norm, self.emit = fn, input_norm, None
+
+    def __call__(self, carry: _Carry, cast: "_Cast") -> tuple:
+        return self.fn(carry, cast, self.emit)
+
+
+def _norm_key(norm) -> Optional[tuple]:
+    """(num_groups, eps) to emit statistics for `norm`, or None (not a GroupNorm, or EMIT_GN_STATS is off)."""
+    if not EMIT_GN_STATS or not _is_group_norm(norm):
+        return None
+    return norm.num_groups, norm.eps
+
+
+def _with_stats(result) -> tuple:
+    """An op's result as (y, stats): ops return the pair only when asked to emit statistics."""
+    return result if isinstance(result, tuple) else (result, None)
 
 
 def _gsc(x: Tensor, conv: Optional[nn.Conv2d], cast: _Cast, norm: Optional[nn.GroupNorm] = None, *, silu: bool = True,
          weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, stride: int = 1, padding=None,
-         residual: Optional[Tensor] = None) -> Tensor:
+         residual: Optional[Tensor] = None, stats: Optional[tuple] = None, emit: Optional[tuple] = None) -> tuple:
     """`conv(act(norm(x))) + residual` as one `ops.gn_silu_conv2d`; a plain conv when `norm` is None.
 
     `weight`/`bias` override the conv's parameters (prepared weights); `padding` defaults to the conv's own.
+    `stats`: x's (mean, rstd) for `norm` if already known; `emit`: (num_groups, eps) to emit the output's
+    statistics for. Returns (y, y's statistics or None).
     """
     if weight is None:
         weight, bias = conv.weight, conv.bias
@@ -306,112 +366,116 @@ def _gsc(x: Tensor, conv: Optional[nn.Conv2d], cast: _Cast, norm: Optional[nn.Gr
         else:
             norm_weight = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
             norm_bias = torch.zeros_like(norm_weight)
-    return ops.gn_silu_conv2d(
+    return _with_stats(ops.gn_silu_conv2d(
         x, cast(weight), cast(bias), norm_weight=norm_weight, norm_bias=norm_bias, num_groups=num_groups,
         eps=eps, silu=silu and norm is not None, stride=stride, padding=padding, residual=residual,
-    )
+        stats=stats if norm is not None else None, emit_stats=emit,
+    ))
 
 
-def _conv_unit(conv) -> Unit:
+def _conv_unit(conv) -> _Unit:
     """A conv on its own (conv_in, post_quant_conv): a plain GSC op when it is a plain conv, else its forward."""
 
-    def unit(box, cast):
-        x = box.pop()
+    def run(carry, cast, emit):
+        x, stats = carry.take()
         if conv is None:
-            return x
+            return x, stats
         if _plain_conv(conv, 3) or _plain_conv(conv, 1):
-            return _gsc(x, conv, cast)
-        return _call_module(conv, x, cast)
+            return _gsc(x, conv, cast, emit=emit)
+        return _call_module(conv, x, cast), None
 
-    return unit
+    return _Unit(run)
 
 
-def _resnet_unit(block) -> Unit:
-    """ResnetBlock2D: `GSC(conv2)(GSC(conv1)(x)) + shortcut(x)` in two GSC ops (plus one for a 1x1 shortcut)."""
+def _resnet_unit(block) -> _Unit:
+    """ResnetBlock2D: `GSC(conv2)(GSC(conv1)(x)) + shortcut(x)` in two GSC ops (plus one for a 1x1 shortcut).
 
-    def unit(box, cast):
-        x = box.pop()
+    The first GSC op emits the statistics of its output for norm2, the second those for the next unit."""
+
+    def run(carry, cast, emit):
+        x, stats = carry.take()
         if not _resnet_supported(block):
             # diffusers' ResnetBlock2D.forward(input_tensor, temb) needs temb; a reference block may not take it.
             temb = (None,) if "temb" in inspect.signature(block.forward).parameters else ()
-            return _call_module(block, x, cast, *temb)
-        h = _gsc(x, block.conv1, cast, block.norm1)
-        residual = x if block.conv_shortcut is None else _gsc(x, block.conv_shortcut, cast)
+            return _call_module(block, x, cast, *temb), None
+        h, h_stats = _gsc(x, block.conv1, cast, block.norm1, stats=stats, emit=_norm_key(block.norm2))
+        residual = x if block.conv_shortcut is None else _gsc(x, block.conv_shortcut, cast)[0]
         del x  # the input is no longer needed unless it is the residual itself
-        return _gsc(h, block.conv2, cast, block.norm2, residual=residual)
+        return _gsc(h, block.conv2, cast, block.norm2, residual=residual, stats=h_stats, emit=emit)
 
-    return unit
+    return _Unit(run, block.norm1 if _resnet_supported(block) else None)
 
 
-def _downsample_unit(down) -> Unit:
+def _downsample_unit(down) -> _Unit:
     """Downsample2D: a stride-2 3x3 conv with diffusers' (0, 1, 0, 1) padding, as a plain GSC op."""
 
-    def unit(box, cast):
-        x = box.pop()
+    def run(carry, cast, emit):
+        x, _ = carry.take()
         padding = _downsample_padding(down)
         if padding is None:
-            return _call_module(down, x, cast)
-        return _gsc(x, down.conv, cast, stride=2, padding=padding)
+            return _call_module(down, x, cast), None
+        return _gsc(x, down.conv, cast, stride=2, padding=padding, emit=emit)
 
-    return unit
+    return _Unit(run)
 
 
-def _upsample_unit(up) -> Unit:
+def _upsample_unit(up) -> _Unit:
     """Upsample2D: nearest 2x + 3x3 conv as `ops.upsample_conv2d` (the 4x tensor is never written)."""
 
-    def unit(box, cast):
-        x = box.pop()
+    def run(carry, cast, emit):
+        x, _ = carry.take()
         conv = _upsample_conv(up)
         if conv is None:
-            return _call_module(up, x, cast)
-        return ops.upsample_conv2d(x, cast(conv.weight), cast(conv.bias))
+            return _call_module(up, x, cast), None
+        return _with_stats(ops.upsample_conv2d(x, cast(conv.weight), cast(conv.bias), emit_stats=emit))
 
-    return unit
+    return _Unit(run)
 
 
-def _attention_unit(attn) -> Unit:
+def _attention_unit(attn) -> _Unit:
     """Mid-block Attention: `ops.vae_attention_block` (GroupNorm+QKV, flash attention, out-projection+residual)."""
 
-    def unit(box, cast):
-        x = box.pop()
+    def run(carry, cast, emit):
+        x, stats = carry.take()
         if not _attention_supported(attn, x):
-            return _call_module(attn, x, cast)
+            return _call_module(attn, x, cast), None
         # vae_attention_block casts the module's weights to x's dtype itself (the cast of the fused QKV is cached).
-        return ops.vae_attention_block(x, attn)
+        return _with_stats(ops.vae_attention_block(x, attn, stats=stats, emit_stats=emit))
 
-    return unit
+    return _Unit(run, getattr(attn, "group_norm", None))
 
 
-def _module_unit(module, *args) -> Unit:
+def _module_unit(module, *args) -> _Unit:
     """Any module's own forward as a unit (the per-unit fallback for blocks the walker does not know)."""
 
-    def unit(box, cast):
-        return _call_module(module, box.pop(), cast, *args)
+    def run(carry, cast, emit):
+        return _call_module(module, carry.take()[0], cast, *args), None
 
-    return unit
+    return _Unit(run)
 
 
-def _out_unit(norm, act, conv, quant_conv=None) -> Unit:
+def _out_unit(norm, act, conv, quant_conv=None) -> _Unit:
     """conv_norm_out + conv_act + conv_out (+ the encoder's quant_conv folded in) as one GSC op."""
+    supported = _is_group_norm(norm) and _is_silu(act) and (_plain_conv(conv, 3) or _plain_conv(conv, 1))
 
-    def unit(box, cast):
-        x = box.pop()
+    def run(carry, cast, emit):
+        x, stats = carry.take()
         fold = quant_conv is not None and _plain_conv(quant_conv, 1) and quant_conv.padding == (0, 0)
-        if not (_is_group_norm(norm) and _is_silu(act) and (_plain_conv(conv, 3) or _plain_conv(conv, 1))):
+        if not supported:
             for module in (norm, act, conv, quant_conv):
                 if module is not None:
                     x = _call_module(module, x, cast)
-            return x
+            return x, None
         if quant_conv is None:
-            return _gsc(x, conv, cast, norm)
+            return _gsc(x, conv, cast, norm, stats=stats)
         if not fold:
-            y = _gsc(x, conv, cast, norm)
+            y = _gsc(x, conv, cast, norm, stats=stats)[0]
             del x
-            return _call_module(quant_conv, y, cast)
+            return _call_module(quant_conv, y, cast), None
         weight, bias = _folded_quant_conv(conv, quant_conv)
-        return _gsc(x, conv, cast, norm, weight=weight, bias=bias)
+        return _gsc(x, conv, cast, norm, weight=weight, bias=bias, stats=stats)
 
-    return unit
+    return _Unit(run, norm if supported else None)
 
 
 def _folded_quant_conv(conv: nn.Conv2d, quant_conv: nn.Conv2d) -> tuple[Tensor, Optional[Tensor]]:
@@ -459,15 +523,15 @@ def run_unit(kind: str, module: nn.Module, x: Tensor) -> Tensor:
     """
     if kind not in _UNIT_KINDS:
         raise ValueError(f"kind must be one of {sorted(_UNIT_KINDS)}, got {kind!r}")
-    return _UNIT_KINDS[kind](module)([x], _IDENTITY)
+    return _UNIT_KINDS[kind](module)(_Carry(x), _IDENTITY)[0]
 
 
 def run_head(norm: nn.Module, act: nn.Module, conv: nn.Module, x: Tensor) -> Tensor:
     """Run the output unit (conv_norm_out -> conv_act -> conv_out) alone on x (N, C, H, W), as one GSC op."""
-    return _out_unit(norm, act, conv)([x], _IDENTITY)
+    return _out_unit(norm, act, conv)(_Carry(x), _IDENTITY)[0]
 
 
-def _block_units(block) -> List[Unit]:
+def _block_units(block) -> List[_Unit]:
     """The units of a down/up/mid block, or the block's own forward when its class is not one the walker knows."""
     name = type(block).__name__
     if name == "DownEncoderBlock2D":
@@ -488,38 +552,45 @@ def _block_units(block) -> List[Unit]:
     return [_module_unit(block)]
 
 
-def _encoder_stages(encoder, quant_conv=None) -> List[List[Unit]]:
-    """conv_in, each down block, the mid block, and the output unit (with quant_conv folded in)."""
+def _encoder_stages(encoder, quant_conv=None) -> List[List[_Unit]]:
+    """conv_in, each down block, the mid block, and the output unit (with quant_conv folded in), linked."""
     stages = [[_conv_unit(encoder.conv_in)]]
     stages += [_block_units(block) for block in encoder.down_blocks]
     stages.append(_block_units(encoder.mid_block))
     stages.append([_out_unit(encoder.conv_norm_out, encoder.conv_act, encoder.conv_out, quant_conv)])
-    return stages
+    return _link(stages)
 
 
-def _decoder_stages(decoder, post_quant_conv=None) -> List[List[Unit]]:
-    """post_quant_conv + conv_in, the mid block, each up block, and the output unit."""
+def _decoder_stages(decoder, post_quant_conv=None) -> List[List[_Unit]]:
+    """post_quant_conv + conv_in, the mid block, each up block, and the output unit, linked."""
     stages = [[_conv_unit(post_quant_conv), _conv_unit(decoder.conv_in)]]
     stages.append(_block_units(decoder.mid_block))
     stages += [_block_units(block) for block in decoder.up_blocks]
     stages.append([_out_unit(decoder.conv_norm_out, decoder.conv_act, decoder.conv_out)])
+    return _link(stages)
+
+
+def _link(stages: List[List[_Unit]]) -> List[List[_Unit]]:
+    """Have each unit emit the statistics its successor's first GroupNorm needs (see EMIT_GN_STATS)."""
+    units = [unit for stage in stages for unit in stage]
+    for unit, successor in zip(units, units[1:]):
+        unit.emit = _norm_key(successor.input_norm)
     return stages
 
 
-def _run_units(units: List[Unit], box: List[Tensor], cast: _Cast) -> Tensor:
-    """Run units in order; the input is taken from `box`, which is left empty."""
+def _run_units(units: List[_Unit], carry: _Carry, cast: _Cast) -> None:
+    """Run units in order on the activation in `carry`, leaving the last output (and its statistics) there."""
     for unit in units:
-        box.append(unit(box, cast))
-    return box.pop()
+        carry.put(*unit(carry, cast))
 
 
-def _run_all(stages: List[List[Unit]], x: Tensor, cast: _Cast) -> Tensor:
+def _run_all(stages: List[List[_Unit]], x: Tensor, cast: _Cast) -> Tensor:
     """Run every stage in order, unguarded."""
-    box = [x]
+    carry = _Carry(x)
     del x
     for stage in stages:
-        box.append(_run_units(stage, box, cast))
-    return box.pop()
+        _run_units(stage, carry, cast)
+    return carry.take()[0]
 
 
 def _narrow_to_fp16(y: Tensor) -> Tensor:
@@ -527,27 +598,23 @@ def _narrow_to_fp16(y: Tensor) -> Tensor:
     return y.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
 
 
-def _run_guarded_fp16(stages: List[List[Unit]], x: Tensor) -> Tensor:
+def _run_guarded_fp16(stages: List[List[_Unit]], x: Tensor) -> Tensor:
     """Eager fp16 policy: check each stage's output; from the first non-finite one on, recompute wider."""
-    cast = _IDENTITY
-    box = [x]
+    carry = _Carry(x)
     del x
     for i, stage in enumerate(stages):
-        stage_input = box[0]  # kept for the recompute
-        y = _run_units(stage, box, cast)
-        if not bool(torch.isfinite(y).all()):  # one host sync per stage
-            del y
-            cast = _Cast(FP16_OVERFLOW_DTYPE)
-            box.append(stage_input.to(FP16_OVERFLOW_DTYPE))
+        stage_input = carry.x  # kept for the recompute
+        _run_units(stage, carry, _IDENTITY)
+        if not bool(torch.isfinite(carry.x).all()):  # one host sync per stage
+            carry.take()
+            wide = stage_input.to(FP16_OVERFLOW_DTYPE)
             del stage_input
-            return _narrow_to_fp16(_run_all(stages[i:], box.pop(), cast))
+            return _narrow_to_fp16(_run_all(stages[i:], wide, _Cast(FP16_OVERFLOW_DTYPE)))
         del stage_input
-        box.append(y)
-        del y
-    return box.pop()
+    return carry.take()[0]
 
 
-def _run_compiled_fp16(stages: List[List[Unit]], x: Tensor) -> Tensor:
+def _run_compiled_fp16(stages: List[List[_Unit]], x: Tensor) -> Tensor:
     """Traceable fp16 policy: the fp16 pass, then `torch.cond` on its finiteness keeps it or runs a whole pass at
     FP16_OVERFLOW_DTYPE (both branches are in the graph; only one runs)."""
     wide = _Cast(FP16_OVERFLOW_DTYPE)
@@ -562,7 +629,7 @@ def _run_compiled_fp16(stages: List[List[Unit]], x: Tensor) -> Tensor:
     return torch.cond(torch.isfinite(y).all(), keep, widen, (y, x))
 
 
-def _run_stages(stages: List[List[Unit]], x: Tensor) -> Tensor:
+def _run_stages(stages: List[List[_Unit]], x: Tensor) -> Tensor:
     """Run the stages in order, with the fp16 overflow policy of the module docstring for fp16 inputs."""
     if x.dtype != torch.float16 or not FP16_GUARD:
         return _run_all(stages, x, _IDENTITY)

@@ -8,6 +8,9 @@ plain PyTorch reference otherwise (unsupported-but-valid cases fall back, correc
 The public functions below (`group_norm_stats`, `gn_silu_conv2d`, `upsample_conv2d`, `attention`,
 `vae_attention_block`) validate their arguments with clear errors, normalise them, and call the registered ops.
 All image tensors are `(N, C, H, W)` logically; outputs are in channels_last memory format (NHWC in memory).
+`gn_silu_conv2d_stats` and `upsample_conv2d_stats` are the same kernels with the GroupNorm statistics of the
+output emitted from the epilogue (`emit_stats=(num_groups, eps)` on the public functions), so the unit that
+normalises that output next can skip its statistics pass.
 
 Layout of this file: one section per op (reference, registered op, fake, public wrapper).
 """
@@ -165,12 +168,54 @@ def _conv_out_size(size, kernel: int, pad_a: int, pad_b: int, stride: int):
 
 
 @_gn_silu_conv2d_op.register_fake
-def _(x, weight, bias, scale, shift, residual, silu, stride, padding):
+def _gn_silu_conv2d_fake(x, weight, bias, scale, shift, residual, silu, stride, padding):
     n, _, h, w = x.shape
     kh, kw = weight.shape[2], weight.shape[3]
     ho = _conv_out_size(h, kh, padding[2], padding[3], stride)
     wo = _conv_out_size(w, kw, padding[0], padding[1], stride)
     return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=torch.channels_last)
+
+
+def _output_stats(y: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """What a fallback `*_stats` op returns with its output: the GroupNorm statistics op run on the output."""
+    return torch.ops.sdvae_fast.group_norm_stats(y, num_groups, eps)
+
+
+def _stats_fake(y: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """Fake (mean, rstd) of an output y: (N, G), float64 for fp64 y and float32 otherwise."""
+    dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    return y.new_empty((y.shape[0], num_groups), dtype=dtype), y.new_empty((y.shape[0], num_groups), dtype=dtype)
+
+
+@torch.library.custom_op("sdvae_fast::gn_silu_conv2d_stats", mutates_args=())
+def _gn_silu_conv2d_stats_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    residual: Optional[Tensor],
+    silu: bool,
+    stride: int,
+    padding: list[int],
+    stats_groups: int,
+    stats_eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # The same kernel with EMIT_STATS: the output and its GroupNorm statistics from the epilogue's partials.
+    if (kernels_available(x.device) and x.dtype in _KERNEL_DTYPES
+            and _conv_kernels.conv_supported(x, weight, stride) and x.numel() > 0):
+        return _conv_kernels.gn_silu_conv2d(
+            x, weight, bias, scale, shift, residual, silu=silu, stride=stride, padding=padding,
+            stats_groups=stats_groups, stats_eps=stats_eps,
+        )
+    y = _gn_silu_conv2d_reference(x, weight, bias, scale, shift, residual, silu, stride, padding)
+    return (y, *_output_stats(y, stats_groups, stats_eps))
+
+
+@_gn_silu_conv2d_stats_op.register_fake
+def _(x, weight, bias, scale, shift, residual, silu, stride, padding, stats_groups, stats_eps):
+    y = _gn_silu_conv2d_fake(x, weight, bias, scale, shift, residual, silu, stride, padding)
+    return y, *_stats_fake(x, stats_groups)
 
 
 def gn_scale_shift(
@@ -218,7 +263,8 @@ def gn_silu_conv2d(
     padding: Union[int, Sequence[int]] = 1,
     residual: Optional[Tensor] = None,
     stats: Optional[tuple[Tensor, Tensor]] = None,
-) -> Tensor:
+    emit_stats: Optional[tuple[int, float]] = None,
+):
     """The VAE's GSC unit in one pass: `conv2d(silu(group_norm(x)), weight, bias, stride, padding) + residual`.
 
     Args:
@@ -233,8 +279,12 @@ def gn_silu_conv2d(
         padding: int, or (left, right, top, bottom); Downsample2D is `padding=(0, 1, 0, 1), stride=2`.
         residual: (N, C_out, H_out, W_out) added in the epilogue, or None.
         stats: precomputed (mean, rstd), each (N, G) float32, or None to compute them.
+        emit_stats: (num_groups, eps) of the GroupNorm that normalises the *output* next: the epilogue then
+            also reduces the output tile by tile into partial (count, mean, M2) triples, merged by one small
+            kernel, so that unit can pass them as `stats=` and skip its read of the tensor. None: no statistics.
     Returns:
-        (N, C_out, H_out, W_out) in x's dtype, channels_last memory format.
+        (N, C_out, H_out, W_out) in x's dtype, channels_last memory format; with `emit_stats` the pair
+        (output, (mean, rstd)), mean and rstd (N, num_groups) float32 (float64 for fp64 x).
     Raises:
         ValueError / TypeError naming the argument on wrong ranks, channel counts, groups or shapes.
 
@@ -283,7 +333,26 @@ def gn_silu_conv2d(
         raise ValueError(
             f"residual must be {(n, weight.shape[0], ho, wo)}, got shape {tuple(residual.shape)}"
         )
-    return torch.ops.sdvae_fast.gn_silu_conv2d(x, weight, bias, scale, shift, residual, bool(silu), int(stride), pad)
+    if emit_stats is None:
+        return torch.ops.sdvae_fast.gn_silu_conv2d(x, weight, bias, scale, shift, residual, bool(silu), int(stride),
+                                                   pad)
+    groups, stats_eps = _check_emit_stats(emit_stats, weight.shape[0])
+    y, mean, rstd = torch.ops.sdvae_fast.gn_silu_conv2d_stats(
+        x, weight, bias, scale, shift, residual, bool(silu), int(stride), pad, groups, stats_eps
+    )
+    return y, (mean, rstd)
+
+
+def _check_emit_stats(emit_stats, out_channels: int) -> tuple[int, float]:
+    """Validate `emit_stats=(num_groups, eps)` for an output of `out_channels` channels."""
+    if not isinstance(emit_stats, (tuple, list)) or len(emit_stats) != 2:
+        raise TypeError(f"emit_stats must be a (num_groups, eps) pair, got {emit_stats!r}")
+    groups, eps = int(emit_stats[0]), float(emit_stats[1])
+    if groups <= 0 or out_channels % groups:
+        raise ValueError(
+            f"emit_stats: output channels ({out_channels}) must be divisible by num_groups ({groups})"
+        )
+    return groups, eps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,20 +377,41 @@ def _upsample_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Te
 
 
 @_upsample_conv2d_op.register_fake
-def _(x, weight, bias):
+def _upsample_conv2d_fake(x, weight, bias):
     n, _, h, w = x.shape
     return x.new_empty((n, weight.shape[0], 2 * h, 2 * w)).contiguous(memory_format=torch.channels_last)
 
 
-def upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+@torch.library.custom_op("sdvae_fast::upsample_conv2d_stats", mutates_args=())
+def _upsample_conv2d_stats_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], stats_groups: int, stats_eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    # The upsample kernel with EMIT_STATS (partials per phase tile); the reference and the statistics op otherwise.
+    if kernels_available(x.device) and x.dtype in _KERNEL_DTYPES and x.numel() > 0:
+        return _conv_kernels.upsample_conv2d(x, weight, bias, stats_groups=stats_groups, stats_eps=stats_eps)
+    y = _upsample_conv2d_reference(x, weight, bias)
+    return (y, *_output_stats(y, stats_groups, stats_eps))
+
+
+@_upsample_conv2d_stats_op.register_fake
+def _(x, weight, bias, stats_groups, stats_eps):
+    y = _upsample_conv2d_fake(x, weight, bias)
+    return y, *_stats_fake(x, stats_groups)
+
+
+def upsample_conv2d(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, emit_stats: Optional[tuple[int, float]] = None
+):
     """`conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)` without the 4x tensor.
 
     Args:
         x: (N, C_in, H, W), fp16/bf16/fp32/fp64, any strides.
         weight: (C_out, C_in, 3, 3).
         bias: (C_out,) or None.
+        emit_stats: (num_groups, eps) of the GroupNorm applied to the output next, as in `gn_silu_conv2d`.
     Returns:
-        (N, C_out, 2H, 2W) in x's dtype, channels_last memory format.
+        (N, C_out, 2H, 2W) in x's dtype, channels_last memory format; with `emit_stats` the pair
+        (output, (mean, rstd)), each (N, num_groups) float32 (float64 for fp64 x).
     Raises:
         ValueError naming the argument on wrong ranks or shapes.
     """
@@ -330,7 +420,11 @@ def upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) ->
         raise ValueError(f"weight must be (C_out, {x.shape[1]}, 3, 3), got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
-    return torch.ops.sdvae_fast.upsample_conv2d(x, weight, bias)
+    if emit_stats is None:
+        return torch.ops.sdvae_fast.upsample_conv2d(x, weight, bias)
+    groups, stats_eps = _check_emit_stats(emit_stats, weight.shape[0])
+    y, mean, rstd = torch.ops.sdvae_fast.upsample_conv2d_stats(x, weight, bias, groups, stats_eps)
+    return y, (mean, rstd)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -485,7 +579,13 @@ def _check_attention_module(module: torch.nn.Module, channels: int) -> tuple[int
     return inner, heads
 
 
-def vae_attention_block(x: Tensor, module: torch.nn.Module) -> Tensor:
+def vae_attention_block(
+    x: Tensor,
+    module: torch.nn.Module,
+    *,
+    stats: Optional[tuple[Tensor, Tensor]] = None,
+    emit_stats: Optional[tuple[int, float]] = None,
+):
     """The VAE mid-block attention unit, fused: `x + out_proj(attention(qkv(group_norm(x))))`.
 
     Three registered ops, no N x N tensor and no copies between them:
@@ -507,8 +607,11 @@ def vae_attention_block(x: Tensor, module: torch.nn.Module) -> Tensor:
             group_norm (nn.GroupNorm over C, or None), to_q/to_k/to_v nn.Linear(C, inner), to_out[0]
             nn.Linear(inner, C), heads, rescale_output_factor, residual_connection; spatial_norm, norm_q and
             norm_k must be None.
+        stats: precomputed GroupNorm (mean, rstd) of x for module.group_norm, each (N, G), or None.
+        emit_stats: (num_groups, eps) of the GroupNorm applied to the output next (see `gn_silu_conv2d`).
     Returns:
-        (N, C, H, W) in x's dtype, channels_last memory format.
+        (N, C, H, W) in x's dtype, channels_last memory format; with `emit_stats` the pair
+        (output, (mean, rstd)).
     Raises:
         TypeError: x is not a float tensor, or module lacks the attributes above.
         ValueError: naming the argument, on a wrong rank, channel count, group count or projection shape.
@@ -524,7 +627,7 @@ def vae_attention_block(x: Tensor, module: torch.nn.Module) -> Tensor:
         beta = gn.bias if gn.bias is not None else torch.zeros(c, device=x.device, dtype=x.dtype)
         qkv = gn_silu_conv2d(
             x, w_qkv, b_qkv, norm_weight=gamma, norm_bias=beta, num_groups=gn.num_groups, eps=gn.eps,
-            silu=False, padding=0,
+            silu=False, padding=0, stats=stats,
         )  # (N, 3*inner, H, W) channels_last
     else:
         qkv = gn_silu_conv2d(x, w_qkv, b_qkv, norm_weight=None, padding=0)
@@ -541,8 +644,12 @@ def vae_attention_block(x: Tensor, module: torch.nn.Module) -> Tensor:
     w_out = out_proj.weight.to(device=x.device, dtype=x.dtype)[:, :, None, None]  # (C, inner, 1, 1)
     b_out = None if out_proj.bias is None else out_proj.bias.to(device=x.device, dtype=x.dtype)
     residual = x if getattr(module, "residual_connection", False) else None
-    y = gn_silu_conv2d(attn, w_out, b_out, norm_weight=None, padding=0, residual=residual)  # (N, C, H, W) NHWC
     rescale = float(getattr(module, "rescale_output_factor", 1.0))
-    if rescale != 1.0:
-        y = y / rescale
-    return y
+    if rescale == 1.0:
+        # (N, C, H, W) NHWC, or (that, (mean, rstd)) with emit_stats
+        return gn_silu_conv2d(attn, w_out, b_out, norm_weight=None, padding=0, residual=residual,
+                              emit_stats=emit_stats)
+    y = gn_silu_conv2d(attn, w_out, b_out, norm_weight=None, padding=0, residual=residual) / rescale
+    if emit_stats is None:
+        return y
+    return y, group_norm_stats(y, *_check_emit_stats(emit_stats, c))

@@ -334,6 +334,19 @@ def test_bench_on_cpu_times_ours_and_diffusers_and_writes_csv_and_markdown(two_l
     assert "| decode | 16 | 2 | fp32 | sdvae-fast |" in md and "- torch: " in md
 
 
+def test_bench_also_times_the_decode_with_a_separate_statistics_pass_at_compile_res(two_level_dir, tmp_path):
+    from sdvae_fast import fast
+
+    vae = AutoencoderKL.from_pretrained(two_level_dir)
+    vae.set_backend("torch")
+    rows = bench_mod.run_bench(vae, device=torch.device("cpu"), dtype=torch.float32, resolutions=[16],
+                               out_dir=tmp_path, name="run", compile_res=16, peers=False, budget_s=0.0, quiet=True)
+    assert [(r.op, r.impl) for r in rows] == [("encode", "sdvae-fast"), ("decode", "sdvae-fast"),
+                                              ("decode", bench_mod.STATS_PASS)]
+    assert all(r.ms > 0 and r.note == "" for r in rows)
+    assert fast.EMIT_GN_STATS is True, "the switch is restored after the timed calls"
+
+
 def test_bench_rows_compute_speedups_tflops_and_percent_of_floor(tmp_path):
     rows = [bench_mod.Row("decode", 1024, 1, "bf16", "diffusers eager", ms=40.0, gflop=9921.0),
             bench_mod.Row("decode", 1024, 1, "bf16", "diffusers compile", ms=30.0, gflop=9921.0),

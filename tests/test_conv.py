@@ -319,6 +319,40 @@ def test_upsample_output_beyond_2_31_elements(tmp_path):
     assert torch.equal(out.clone(), conv_kernels.upsample_conv2d(x_small, weight, bias))
 
 
+@pytest.mark.parametrize("mode", ["gsc", "upsample"])
+def test_channels_last_tensors_beyond_2_31_elements_use_int32_tile_offsets_correctly(tmp_path, mode):
+    """Rows 2^26 elements apart, channels contiguous: offsets pass 2^31 from the image start but not within a tile,
+    so the kernel runs with int32 tile offsets from int64 tile bases (`WIDE_OFFSETS` off) and must be exact."""
+    row = 1 << 26
+    h, w = (40, 256) if mode == "gsc" else (20, 128)
+    ho, wo = (h, w) if mode == "gsc" else (2 * h, 2 * w)
+    x = _huge_view(tmp_path, "x", (1, 8, h, w), (h * row, 1, row, 8), torch.bfloat16)
+    out = _huge_view(tmp_path, "out", (1, 16, ho, wo), (ho * row, 1, row, 16), torch.bfloat16)
+    upsample = mode == "upsample"
+    assert (ho - 1) * row > 2**31
+    assert not conv_kernels._needs_wide_offsets(x, None, out, w, 1, 2 if upsample else 3, upsample)
+    x_small = _random_image((1, 8, h, w), torch.bfloat16, "channels_last")
+    x.copy_(x_small)
+    out.fill_(float("nan"))
+    weight, bias = torch.randn(16, 8, 3, 3).bfloat16() * 0.2, torch.randn(16).bfloat16()
+    if mode == "gsc":
+        scale, shift = torch.rand(1, 8) + 0.5, torch.randn(1, 8) * 0.1
+        conv_kernels.gn_silu_conv2d(x, weight, bias, scale, shift, out=out)
+        expected = conv_kernels.gn_silu_conv2d(x_small, weight, bias, scale, shift)
+    else:
+        conv_kernels.upsample_conv2d(x, weight, bias, out=out)
+        expected = conv_kernels.upsample_conv2d(x_small, weight, bias)
+    assert torch.equal(out.clone(), expected)
+
+
+def test_huge_channel_strides_switch_to_int64_tile_offsets():
+    """NCHW at 4096^2 (channel stride 2^24, 256 channels): a tile's span passes 2^31, so WIDE_OFFSETS is set."""
+    x = torch.empty_strided((1, 256, 4096, 4096), (1 << 32, 1 << 24, 4096, 1), device="meta")
+    assert conv_kernels._needs_wide_offsets(x, None, None, 4096, 1, 3, False)
+    nhwc = torch.empty_strided((1, 256, 4096, 4096), (1 << 32, 1, 1 << 20, 256), device="meta")
+    assert not conv_kernels._needs_wide_offsets(nhwc, None, nhwc, 4096, 1, 3, False)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch.compile and the GPU-only precision check
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,13 +387,18 @@ def test_gpu_gsc_at_a_decoder_shape(dtype):
     assert_close(y, expected, rel_l2=tol, name=f"gpu gsc {dtype}")
 
 
-def test_kernels_compile_for_hopper_with_tensor_core_pipelines():
-    """Without a GPU: compile the GSC, upsample and GroupNorm kernels for sm_90 (Triton's bundled ptxas), as the
-    JIT would for channels_last bf16 inputs, and check the GEMM runs on wgmma with cp.async pipelining."""
+def test_kernels_compile_for_hopper_with_tensor_core_pipelines_and_no_heavy_spills():
+    """Without a GPU: compile the GSC (with and without emitted statistics), upsample and GroupNorm kernels for
+    sm_90 (Triton's bundled ptxas), as the JIT would for channels_last bf16 inputs; check the GEMM runs on wgmma
+    with cp.async pipelining, and that no CONV_CONFIGS entry spills more than 256 bytes per thread (the
+    `cuobjdump -res-usage` stack) for the heaviest variant, a GSC with residual and emitted statistics."""
     script = textwrap.dedent("""
+        import os, re, subprocess, tempfile
         import triton
         from triton.backends.compiler import GPUTarget
         from sdvae_fast.kernels import conv, group_norm
+
+        CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
         def build(fn, pointers, constexprs, aligned, **options):
             names = fn.arg_names
@@ -368,24 +407,41 @@ def test_kernels_compile_for_hopper_with_tensor_core_pipelines():
             source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
             return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
-        config = conv.CONV_CONFIGS[0]
+        def stack_bytes(kernel):
+            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+                f.write(kernel.asm["cubin"])
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+            return int(re.search(r"STACK:(\\d+)", usage).group(1))
+
         pointers = {p: "*bf16" for p in ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "out_ptr")}
-        pointers.update(scale_ptr="*fp32", shift_ptr="*fp32")
+        pointers.update(scale_ptr="*fp32", shift_ptr="*fp32", stats_ptr="*fp32", tiles_ptr="*i32")
         aligned = set(pointers) | {"C_in", "C_out", "sxh", "sxw", "srh", "srw", "soh", "sow"}
-        for k, gn, up in ((3, True, False), (2, False, True)):
+
+        def build_conv(config, k, gn, up, emit, wide=False):
             constexprs = dict(sxc=1, src=1, soc=1, KH=k, KW=k, APPLY_GN=gn, APPLY_SILU=gn, HAS_BIAS=True,
                               HAS_RESIDUAL=not up, UPSAMPLE_2X=up, DOT_FP32=False, INPUT_PRECISION="tf32",
-                              ROUND_TO_BF16=False, **config.kwargs)
-            kernel = build(conv._conv_kernel.fn, pointers, constexprs, aligned, num_warps=config.num_warps,
-                           num_stages=config.num_stages)
-            ttgir = kernel.asm["ttgir"]
-            assert "warp_group_dot" in ttgir and "async_copy_global_to_local" in ttgir, (k, gn, up)
+                              ROUND_TO_BF16=False, EMIT_STATS=emit, STATS_GS=4, WIDE_OFFSETS=wide, **config.kwargs)
+            return build(conv._conv_kernel.fn, pointers, constexprs, aligned, num_warps=config.num_warps,
+                         num_stages=config.num_stages)
+
+        for k, gn, up, emit, wide in ((3, True, False, False, False), (3, True, False, True, False),
+                                      (2, False, True, True, False), (3, True, False, False, True)):
+            ttgir = build_conv(conv.CONV_CONFIGS[0], k, gn, up, emit, wide).asm["ttgir"]
+            assert "warp_group_dot" in ttgir and "async_copy_global_to_local" in ttgir, (k, gn, up, emit, wide)
+        if os.path.exists(CUOBJDUMP):
+            spills = {str(c): stack_bytes(build_conv(c, 3, True, False, True)) for c in conv.CONV_CONFIGS}
+            print(spills)
+            assert max(spills.values()) <= 256, spills
         build(group_norm._gn_partial_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32"}, dict(BLOCK_P=256, BLOCK_C=16),
               {"x_ptr", "part_ptr"}, num_warps=4)
+        merge_pointers = {"part_ptr": "*fp32", "tiles_ptr": "*i32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
+        build(group_norm._gn_merge_partials_kernel, {**merge_pointers, "eps": "fp32"}, dict(BLOCK_S=1024),
+              set(merge_pointers), num_warps=4)
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("Triton's bundled ptxas is missing on this machine")
+    print(done.stdout)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

@@ -18,6 +18,8 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from sdvae_fast import fast
 from tests.helpers import assert_close
 
+# The upsample op, with or without the GroupNorm statistics of its output (fast.EMIT_GN_STATS).
+UPSAMPLE_OPS = {"sdvae_fast::upsample_conv2d", "sdvae_fast::upsample_conv2d_stats"}
 # aten ops that must not run anywhere in a fast forward (the kernels replace them).
 EAGER_OPS = ("aten::group_norm", "aten::native_group_norm", "aten::upsample_nearest2d",
              "aten::scaled_dot_product_attention", "aten::convolution")
@@ -117,7 +119,7 @@ def test_fast_path_profile_has_no_eager_norm_upsample_attention_or_conv(which, d
     _, names = decode_single if which == "decode" else encode_single
     assert "sdvae_fast::gn_silu_conv2d" in names and "sdvae_fast::attention" in names, "not the fast path"
     if which == "decode":
-        assert "sdvae_fast::upsample_conv2d" in names
+        assert UPSAMPLE_OPS & names
     assert not names.intersection(EAGER_OPS), sorted(names.intersection(EAGER_OPS))
 
 
@@ -188,7 +190,7 @@ def test_units_the_kernels_do_not_cover_run_their_own_forward_inside_the_fast_pa
     z = torch.randn(1, 4, 2, 2) + 0.5
     with torch.no_grad():
         actual, names = run_profiled(fast.decode_sample, vae, z)
-    assert "sdvae_fast::upsample_conv2d" in names and "aten::gelu" in names
+    assert UPSAMPLE_OPS & names and "aten::gelu" in names
     with torch.no_grad():
         assert_close(actual, vae.decode(z).sample, rel_l2=1e-4, name="decode with fallback units")
 
