@@ -98,7 +98,6 @@ def _config(block_m, block_n, block_k, num_warps, num_stages):
 CONV_CONFIGS = [
     _config(128, 128, 64, 8, 3),
     _config(64, 128, 64, 8, 3),
-    _config(64, 128, 64, 8, 4),
     _config(128, 128, 32, 8, 4),
     _config(64, 256, 64, 8, 3),
     _config(64, 64, 64, 4, 3),
@@ -117,10 +116,24 @@ def _smem_bytes(config: triton.Config, elem_bytes: int) -> int:
     return config.num_stages * (tiles + 2 * kw["BLOCK_K"] * 4)
 
 
+_NARROW_BLOCK_N = 32  # configs with BLOCK_N up to this serve outputs of at most this many channels, and only them
+
+
+def configs_for_width(configs, c_out: int) -> list:
+    """The candidates worth timing for C_out output channels: the narrow tiles for C_out <= 32 (conv_out to 3
+    channels, the quant convs), otherwise the wide ones whose BLOCK_N does not pass max(128, C_out). Fewer
+    candidates keep a fresh machine's autotuning (one compile per config and kernel variant) short."""
+    if c_out <= _NARROW_BLOCK_N:
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= _NARROW_BLOCK_N]
+    return [c for c in configs if _NARROW_BLOCK_N < c.kwargs["BLOCK_N"] <= max(128, c_out)]
+
+
 def _prune(configs, named_args, **kwargs):
-    """early_config_prune hook: the configs that fit the device's shared memory (only the first when interpreting)."""
+    """early_config_prune hook: the configs for this output width that fit the device's shared memory (only the
+    first config when interpreting)."""
     x = named_args["x_ptr"]
-    return prune_configs(configs, lambda c: _smem_bytes(c, x.element_size()), x.device)
+    candidates = configs_for_width(configs, named_args["C_out"]) or configs
+    return prune_configs(candidates, lambda c: _smem_bytes(c, x.element_size()), x.device)
 
 
 @triton.jit

@@ -345,6 +345,15 @@ def test_channels_last_tensors_beyond_2_31_elements_use_int32_tile_offsets_corre
     assert torch.equal(out.clone(), expected)
 
 
+def test_autotune_candidates_follow_the_output_width():
+    """Narrow tiles only for conv_out-like widths, wide ones otherwise, 256-wide only where C_out reaches 256."""
+    widths = {c_out: {c.kwargs["BLOCK_N"] for c in conv_kernels.configs_for_width(conv_kernels.CONV_CONFIGS, c_out)}
+              for c_out in (3, 32, 128, 512)}
+    assert widths[3] == widths[32] == {16, 32}
+    assert widths[128] == {64, 128} and widths[512] == {64, 128, 256}
+    assert all(len(conv_kernels.configs_for_width(conv_kernels.CONV_CONFIGS, c)) <= 5 for c in (3, 128, 512))
+
+
 def test_huge_channel_strides_switch_to_int64_tile_offsets():
     """NCHW at 4096^2 (channel stride 2^24, 256 channels): a tile's span passes 2^31, so WIDE_OFFSETS is set."""
     x = torch.empty_strided((1, 256, 4096, 4096), (1 << 32, 1 << 24, 4096, 1), device="meta")
