@@ -81,7 +81,7 @@ SUPPORTED_STRIDES = (1, 2)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Autotune configurations: declared here only. The first is the known-good default and the one the interpreter
-# runs; the rest are tried on the GPU after pruning by shared memory.
+# runs; on the GPU the autotuner times those that suit the output width and fit the shared memory (`_prune`).
 # ---------------------------------------------------------------------------------------------------------------
 
 
