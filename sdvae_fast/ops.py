@@ -142,6 +142,12 @@ def _gn_silu_conv2d_reference(
     return y.to(x.dtype).contiguous(memory_format=torch.channels_last)
 
 
+def _conv_kernel_runs(x: Tensor, weight: Tensor, stride: int) -> bool:
+    """Whether the conv ops take the Triton kernel: a device with kernels, fp16/bf16/fp32, 1x1/3x3, stride 1/2."""
+    return (kernels_available(x.device) and x.dtype in _KERNEL_DTYPES
+            and _conv_kernels.conv_supported(x, weight, stride) and x.numel() > 0)
+
+
 @torch.library.custom_op("sdvae_fast::gn_silu_conv2d", mutates_args=())
 def _gn_silu_conv2d_op(
     x: Tensor,
@@ -155,8 +161,7 @@ def _gn_silu_conv2d_op(
     padding: list[int],
 ) -> Tensor:
     # Triton implicit GEMM for fp16/bf16/fp32, 1x1/3x3, stride 1/2 where kernels run; the reference otherwise.
-    if (kernels_available(x.device) and x.dtype in _KERNEL_DTYPES
-            and _conv_kernels.conv_supported(x, weight, stride) and x.numel() > 0):
+    if _conv_kernel_runs(x, weight, stride):
         return _conv_kernels.gn_silu_conv2d(
             x, weight, bias, scale, shift, residual, silu=silu, stride=stride, padding=padding
         )
@@ -202,8 +207,7 @@ def _gn_silu_conv2d_stats_op(
     stats_eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     # The same kernel with EMIT_STATS: the output and its GroupNorm statistics from the epilogue's partials.
-    if (kernels_available(x.device) and x.dtype in _KERNEL_DTYPES
-            and _conv_kernels.conv_supported(x, weight, stride) and x.numel() > 0):
+    if _conv_kernel_runs(x, weight, stride):
         return _conv_kernels.gn_silu_conv2d(
             x, weight, bias, scale, shift, residual, silu=silu, stride=stride, padding=padding,
             stats_groups=stats_groups, stats_eps=stats_eps,
