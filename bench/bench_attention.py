@@ -77,6 +77,21 @@ def rel_l2(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def write_results(out: Path, rows_out: list, support: dict) -> None:
+    """attention.csv and attention.md in `out` (rewritten after every N, so a run cut short keeps its rows)."""
+    with open(out / "attention.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
+        writer.writeheader()
+        writer.writerows(rows_out)
+    with open(out / "attention.md", "w") as f:
+        f.write(f"# Attention, bf16, 1 head, head dim {HEAD_DIM} ({torch.cuda.get_device_name()})\n\n")
+        f.write("SDPA backends accepting head dim 512 (bf16): "
+                + ", ".join(f"{name}: {status}" for name, status in support.items()) + "\n\n")
+        f.write("| " + " | ".join(rows_out[0]) + " |\n|" + "---|" * len(rows_out[0]) + "\n")
+        for row in rows_out:
+            f.write("| " + " | ".join(str(value) for value in row.values()) + " |\n")
+
+
 def main() -> int:
     args = parse_args()
     if not torch.cuda.is_available():
@@ -138,18 +153,8 @@ def main() -> int:
                   f"x{row['speedup vs sdpa']:.2f} vs SDPA")
         del q, k, v, ours, theirs
         torch.cuda.empty_cache()
+        write_results(args.out, rows_out, support)
 
-    with open(args.out / "attention.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
-        writer.writeheader()
-        writer.writerows(rows_out)
-    with open(args.out / "attention.md", "w") as f:
-        f.write(f"# Attention, bf16, 1 head, head dim {HEAD_DIM} ({torch.cuda.get_device_name()})\n\n")
-        f.write("SDPA backends accepting head dim 512 (bf16): "
-                + ", ".join(f"{name}: {status}" for name, status in support.items()) + "\n\n")
-        f.write("| " + " | ".join(rows_out[0]) + " |\n|" + "---|" * len(rows_out[0]) + "\n")
-        for row in rows_out:
-            f.write("| " + " | ".join(str(value) for value in row.values()) + " |\n")
     print(f"wrote {args.out / 'attention.csv'} and {args.out / 'attention.md'} in {time.time() - start:.1f} s")
     return 0 if all(row["correct"] for row in rows_out) else 1
 

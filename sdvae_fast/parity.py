@@ -300,7 +300,8 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
 
     Args:
         reference: an `AutoencoderKL` (ours) in float32 on `device`; copies of it make the tested model and the
-            PyTorch low-precision yardstick.
+            PyTorch low-precision yardstick. Whatever its backend, the reference runs the PyTorch modules (a
+            copy set to "torch"; the caller's model is left as it is).
         device: torch.device of all runs. dtype: compute dtype of the tested path (float32/float16/bfloat16).
         backend: "triton" or "torch" (or "auto") for the tested copy.
         res: image side in pixels (multiple of 8); the decoder gets the reference encoder's latents of the images.
@@ -331,6 +332,11 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
 
     x = load_photos(list(images or DEFAULT_PHOTOS), res, batch).to(device)  # (B, 3, res, res) fp32
     fast_path = use_fast_path(backend, device)  # raises for "triton" where the kernels cannot run
+    if getattr(reference, "backend", "torch") != "torch":
+        # On CUDA "auto" would run the reference on the fast path too: no unit hooks fire, and the kernels
+        # would be compared with themselves. Record and decode with the PyTorch modules instead.
+        reference = copy.deepcopy(reference)
+        reference.set_backend("torch")
     fast = copy.deepcopy(reference).to(dtype=dtype)
     fast.set_backend(backend)
     lowp = copy.deepcopy(reference).to(dtype=dtype)

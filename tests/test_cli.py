@@ -275,6 +275,20 @@ def test_parity_of_the_decoder_on_cpu_through_the_interpreter_passes(two_level_d
     assert (tmp_path / "parity.md").read_text().strip().endswith("**PASS**")
 
 
+def test_parity_runs_the_reference_on_pytorch_modules_whatever_its_backend(two_level_dir):
+    """A reference on the kernel backend (like "auto" on CUDA) would skip every unit hook and compare the kernels
+    with themselves: run_parity records the units from a "torch" copy and leaves the caller's model alone."""
+    from sdvae_fast.parity import run_parity
+
+    reference = AutoencoderKL.from_pretrained(two_level_dir)
+    reference.set_backend("triton")
+    report = run_parity(reference, device=torch.device("cpu"), dtype=torch.float32, backend="triton", res=8,
+                        parts=("decode",), quiet=True)
+    names = [row.name for row in report.rows["decode"]]
+    assert "decoder.mid_block.attentions.0" in names and "decode: sample" in names, names
+    assert report.passed and reference.backend == "triton"
+
+
 def test_parity_exits_1_when_a_tolerance_is_exceeded(two_level_dir, capsys):
     """No tolerance at all: bf16 differs from the fp32 reference, so every check fails and the exit code is 1."""
     code, stdout, _ = _run(["parity", "--vae", two_level_dir, "--res", 8, "--dtype", "bf16", "--backend", "torch",
