@@ -422,6 +422,16 @@ def _check_tensor(name: str, t, shape: tuple, device) -> None:
         raise ValueError(f"{name} must be on {device} like x, got {t.device}")
 
 
+def _output(out: Optional[torch.Tensor], shape: tuple, x: torch.Tensor) -> torch.Tensor:
+    """A new channels_last output of `shape` in x's dtype, or the caller's `out` after checking it matches."""
+    if out is None:
+        return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    _check_tensor("out", out, shape, x.device)
+    if out.dtype != x.dtype:
+        raise TypeError(f"out must be {x.dtype} like x, got {out.dtype}")
+    return out
+
+
 def _check_stats_groups(c_out: int, stats_groups: int) -> None:
     """Raise naming both numbers unless stats_groups is 0 (no statistics) or divides C_out."""
     if not isinstance(stats_groups, int) or stats_groups < 0 or (stats_groups and c_out % stats_groups):
@@ -586,13 +596,7 @@ def gn_silu_conv2d(
         shift = shift.to(torch.float32).contiguous()
     if residual is not None:
         _check_tensor("residual", residual, (n, c_out, h_out, w_out), x.device)
-    if out is None:
-        out = torch.empty((n, c_out, h_out, w_out), device=x.device, dtype=x.dtype,
-                          memory_format=torch.channels_last)
-    else:
-        _check_tensor("out", out, (n, c_out, h_out, w_out), x.device)
-        if out.dtype != x.dtype:
-            raise TypeError(f"out must be {x.dtype} like x, got {out.dtype}")
+    out = _output(out, (n, c_out, h_out, w_out), x)
     require_kernels(x.device, "gn_silu_conv2d")
     packed = weight_cache.get(weight, x.dtype, upsample=False)
     return _launch(_prepare_input(x), packed, bias, scale, shift, residual, silu, stride, pad_left, pad_top,
@@ -632,13 +636,7 @@ def upsample_conv2d(
     _check_stats_groups(c_out, stats_groups)
     if bias is not None:
         _check_tensor("bias", bias, (c_out,), x.device)
-    if out is None:
-        out = torch.empty((n, c_out, 2 * h, 2 * w), device=x.device, dtype=x.dtype,
-                          memory_format=torch.channels_last)
-    else:
-        _check_tensor("out", out, (n, c_out, 2 * h, 2 * w), x.device)
-        if out.dtype != x.dtype:
-            raise TypeError(f"out must be {x.dtype} like x, got {out.dtype}")
+    out = _output(out, (n, c_out, 2 * h, 2 * w), x)
     require_kernels(x.device, "upsample_conv2d")
     packed = weight_cache.get(weight, x.dtype, upsample=True)
     # Each phase is a 2x2 conv over the H x W input grid; its padding is set per phase inside the kernel.
