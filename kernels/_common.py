@@ -10,6 +10,9 @@ seen at import time. Quirks handled here (see ../shared/DESIGN.md section 5):
   (known-good) config there.
 """
 import os
+import weakref
+from collections import Counter
+from typing import Callable, Hashable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -112,6 +115,71 @@ def tensor_stamp(t: torch.Tensor) -> tuple:
     version = -1 if t.is_inference() else t._version
     return (version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
 
+
+class DerivedCache:
+    """The one cache of weights derived from parameters: packed conv weights, folded upsample phases, the fused
+    q/k/v projection, the encoder's folded quant_conv.
+
+    Rule: an entry is reused only while every source is the same live tensor object (checked through a weak
+    reference, because `id()` values are recycled) with an unchanged `tensor_stamp` (version counter, storage,
+    dtype, device, shape). So `.to()`, `load_state_dict`, optimiser steps and other in-place writes rebuild it on
+    the next call, and an entry is dropped as soon as any of its sources is freed. Writes through `.data` bypass
+    the version counter and are not seen. Under `torch.compile` nothing is cached: the build is traced into the
+    graph (a few small copies or matmuls per call), which keeps Python-side state out of the graph.
+
+    `builds` counts builds per tag kind (the first element of a tuple tag, or the tag itself); tests use it to prove
+    that an unchanged weight is never rebuilt.
+    """
+
+    def __init__(self):
+        self._entries: dict = {}
+        self.builds: Counter = Counter()
+
+    def get(self, sources: Sequence[Optional[torch.Tensor]], tag: Hashable, build: Callable[[], "_T"]) -> "_T":
+        """`build()` (run under `torch.no_grad()`), cached under (`sources`' identities, `tag`).
+
+        Args:
+            sources: the tensors the value is derived from (None entries allowed, e.g. a missing bias).
+            tag: what is derived and how (for example `("conv_pack", torch.bfloat16)`); part of the key.
+            build: computes the value from the current contents of `sources`.
+        Returns:
+            The cached value while every source is unchanged, else a fresh `build()` (which replaces the entry).
+        """
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return build()
+        key = (tuple(None if t is None else id(t) for t in sources), tag)
+        stamps = tuple(None if t is None else tensor_stamp(t) for t in sources)
+        entry = self._entries.get(key)
+        if entry is not None:
+            refs, old_stamps, value = entry
+            alive = all((r is None) == (t is None) and (r is None or r() is t) for r, t in zip(refs, sources))
+            if alive and old_stamps == stamps:
+                return value
+        with torch.no_grad():
+            value = build()
+        self.builds[tag[0] if isinstance(tag, tuple) else tag] += 1
+        entries = self._entries
+
+        def drop(_ref, key=key):
+            entries.pop(key, None)
+
+        refs = tuple(None if t is None else weakref.ref(t, drop) for t in sources)
+        entries[key] = (refs, stamps, value)
+        return value
+
+    def clear(self) -> None:
+        """Drop every entry (the next call of each derived weight builds it again)."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_T = TypeVar("_T")
+
+#: The process-wide cache of derived weights (see `DerivedCache`).
+derived_weights = DerivedCache()
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -58,7 +58,6 @@ with residual, 128x128x64 tiles, 8 warps): int64 tile offsets used 255 registers
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -71,8 +70,8 @@ from sdvae_fast.kernels._common import (
     SUPPORTED_DTYPES,
     check_image_input,
     prune_configs,
+    derived_weights,
     require_kernels,
-    tensor_stamp,
 )
 
 SUPPORTED_KERNEL_SIZES = (1, 3)
@@ -349,53 +348,21 @@ def fold_upsample_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.stack(phases)  # (2, 2, C_out, C_in, 2, 2)
 
 
-class _WeightCache:
-    """Packed weights keyed by the weight tensor's identity, `_version`, storage, target dtype and mode.
+def _pack_weight(weight: torch.Tensor, dtype: torch.dtype, upsample: bool) -> torch.Tensor:
+    """`weight` packed for the GEMM: (KH*KW*C_in, C_out), or for the upsample phases (4, 4*C_in, C_out).
 
-    An entry is reused only while its weight is the same live tensor object (checked through a weak
-    reference, since `id()` values are recycled) with an unchanged version counter and data pointer; an in-place
-    update or `.data` swap refolds it. Entries die with their weight tensor. `packs` counts packings (tests use
-    it to prove an unchanged weight is never packed twice).
+    Cached in the shared `derived_weights` (kernels/_common.py): packed once per weight tensor, version and dtype.
     """
-
-    def __init__(self):
-        self._entries: dict = {}
-        self.packs = 0
-
-    def get(self, weight: torch.Tensor, dtype: torch.dtype, upsample: bool) -> torch.Tensor:
-        """The packed (upsample: folded and packed) `weight` in `dtype`, packing it only when stale or new.
-
-        Returns (KH*KW*C_in, C_out) contiguous, or (4, 4*C_in, C_out) for the upsample phases.
-        """
-        key = (id(weight), dtype, upsample)
-        stamp = tensor_stamp(weight)
-        entry = self._entries.get(key)
-        if entry is not None and entry[0]() is weight and entry[1] == stamp:
-            return entry[2]
-        packed = self._pack(weight.detach(), dtype, upsample)
-        self.packs += 1
-        entries = self._entries
-        ref = weakref.ref(weight, lambda _, key=key: entries.pop(key, None))
-        entries[key] = (ref, stamp, packed)
-        return packed
-
-    @staticmethod
-    def _pack(weight: torch.Tensor, dtype: torch.dtype, upsample: bool) -> torch.Tensor:
+    def build():
+        w = weight.detach()
         if not upsample:
-            return pack_conv_weight_reference(weight).to(dtype).contiguous()
+            return pack_conv_weight_reference(w).to(dtype).contiguous()
         # Fold in fp64 (exact sums of two weights) and round once to the kernel's dtype.
-        folded = fold_upsample_weight(weight.to(torch.float64))  # (2, 2, C_out, C_in, 2, 2)
-        c_out = weight.shape[0]
-        packed = folded.permute(0, 1, 4, 5, 3, 2).reshape(4, -1, c_out)  # (phase, 2*2*C_in, C_out)
+        folded = fold_upsample_weight(w.to(torch.float64))  # (2, 2, C_out, C_in, 2, 2)
+        packed = folded.permute(0, 1, 4, 5, 3, 2).reshape(4, -1, w.shape[0])  # (phase, 2*2*C_in, C_out)
         return packed.to(dtype).contiguous()
 
-    def clear(self) -> None:
-        """Drop every packed weight (the next call of each weight packs again)."""
-        self._entries.clear()
-
-
-# The process-wide cache of packed weights used by both launchers.
-weight_cache = _WeightCache()
+    return derived_weights.get((weight,), ("upsample_pack" if upsample else "conv_pack", dtype), build)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -598,7 +565,7 @@ def gn_silu_conv2d(
         _check_tensor("residual", residual, (n, c_out, h_out, w_out), x.device)
     out = _output(out, (n, c_out, h_out, w_out), x)
     require_kernels(x.device, "gn_silu_conv2d")
-    packed = weight_cache.get(weight, x.dtype, upsample=False)
+    packed = _pack_weight(weight, x.dtype, upsample=False)
     return _launch(_prepare_input(x), packed, bias, scale, shift, residual, silu, stride, pad_left, pad_top,
                    kh, kw, h_out, w_out, out, upsample=False, stats_groups=stats_groups, stats_eps=stats_eps)
 
@@ -638,7 +605,7 @@ def upsample_conv2d(
         _check_tensor("bias", bias, (c_out,), x.device)
     out = _output(out, (n, c_out, 2 * h, 2 * w), x)
     require_kernels(x.device, "upsample_conv2d")
-    packed = weight_cache.get(weight, x.dtype, upsample=True)
+    packed = _pack_weight(weight, x.dtype, upsample=True)
     # Each phase is a 2x2 conv over the H x W input grid; its padding is set per phase inside the kernel.
     return _launch(_prepare_input(x), packed, bias, None, None, None, False, 1, 0, 0, 2, 2, h, w, out,
                    upsample=True, stats_groups=stats_groups, stats_eps=stats_eps)

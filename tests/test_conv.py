@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from helpers import assert_close, error_report
 from sdvae_fast import ops
 from sdvae_fast.kernels import conv as conv_kernels
+from sdvae_fast.kernels._common import derived_weights
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -74,7 +75,7 @@ def run_gsc(n, c_in, c_out, hw, k, dtype, *, layout="nchw", num_groups=8, gn=Tru
     if residual:
         res = _random_image((n, c_out, h_out, w_out), dtype, residual_layout)
 
-    packs = conv_kernels.weight_cache.packs
+    packs = derived_weights.builds["conv_pack"]
     if via == "ops":
         y = ops.gn_silu_conv2d(x, weight, b, norm_weight=gamma, norm_bias=beta, num_groups=num_groups,
                                eps=1e-6, silu=silu, stride=stride, padding=padding, residual=res)
@@ -87,7 +88,7 @@ def run_gsc(n, c_in, c_out, hw, k, dtype, *, layout="nchw", num_groups=8, gn=Tru
             memory_format=torch.channels_last)
         y = conv_kernels.gn_silu_conv2d(x, weight, b, scale, shift, res, silu=silu, stride=stride,
                                         padding=pad, out=out)
-    assert conv_kernels.weight_cache.packs == packs + 1, "the kernel path did not run"
+    assert derived_weights.builds["conv_pack"] == packs + 1, "the kernel path did not run"
     assert y.shape == (n, c_out, h_out, w_out) and y.dtype == dtype
     assert y.is_contiguous(memory_format=torch.channels_last)
 
@@ -172,14 +173,14 @@ def test_precomputed_stats_give_the_same_result():
 def test_weight_cache_packs_once_and_refolds_after_in_place_change():
     x = _random_image((1, 16, 5, 6), torch.float32)
     weight = torch.nn.Parameter(torch.randn(8, 16, 3, 3) * 0.1)
-    packs = conv_kernels.weight_cache.packs
+    packs = derived_weights.builds["conv_pack"]
     with torch.no_grad():
         first = ops.gn_silu_conv2d(x, weight)
         again = ops.gn_silu_conv2d(x, weight)
-        assert conv_kernels.weight_cache.packs == packs + 1 and torch.equal(first, again)
+        assert derived_weights.builds["conv_pack"] == packs + 1 and torch.equal(first, again)
         weight.mul_(-2.0)
         changed = ops.gn_silu_conv2d(x, weight)
-    assert conv_kernels.weight_cache.packs == packs + 2
+    assert derived_weights.builds["conv_pack"] == packs + 2
     assert_close(changed, -2.0 * first, rel_l2=1e-6, name="refolded")
 
 
@@ -232,9 +233,9 @@ def test_unsupported_cases_fall_back_to_the_reference(dtype, k, stride):
     x = _random_image((2, 8, 7, 6), dtype)
     weight = torch.randn(4, 8, k, k, dtype=dtype) * 0.1
     gamma = torch.rand(8, dtype=dtype) + 0.5
-    packs = conv_kernels.weight_cache.packs
+    packs = derived_weights.builds["conv_pack"]
     y = ops.gn_silu_conv2d(x, weight, norm_weight=gamma, num_groups=4, stride=stride, padding=k // 2)
-    assert conv_kernels.weight_cache.packs == packs
+    assert derived_weights.builds["conv_pack"] == packs
     expected = _gsc_eager(x, weight, None, gamma, torch.zeros(8, dtype=dtype), 4, True, stride, k // 2, None,
                           torch.float64)
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
@@ -246,7 +247,7 @@ def test_cpu_without_interpreter_falls_back_to_the_reference():
     script = textwrap.dedent("""
         import torch, torch.nn.functional as F
         from sdvae_fast import ops
-        from sdvae_fast.kernels import conv
+        from sdvae_fast.kernels._common import derived_weights
         torch.manual_seed(0)
         x = torch.randn(2, 8, 5, 6) + 0.5
         w = torch.randn(4, 8, 3, 3) * 0.1
@@ -256,7 +257,7 @@ def test_cpu_without_interpreter_falls_back_to_the_reference():
         y_ref = F.conv2d(F.silu(ref), w.double(), padding=1)
         u = ops.upsample_conv2d(x, w)
         u_ref = F.conv2d(F.interpolate(x.double(), scale_factor=2.0, mode="nearest"), w.double(), padding=1)
-        assert conv.weight_cache.packs == 0
+        assert len(derived_weights) == 0
         assert (y.double() - y_ref).abs().max() < 1e-5, "gn_silu_conv2d"
         assert (u.double() - u_ref).abs().max() < 1e-5, "upsample_conv2d"
         print("ok")

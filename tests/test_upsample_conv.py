@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers import assert_close, error_report
 from sdvae_fast import ops
 from sdvae_fast.kernels import conv as conv_kernels
+from sdvae_fast.kernels._common import derived_weights
 
 
 def _random_image(shape, dtype, layout="nchw", mean=0.5):
@@ -83,9 +84,9 @@ def test_upsample_conv_matches_float64_reference(case):
 def test_public_op_runs_the_kernel_with_channels_last_output():
     x = _random_image((2, 16, 5, 3), torch.bfloat16)
     weight, bias = torch.randn(8, 16, 3, 3).bfloat16() * 0.1, torch.randn(8).bfloat16()
-    packs = conv_kernels.weight_cache.packs
+    packs = derived_weights.builds["upsample_pack"]
     y = ops.upsample_conv2d(x, weight, bias)
-    assert conv_kernels.weight_cache.packs == packs + 1, "the kernel path did not run"
+    assert derived_weights.builds["upsample_pack"] == packs + 1, "the kernel path did not run"
     assert y.shape == (2, 8, 10, 6) and y.dtype == torch.bfloat16
     assert y.is_contiguous(memory_format=torch.channels_last)
     expected = _upsample_conv_eager(x, weight, bias, torch.float64)
@@ -102,14 +103,14 @@ def test_image_alone_equals_its_slice_of_a_batch_bitwise():
 def test_folded_weights_are_cached_and_refolded_after_in_place_change():
     x = _random_image((1, 8, 3, 4), torch.float32)
     weight = torch.nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
-    packs = conv_kernels.weight_cache.packs
+    packs = derived_weights.builds["upsample_pack"]
     with torch.no_grad():
         first = ops.upsample_conv2d(x, weight)
         again = ops.upsample_conv2d(x, weight)
-        assert conv_kernels.weight_cache.packs == packs + 1 and torch.equal(first, again)
+        assert derived_weights.builds["upsample_pack"] == packs + 1 and torch.equal(first, again)
         weight[:, :, 1, 1] += 1.0  # an in-place update of one tap
         changed = ops.upsample_conv2d(x, weight)
-    assert conv_kernels.weight_cache.packs == packs + 2
+    assert derived_weights.builds["upsample_pack"] == packs + 2
     expected = _upsample_conv_eager(x, weight.detach(), None, torch.float64)
     assert_close(changed, expected, rel_l2=1e-5, name="refolded")
 
@@ -117,9 +118,9 @@ def test_folded_weights_are_cached_and_refolded_after_in_place_change():
 def test_float64_falls_back_to_the_reference():
     x = _random_image((1, 4, 3, 5), torch.float64)
     weight = torch.randn(6, 4, 3, 3, dtype=torch.float64)
-    packs = conv_kernels.weight_cache.packs
+    packs = derived_weights.builds["upsample_pack"]
     y = ops.upsample_conv2d(x, weight)
-    assert conv_kernels.weight_cache.packs == packs
+    assert derived_weights.builds["upsample_pack"] == packs
     assert_close(y, _upsample_conv_eager(x, weight, None, torch.float64), rel_l2=1e-14, name="fp64")
 
 
