@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["sdvae_fast", "sdvae_fast.kernels"],
+    packages=["sdvae_fast", "sdvae_fast.fast", "sdvae_fast.kernels"],
     package_dir={"sdvae_fast": "sdvae_fast", "sdvae_fast.kernels": "kernels"},
     package_data={"sdvae_fast": ["data/*", "data/*/*"]},
     include_package_data=True,

@@ -25,11 +25,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from sdvae_fast.backends import BACKEND_ENV, BACKENDS, check_backend
 from sdvae_fast.configs import PRESETS, ConfigLike, normalize_config, resolve_config
 from sdvae_fast.reference import Decoder, DiagonalGaussianDistribution, Encoder, GeneratorArg
-
-BACKENDS = ("auto", "triton", "torch")
-BACKEND_ENV = "SDVAE_FAST_BACKEND"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,9 +265,7 @@ class AutoencoderKL(nn.Module):
     def set_backend(self, name: str, *, _source: str = "backend") -> None:
         """Choose the forward: "auto" (fast path on CUDA when available, else PyTorch), "triton" (always the fast
         path), or "torch" (always the reference modules). Raises ValueError for any other name."""
-        if name not in BACKENDS:
-            raise ValueError(f"{_source} must be one of {list(BACKENDS)}, got {name!r}")
-        self.backend = name
+        self.backend = check_backend(name, _source)
 
     def enable_slicing(self) -> None:
         """Encode / decode a batch one sample at a time (lower peak memory; results equal the batched call)."""
@@ -340,7 +336,7 @@ class AutoencoderKL(nn.Module):
         """Moments `quant_conv(encoder(x))`, (N, 2c, H // f, W // f), without tiling. x is validated already."""
         fast = self._fast(x.device)
         if fast is not None:
-            return fast.encode_moments(self, x)
+            return fast.encode_moments(self, x, validate=False)
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -351,7 +347,7 @@ class AutoencoderKL(nn.Module):
         DecoderOutput as in diffusers). z is validated already."""
         fast = self._fast(z.device)
         if fast is not None:
-            return fast.decode_sample(self, z)
+            return fast.decode_sample(self, z, validate=False)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

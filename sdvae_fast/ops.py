@@ -5,8 +5,10 @@ graph break and, with dynamic shapes, without recompiling per resolution. Inside
 when `kernels_available(device)` (CUDA, or CPU under `TRITON_INTERPRET=1`) and the case is supported, and the
 plain PyTorch reference otherwise (unsupported-but-valid cases fall back, correctly).
 
-The public functions below (`group_norm_stats`, `gn_silu_conv2d`, `upsample_conv2d`, `attention`,
-`vae_attention_block`) validate their arguments with clear errors, normalise them, and call the registered ops.
+The public functions below (`group_norm_stats`, `gn_silu_conv2d`, `upsample_conv2d`, `attention`) validate
+their arguments with clear errors (the one validation on the way down: the kernel launchers only assert what the
+ops guarantee), normalise them, and call the registered ops. The ops take tensors only and know no module types:
+`sdvae_fast.fast.units` maps modules (ResnetBlock2D, Attention, ...) to calls of these ops.
 All image tensors are `(N, C, H, W)` logically; outputs are in channels_last memory format (NHWC in memory).
 `gn_silu_conv2d_stats` and `upsample_conv2d_stats` are the same kernels with the GroupNorm statistics of the
 output emitted from the epilogue (`emit_stats=(num_groups, eps)` on the public functions), so the unit that
@@ -16,7 +18,6 @@ Layout of this file: one section per op (reference, registered op, fake, public 
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Sequence, Union
 
 import torch
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from sdvae_fast.kernels import attention as _attention_kernels
 from sdvae_fast.kernels import conv as _conv_kernels
 from sdvae_fast.kernels import group_norm as _group_norm_kernels
-from sdvae_fast.kernels._common import kernels_available, tensor_stamp
+from sdvae_fast.kernels._common import SUPPORTED_DTYPES as _KERNEL_DTYPES
+from sdvae_fast.kernels._common import kernels_available
 
 Tensor = torch.Tensor
 
@@ -37,7 +39,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_image(name: str, x: Tensor) -> None:
+def check_image(name: str, x: Tensor) -> None:
+    """Raise naming `name` unless x is a 4-D (N, C, H, W) fp16/bf16/fp32/fp64 tensor (what every image op takes).
+
+    Raises:
+        TypeError: not a tensor, or not one of those dtypes. ValueError: not 4-D.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -58,9 +65,6 @@ def _check_groups(num_channels: int, num_groups: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-
-# Input dtypes the GroupNorm and conv kernels take; fp64 runs the references.
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _group_norm_stats_reference(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
@@ -103,7 +107,7 @@ def group_norm_stats(x: Tensor, num_groups: int, eps: float = 1e-6) -> tuple[Ten
     Raises:
         ValueError: x not 4-D, or C not divisible by num_groups (the message names both numbers).
     """
-    _check_image("x", x)
+    check_image("x", x)
     _check_groups(x.shape[1], num_groups)
     return torch.ops.sdvae_fast.group_norm_stats(x, int(num_groups), float(eps))
 
@@ -298,7 +302,7 @@ def gn_silu_conv2d(
     PyTorch reference otherwise (fp64, 5x5, CPU without the interpreter), with the same result.
     fp32 on a GPU follows `torch.backends.cudnn.allow_tf32` like eager convs (TF32 by default).
     """
-    _check_image("x", x)
+    check_image("x", x)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if not isinstance(stride, int) or isinstance(stride, bool):
@@ -419,7 +423,7 @@ def upsample_conv2d(
     Raises:
         ValueError naming the argument on wrong ranks or shapes.
     """
-    _check_image("x", x)
+    check_image("x", x)
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
         raise ValueError(f"weight must be (C_out, {x.shape[1]}, 3, 3), got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
@@ -497,163 +501,3 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return torch.ops.sdvae_fast.attention(q, k, v, float(scale))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# VAE mid-block attention
-# ---------------------------------------------------------------------------------------------------------------
-
-
-# module -> (key, W_qkv (3*inner, C, 1, 1), b_qkv (3*inner,)); weak, so a freed module frees its fused weights.
-_FUSED_QKV_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _tensor_key(t: Optional[Tensor]) -> tuple:
-    """What identifies a parameter's current contents: its identity and `tensor_stamp` (version, storage, ...).
-
-    Writes through `.data` bypass the version counter and are not seen.
-    """
-    if t is None:
-        return (None,)
-    return (id(t),) + tensor_stamp(t)
-
-
-def fused_qkv_weights(module: torch.nn.Module, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
-    """The q/k/v projections of `module` concatenated into one 1x1 conv, cached per module.
-
-    `to_q`, `to_k`, `to_v` are Linear layers (inner, C); their weights stack row-wise into (3*inner, C) so one
-    GEMM computes [q | k | v] per pixel (missing biases count as zeros). The result is cached in a weak
-    per-module table keyed by `_tensor_key` of the six tensors and the requested dtype/device: a changed weight
-    is re-concatenated on the next call, an unchanged one never is (the same tensor objects come back). Under
-    `torch.compile` the concatenation is traced into the graph instead (a few small copies per call).
-
-    Returns:
-        (weight (3*inner, C, 1, 1), bias (3*inner,)), in `dtype` on `device`, contiguous.
-    """
-    linears = (module.to_q, module.to_k, module.to_v)
-    compiling = torch.compiler.is_compiling()  # dynamo cannot trace data-pointer keys: build in the graph
-    if not compiling:
-        key = tuple(_tensor_key(t) for lin in linears for t in (lin.weight, lin.bias)) + (dtype, torch.device(device))
-        cached = _FUSED_QKV_CACHE.get(module)
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-    with torch.no_grad():
-        weight = torch.cat([lin.weight for lin in linears], dim=0)  # (3*inner, C)
-        bias = torch.cat([
-            lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0]) for lin in linears
-        ])  # (3*inner,)
-        weight = weight.to(device=device, dtype=dtype)[:, :, None, None].contiguous()  # (3*inner, C, 1, 1)
-        bias = bias.to(device=device, dtype=dtype).contiguous()
-    if not compiling:
-        _FUSED_QKV_CACHE[module] = (key, weight, bias)
-    return weight, bias
-
-
-def _check_attention_module(module: torch.nn.Module, channels: int) -> tuple[int, int]:
-    """Validate a diffusers-named mid-block attention for input channels C; return (inner, heads)."""
-    needed = ("group_norm", "to_q", "to_k", "to_v", "to_out", "heads")
-    missing = [name for name in needed if not hasattr(module, name)]
-    if missing:
-        raise TypeError(
-            f"module must be a diffusers-style mid-block Attention with attributes {needed}; "
-            f"{type(module).__name__} lacks {missing}"
-        )
-    for name in ("spatial_norm", "norm_q", "norm_k"):
-        if getattr(module, name, None) is not None:
-            raise ValueError(f"module.{name} is set; vae_attention_block supports only the plain VAE mid-block attention")
-    gn = module.group_norm
-    if gn is not None:
-        if not isinstance(gn, torch.nn.GroupNorm) or gn.num_channels != channels:
-            raise ValueError(f"module.group_norm must be nn.GroupNorm over C={channels} channels, got {gn}")
-        _check_groups(channels, gn.num_groups)
-    inner = module.to_q.weight.shape[0]
-    for name in ("to_q", "to_k", "to_v"):
-        lin = getattr(module, name)
-        if not isinstance(lin, torch.nn.Linear) or tuple(lin.weight.shape) != (inner, channels):
-            raise ValueError(
-                f"module.{name} must be nn.Linear({channels}, {inner}) (self-attention over x's C={channels} "
-                f"channels), got {lin}"
-            )
-    out_proj = module.to_out[0]
-    if not isinstance(out_proj, torch.nn.Linear) or tuple(out_proj.weight.shape) != (channels, inner):
-        raise ValueError(f"module.to_out[0] must be nn.Linear({inner}, {channels}), got {out_proj}")
-    heads = int(module.heads)
-    if heads < 1 or inner % heads != 0:
-        raise ValueError(f"module.heads ({heads}) must divide the projection width ({inner})")
-    return inner, heads
-
-
-def vae_attention_block(
-    x: Tensor,
-    module: torch.nn.Module,
-    *,
-    stats: Optional[tuple[Tensor, Tensor]] = None,
-    emit_stats: Optional[tuple[int, float]] = None,
-):
-    """The VAE mid-block attention unit, fused: `x + out_proj(attention(qkv(group_norm(x))))`.
-
-    Three registered ops, no N x N tensor and no copies between them:
-    1. `gn_silu_conv2d(x, W_qkv, b_qkv, norm_weight=gamma, norm_bias=beta, silu=False, padding=0)`: GroupNorm
-       fused into ONE 1x1 projection with the q/k/v weights concatenated (`fused_qkv_weights`, cached per
-       module) -> (N, 3*inner, H, W) channels_last, i.e. (N, H*W, 3*inner) in memory.
-    2. `attention` on strided (N, H*W, inner) views of it (heads > 1: (N, heads, H*W, inner/heads) views).
-    3. `gn_silu_conv2d(attn, W_out, b_out, norm_weight=None, padding=0, residual=x)`: the out projection as a
-       1x1 conv with the residual added in its epilogue.
-    This follows diffusers' `AttnProcessor2_0` for 4-D input: `(proj + residual) / rescale_output_factor`
-    (the division only runs when the factor is not 1; it is 1 in every public VAE), no residual when
-    `residual_connection` is False. The softmax scale is `module.scale` (head_dim**-0.5 for `scale_qk=True`,
-    which every VAE uses; diffusers' SDPA processor uses that same default).
-
-    Args:
-        x: hidden_states (N, C, H, W), fp16/bf16/fp32/fp64, any strides. The module's weights are cast to x's
-            dtype and device (the cast of the fused q/k/v weights is cached).
-        module: diffusers-named mid-block attention (`diffusers.models.attention_processor.Attention`):
-            group_norm (nn.GroupNorm over C, or None), to_q/to_k/to_v nn.Linear(C, inner), to_out[0]
-            nn.Linear(inner, C), heads, rescale_output_factor, residual_connection; spatial_norm, norm_q and
-            norm_k must be None.
-        stats: precomputed GroupNorm (mean, rstd) of x for module.group_norm, each (N, G), or None.
-        emit_stats: (num_groups, eps) of the GroupNorm applied to the output next (see `gn_silu_conv2d`).
-    Returns:
-        (N, C, H, W) in x's dtype, channels_last memory format; with `emit_stats` the pair
-        (output, (mean, rstd)).
-    Raises:
-        TypeError: x is not a float tensor, or module lacks the attributes above.
-        ValueError: naming the argument, on a wrong rank, channel count, group count or projection shape.
-    """
-    _check_image("x", x)
-    n, c, h, w = x.shape
-    inner, heads = _check_attention_module(module, c)
-    head_dim = inner // heads
-    w_qkv, b_qkv = fused_qkv_weights(module, x.dtype, x.device)
-    gn = module.group_norm
-    if gn is not None:
-        gamma = gn.weight if gn.weight is not None else torch.ones(c, device=x.device, dtype=x.dtype)
-        beta = gn.bias if gn.bias is not None else torch.zeros(c, device=x.device, dtype=x.dtype)
-        qkv = gn_silu_conv2d(
-            x, w_qkv, b_qkv, norm_weight=gamma, norm_bias=beta, num_groups=gn.num_groups, eps=gn.eps,
-            silu=False, padding=0, stats=stats,
-        )  # (N, 3*inner, H, W) channels_last
-    else:
-        qkv = gn_silu_conv2d(x, w_qkv, b_qkv, norm_weight=None, padding=0)
-    tokens = qkv.permute(0, 2, 3, 1).reshape(n, h * w, 3 * inner)  # (N, H*W, 3*inner), a view for NHWC
-    q, k, v = tokens.split(inner, dim=-1)  # each (N, H*W, inner), row stride 3*inner
-    if heads > 1:
-        q, k, v = (t.unflatten(-1, (heads, head_dim)).transpose(1, 2) for t in (q, k, v))  # (N, heads, H*W, d)
-    scale = float(getattr(module, "scale", head_dim ** -0.5))
-    attn = attention(q, k, v, scale)  # same shape as q, contiguous
-    if heads > 1:
-        attn = attn.transpose(1, 2).reshape(n, h * w, inner)  # (N, H*W, inner)
-    attn = attn.view(n, h, w, inner).permute(0, 3, 1, 2)  # (N, inner, H, W) channels_last view
-    out_proj = module.to_out[0]
-    w_out = out_proj.weight.to(device=x.device, dtype=x.dtype)[:, :, None, None]  # (C, inner, 1, 1)
-    b_out = None if out_proj.bias is None else out_proj.bias.to(device=x.device, dtype=x.dtype)
-    residual = x if getattr(module, "residual_connection", False) else None
-    rescale = float(getattr(module, "rescale_output_factor", 1.0))
-    if rescale == 1.0:
-        # (N, C, H, W) NHWC, or (that, (mean, rstd)) with emit_stats
-        return gn_silu_conv2d(attn, w_out, b_out, norm_weight=None, padding=0, residual=residual,
-                              emit_stats=emit_stats)
-    y = gn_silu_conv2d(attn, w_out, b_out, norm_weight=None, padding=0, residual=residual) / rescale
-    if emit_stats is None:
-        return y
-    return y, group_norm_stats(y, *_check_emit_stats(emit_stats, c))

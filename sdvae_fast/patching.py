@@ -32,6 +32,7 @@ import types
 import torch
 
 from sdvae_fast import fast
+from sdvae_fast.backends import check_backend
 
 _STATE = "_sdvae_fast_patch"
 
@@ -148,8 +149,7 @@ def patch(obj, backend: str = "auto"):
         ValueError: unknown backend name.
         TypeError: obj is neither an AutoencoderKL-like module nor holds one as `.vae`.
     """
-    if backend not in fast.VALID_BACKENDS:
-        raise ValueError(f"backend must be one of {fast.VALID_BACKENDS}, got {backend!r}")
+    check_backend(backend)
     vae = _find_vae(obj)
     state = _state_of(vae)
     if state is not None:

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from sdvae_fast.bench import median_ms, peak_extra_gib
-from sdvae_fast.parity import record_units, run_unit
+from sdvae_fast.parity import record_units, run_unit, units_by_name
 
 
 def matmul_tflops(device, dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
@@ -66,12 +66,9 @@ def _nbytes(value) -> int:
 
 
 def _unit_param_bytes(model: torch.nn.Module, name: str) -> int:
-    if name.endswith("conv_out*"):
-        prefix = name[: -len("conv_out*")]
-        modules = [model.get_submodule(prefix + "conv_norm_out"), model.get_submodule(prefix + "conv_out")]
-    else:
-        modules = [model.get_submodule(name)]
-    return sum(_nbytes(list(m.parameters())) for m in modules)
+    """Bytes of the parameters of unit `name` (all the modules it covers)."""
+    unit = units_by_name(model)[name]
+    return sum(_nbytes(list(m.parameters())) for m in unit.modules)
 
 
 def _gflop(fn) -> float:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from sdvae_fast import ops
+from sdvae_fast import fast, ops
 from sdvae_fast.kernels.attention import attention_forward
 from tests.helpers import assert_close, error_report
 
@@ -298,7 +298,7 @@ def test_block_matches_diffusers_attention(case):
     module = _diffusers_vae_attention(channels, heads)
     g = torch.Generator().manual_seed(8)
     x = _randn((batch, channels, height, width), dtype, 0.4, g)
-    out = ops.vae_attention_block(x, module)
+    out = fast.vae_attention_block(x, module)
     assert out.shape == x.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last)
     reference, torch_err = _block_reference(module, x)
@@ -312,7 +312,7 @@ def test_block_honours_rescale_output_factor_and_residual_connection(overrides):
     module = _diffusers_vae_attention(64, seed=9, **overrides)
     x = _randn((2, 64, 7, 9), torch.float32, 0.4, torch.Generator().manual_seed(9))
     reference, torch_err = _block_reference(module, x)
-    assert_close(ops.vae_attention_block(x, module), reference, rel_l2=2.0 * torch_err + 1e-5, name=str(overrides))
+    assert_close(fast.vae_attention_block(x, module), reference, rel_l2=2.0 * torch_err + 1e-5, name=str(overrides))
 
 
 def test_block_accepts_non_contiguous_input():
@@ -320,7 +320,7 @@ def test_block_accepts_non_contiguous_input():
     wide = _randn((2, 64, 7, 18), torch.float32, 0.4, torch.Generator().manual_seed(10))
     x = wide[..., ::2]  # (2, 64, 7, 9), stride 2 along W
     reference, torch_err = _block_reference(module, x)
-    assert_close(ops.vae_attention_block(x, module), reference, rel_l2=2.0 * torch_err + 1e-5, name="strided x")
+    assert_close(fast.vae_attention_block(x, module), reference, rel_l2=2.0 * torch_err + 1e-5, name="strided x")
 
 
 def test_block_passes_views_of_one_qkv_tensor_to_attention(monkeypatch):
@@ -334,7 +334,7 @@ def test_block_passes_views_of_one_qkv_tensor_to_attention(monkeypatch):
         return real_attention(q, k, v, scale)
 
     monkeypatch.setattr(ops, "attention", spy)
-    ops.vae_attention_block(x, module)
+    fast.vae_attention_block(x, module)
     (q, k, v), = seen
     storage = q.untyped_storage().data_ptr()
     assert k.untyped_storage().data_ptr() == storage and v.untyped_storage().data_ptr() == storage
@@ -344,31 +344,31 @@ def test_block_passes_views_of_one_qkv_tensor_to_attention(monkeypatch):
 def test_fused_qkv_weights_are_cached_until_a_weight_changes():
     module = _diffusers_vae_attention(64, seed=12)
     x = _randn((1, 64, 7, 9), torch.float32, 0.4, torch.Generator().manual_seed(12))
-    w1, b1 = ops.fused_qkv_weights(module, torch.float32, "cpu")
-    w2, b2 = ops.fused_qkv_weights(module, torch.float32, "cpu")
+    w1, b1 = fast.fused_qkv_weights(module, torch.float32, "cpu")
+    w2, b2 = fast.fused_qkv_weights(module, torch.float32, "cpu")
     assert w1 is w2 and b1 is b2, "an unchanged module must not be re-concatenated"
-    ops.vae_attention_block(x, module)
-    assert ops.fused_qkv_weights(module, torch.float32, "cpu")[0] is w1
+    fast.vae_attention_block(x, module)
+    assert fast.fused_qkv_weights(module, torch.float32, "cpu")[0] is w1
 
     with torch.no_grad():
         module.to_k.weight.mul_(1.5)  # in place: same Parameter, new version
         module.to_v.bias.add_(0.3)
-    w3, b3 = ops.fused_qkv_weights(module, torch.float32, "cpu")
+    w3, b3 = fast.fused_qkv_weights(module, torch.float32, "cpu")
     assert w3 is not w1
     assert torch.equal(w3[64:128, :, 0, 0], module.to_k.weight) and torch.equal(b3[128:], module.to_v.bias)
     reference, torch_err = _block_reference(module, x)
-    assert_close(ops.vae_attention_block(x, module), reference, rel_l2=2.0 * torch_err + 1e-5, name="updated")
+    assert_close(fast.vae_attention_block(x, module), reference, rel_l2=2.0 * torch_err + 1e-5, name="updated")
 
     module.load_state_dict({k: v + 0.01 for k, v in module.state_dict().items()})
-    w4, _ = ops.fused_qkv_weights(module, torch.float32, "cpu")
+    w4, _ = fast.fused_qkv_weights(module, torch.float32, "cpu")
     assert torch.equal(w4[:64, :, 0, 0], module.to_q.weight), "load_state_dict must invalidate the cache"
 
 
 def test_block_invalid_arguments_raise_clear_errors():
     module = _diffusers_vae_attention(64, seed=13)
     with pytest.raises(ValueError, match="4-D"):
-        ops.vae_attention_block(torch.randn(1, 64, 63), module)
+        fast.vae_attention_block(torch.randn(1, 64, 63), module)
     with pytest.raises(ValueError, match="group_norm"):
-        ops.vae_attention_block(torch.randn(1, 32, 3, 3), module)
+        fast.vae_attention_block(torch.randn(1, 32, 3, 3), module)
     with pytest.raises(TypeError, match="lacks"):
-        ops.vae_attention_block(torch.randn(1, 64, 3, 3), torch.nn.Linear(64, 64))
+        fast.vae_attention_block(torch.randn(1, 64, 3, 3), torch.nn.Linear(64, 64))

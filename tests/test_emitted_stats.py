@@ -131,9 +131,9 @@ def test_vae_attention_block_takes_and_emits_statistics():
     vae = make_diffusers_vae(seed=4)
     attn = vae.decoder.mid_block.attentions[0]
     x = _image((2, 64, 3, 5), torch.float32, seed=8)
-    plain = ops.vae_attention_block(x, attn)
+    plain = fast.vae_attention_block(x, attn)
     given = ops.group_norm_stats(x, attn.group_norm.num_groups, attn.group_norm.eps)
-    y, stats = ops.vae_attention_block(x, attn, stats=given, emit_stats=(8, 1e-6))
+    y, stats = fast.vae_attention_block(x, attn, stats=given, emit_stats=(8, 1e-6))
     assert torch.equal(y, plain)
     _check_stats(y, stats, 8, "attention block")
 

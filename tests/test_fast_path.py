@@ -197,12 +197,12 @@ def test_units_the_kernels_do_not_cover_run_their_own_forward_inside_the_fast_pa
 
 def test_prepared_weights_follow_in_place_edits_of_the_parameters(vae):
     """The folded quant_conv is rebuilt when quant_conv or conv_out change (load_state_dict copies in place)."""
-    first = fast._folded_quant_conv(vae.encoder.conv_out, vae.quant_conv)
-    assert fast._folded_quant_conv(vae.encoder.conv_out, vae.quant_conv)[0] is first[0]
+    first = fast.folded_quant_conv(vae.encoder.conv_out, vae.quant_conv)
+    assert fast.folded_quant_conv(vae.encoder.conv_out, vae.quant_conv)[0] is first[0]
     state = {k: v.clone() for k, v in vae.quant_conv.state_dict().items()}
     try:
         vae.quant_conv.load_state_dict({k: v * 2 for k, v in state.items()})
-        second = fast._folded_quant_conv(vae.encoder.conv_out, vae.quant_conv)
+        second = fast.folded_quant_conv(vae.encoder.conv_out, vae.quant_conv)
         assert second[0] is not first[0]
         assert_close(second[0], first[0] * 2, rel_l2=1e-6, name="refolded weight")
     finally:

@@ -1,0 +1,754 @@
+"""The registry of units: the only place that knows which module types the kernels run (docs/design.md, section 3).
+
+A *unit* is the piece of a VAE the fast path runs as a few fused ops: a ResnetBlock2D is two GroupNorm+SiLU+conv
+(GSC) ops with the residual in the second's epilogue, an Upsample2D is one 4-phase upsample conv, and so on. This
+module maps module types to units:
+
+- `UNIT_TYPES`: class name -> `UnitType` (`why_not(module)`: the reason a module of that class cannot run on the
+  kernels, None when it can; `run(module, carry, ctx, emit)`: the fused implementation; `input_norm(module)`: the
+  GroupNorm the unit applies to its input first, whose statistics the previous unit can emit). Keyed by class name
+  plus structural checks, because diffusers may be absent and our reference classes (`sdvae_fast.reference`)
+  carry diffusers' names. `register_unit` adds one.
+- `BLOCK_TYPES`: class name of a container block (DownEncoderBlock2D, UpDecoderBlock2D, UNetMidBlock2D) -> its
+  children in the order its forward runs them. `register_block` adds one.
+- The output head (conv_norm_out -> conv_act -> conv_out, with the encoder's quant_conv folded in) is a composite
+  unit over three modules, built by `head_unit`.
+
+A module whose class is not registered, or that a `why_not` rejects, becomes a unit that runs the module's own
+forward (`Unit.reason` says why), so results stay correct and `sdvae-fast parity` reports it by name.
+
+`encoder_units` / `decoder_units` list the units of a diffusers-structured Encoder / Decoder in run order, and
+`iter_units(model)` those of a whole VAE with their diffusers module paths as names; the walker
+(`sdvae_fast.fast`), `sdvae_fast.parity` and `sdvae_fast.profile` all use these lists, so a new block type is one
+registration.
+
+The run context (`RunContext`) carries what a unit may need besides its input: the parameter cast of the fp16
+overflow recompute, whether statistics are emitted, and, for the model types and the patch parallelism still to
+come, a per-sample time embedding (`temb`), a stack of skip tensors (`skips`, pushed by UNet down blocks and
+popped by up blocks), SpatialNorm's quantised latents (`latents`), and `ParallelHooks` (a halo exchange before
+each spatial conv and a merge of GroupNorm partials across ranks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from sdvae_fast import ops
+from sdvae_fast.kernels._common import derived_weights
+
+Tensor = torch.Tensor
+Stats = Tuple[Tensor, Tensor]  # GroupNorm (mean, rstd), each (N, G) float32
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run context
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ParallelHooks:
+    """Where patch parallelism plugs into the units; these defaults are one process holding the whole image.
+
+    A subclass for a process group overrides both methods (the patch-parallel issue): the units call them and
+    need no other change.
+    """
+
+    def conv_input(self, x: Tensor, padding: List[int], kernel_size: int, stride: int) -> Tuple[Tensor, List[int]]:
+        """Before a spatial conv: this rank's band x (N, C, H_band, W), extended by the halo rows its taps need
+        from the neighbouring bands, and the (left, right, top, bottom) zero padding still to apply (none on a
+        side whose rows came from a neighbour). Default: x and `padding` unchanged."""
+        return x, padding
+
+    def merge_stats(self, partials: Tuple[Tensor, Tensor, Tensor], eps: float) -> Stats:
+        """GroupNorm (mean, rstd), each (N, G) float32, of the whole image from this rank's (count, mean, M2)
+        partials, each (N, G) float32, merged with every rank's in a fixed rank order. Default: this rank's."""
+        return ops.merge_group_norm_partials([partials], eps)
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What units read besides their input activation (see the module docstring).
+
+    Attributes:
+        dtype: None, or the wider dtype parameters are cast to while recomputing an fp16 overflow (`cast`).
+        emit_stats: whether convs emit the GroupNorm statistics of their outputs for the next unit.
+        temb: per-sample time embedding (N, C_temb) for units with a time-dependent scale/shift, or None.
+        skips: stack of skip tensors (N, C, H, W) that UNet down blocks push and up blocks pop.
+        latents: SpatialNorm's quantised latents (N, C_z, h, w), or None.
+        parallel: `ParallelHooks` of patch parallelism, or None for one process holding the whole image.
+    """
+
+    dtype: Optional[torch.dtype] = None
+    emit_stats: bool = True
+    temb: Optional[Tensor] = None
+    skips: List[Tensor] = dataclasses.field(default_factory=list)
+    latents: Optional[Tensor] = None
+    parallel: Optional[ParallelHooks] = None
+
+    def cast(self, t: Optional[Tensor]) -> Optional[Tensor]:
+        """A parameter as the unit uses it: unchanged, or cast to `dtype` while recomputing an fp16 overflow."""
+        if t is None or self.dtype is None or t.dtype == self.dtype:
+            return t
+        return t.to(self.dtype)
+
+    def widened(self, dtype: torch.dtype) -> "RunContext":
+        """This context with parameters cast to `dtype` (and `temb`/`latents` too)."""
+        wide = dataclasses.replace(self, dtype=dtype)
+        return dataclasses.replace(wide, temb=wide.cast(self.temb), latents=wide.cast(self.latents))
+
+
+class Carry:
+    """The activation between two units and the GroupNorm (mean, rstd) of it that its producer emitted for the
+    next unit's first norm (None when it emitted none). The consumer empties it with `take`, so that no caller
+    keeps an activation alive after its last consumer has run."""
+
+    __slots__ = ("x", "stats")
+
+    def __init__(self, x: Optional[Tensor] = None, stats: Optional[Stats] = None):
+        self.x, self.stats = x, stats
+
+    def take(self) -> tuple:
+        x, stats = self.x, self.stats
+        self.x = self.stats = None
+        return x, stats
+
+    def put(self, x: Tensor, stats: Optional[Stats] = None) -> None:
+        self.x, self.stats = x, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Units and the registry
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitType:
+    """How the fast path runs modules of one class (see the module docstring)."""
+
+    name: str
+    why_not: Callable[[nn.Module], Optional[str]]
+    run: Callable[..., tuple]
+    input_norm: Callable[[nn.Module], Optional[nn.Module]]
+
+
+UNIT_TYPES: Dict[str, UnitType] = {}
+BLOCK_TYPES: Dict[str, Callable[[nn.Module], List[Tuple[str, nn.Module]]]] = {}
+
+
+def register_unit(class_name: str, *, why_not: Callable[[nn.Module], Optional[str]],
+                  input_norm: Callable[[nn.Module], Optional[nn.Module]] = lambda module: None):
+    """Decorator: register `run(module, carry, ctx, emit) -> (y, stats of y or None)` for modules of `class_name`.
+
+    `why_not(module)` returns why a module of that class cannot run on the kernels (None when it can);
+    `input_norm(module)` the GroupNorm the unit applies to its input first (or None).
+    Raises ValueError when `class_name` is registered already.
+    """
+    def decorate(run):
+        if class_name in UNIT_TYPES:
+            raise ValueError(f"a unit for class {class_name!r} is registered already")
+        UNIT_TYPES[class_name] = UnitType(class_name, why_not, run, input_norm)
+        return run
+
+    return decorate
+
+
+def register_block(class_name: str):
+    """Decorator: register `children(block) -> [(relative name, module), ...]` in run order for a container block.
+
+    Raises ValueError when `class_name` is registered already.
+    """
+    def decorate(children):
+        if class_name in BLOCK_TYPES:
+            raise ValueError(f"a block for class {class_name!r} is registered already")
+        BLOCK_TYPES[class_name] = children
+        return children
+
+    return decorate
+
+
+class Unit:
+    """One unit bound to its module(s): `unit(carry, ctx) -> (y, stats of y or None)`.
+
+    Attributes:
+        name: the diffusers module path (`decoder.up_blocks.1.resnets.2`; the head is `encoder.conv_out*`).
+        kind: the registered type it runs as ("ResnetBlock2D", "head", ...), or "module" for a module's own forward.
+        modules: the modules it covers; hooks on `modules[0]` (input) and `modules[-1]` (output) see its
+            input and output.
+        reason: None when the kernels run it, else why the module's own forward runs instead.
+        input_norm: the GroupNorm applied to the input first, whose statistics the previous unit may emit.
+        emit: (num_groups, eps) of the next unit's first GroupNorm, set by `link`, or None.
+    """
+
+    __slots__ = ("name", "kind", "modules", "reason", "input_norm", "emit", "_run", "_reference")
+
+    def __init__(self, name: str, kind: str, modules: tuple, run: Callable, reference: Callable,
+                 reason: Optional[str] = None, input_norm: Optional[nn.Module] = None):
+        self.name, self.kind, self.modules, self.reason = name, kind, modules, reason
+        self.input_norm, self.emit = input_norm, None
+        self._run, self._reference = run, reference
+
+    def __call__(self, carry: Carry, ctx: RunContext) -> tuple:
+        emit = self.emit if ctx.emit_stats and ctx.parallel is None else None
+        return self._run(carry, ctx, emit)
+
+    def run_alone(self, x: Tensor, ctx: Optional[RunContext] = None) -> Tensor:
+        """This unit alone on x (N, C, H, W): what parity compares and profile times. Returns its output."""
+        return self(Carry(x), ctx or RunContext())[0]
+
+    def reference(self, *args, **kwargs) -> Tensor:
+        """The PyTorch forward of the module(s) on the given arguments (the yardstick of parity and profile)."""
+        return self._reference(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        how = "kernels" if self.reason is None else f"module forward: {self.reason}"
+        return f"Unit({self.name!r}, {self.kind}, {how})"
+
+
+def _call_module(module: nn.Module, x: Tensor, ctx: "RunContext", *args) -> Tensor:
+    """The module's own forward on x (the per-unit fallback), with its parameters cast by `ctx` if widening."""
+    if ctx.dtype is None:
+        return module(x, *args)
+    cast = ctx.cast
+    tensors = {name: cast(p) if p.is_floating_point() else p for name, p in module.named_parameters()}
+    tensors.update({name: cast(b) if b.is_floating_point() else b for name, b in module.named_buffers()})
+    return torch.func.functional_call(module, tensors, (x, *args))
+
+
+def _forward_args(module: nn.Module) -> tuple:
+    """Extra positional arguments the module's forward needs as a unit: diffusers' ResnetBlock2D.forward(x, temb)
+    takes temb, our reference block may not."""
+    if type(module).__name__ == "ResnetBlock2D" and "temb" in inspect.signature(module.forward).parameters:
+        return (None,)
+    return ()
+
+
+def module_unit(name: str, module: nn.Module, reason: str) -> Unit:
+    """A unit that runs `module`'s own forward, for the reason given."""
+    extra = _forward_args(module)
+
+    def run(carry, ctx, emit):
+        return _call_module(module, carry.take()[0], ctx, *extra), None
+
+    return Unit(name, "module", (module,), run, module, reason=reason)
+
+
+def make_unit(name: str, module: nn.Module) -> Unit:
+    """The unit for one module: its registered type when `why_not` accepts it, else the module's own forward."""
+    kind = type(module).__name__
+    unit_type = UNIT_TYPES.get(kind)
+    if unit_type is None:
+        return module_unit(name, module, f"no unit is registered for class {kind}")
+    reason = unit_type.why_not(module)
+    if reason is not None:
+        return module_unit(name, module, reason)
+
+    def run(carry, ctx, emit):
+        return unit_type.run(module, carry, ctx, emit)
+
+    return Unit(name, kind, (module,), run, module, input_norm=unit_type.input_norm(module))
+
+
+def block_units(name: str, block: nn.Module) -> List[Unit]:
+    """The units of a container block in run order, or one module unit when its class is not registered."""
+    children = BLOCK_TYPES.get(type(block).__name__)
+    if children is None:
+        return [module_unit(name, block, f"no block is registered for class {type(block).__name__}")]
+    return [make_unit(f"{name}.{child_name}", child) for child_name, child in children(block)]
+
+
+def norm_key(norm: Optional[nn.Module]) -> Optional[tuple]:
+    """(num_groups, eps) to emit statistics for `norm`, or None when it is not a GroupNorm."""
+    if type(norm) is not nn.GroupNorm:
+        return None
+    return norm.num_groups, norm.eps
+
+
+def link(units: List[Unit]) -> List[Unit]:
+    """Have each unit emit the statistics its successor's first GroupNorm needs; returns `units`."""
+    for unit, successor in zip(units, units[1:]):
+        unit.emit = norm_key(successor.input_norm)
+    return units
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Structural checks: the reasons a module cannot run on the kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _first(checks) -> Optional[str]:
+    """The message of the first failed (ok, message) check, or None when all pass."""
+    return next((message for ok, message in checks if not ok), None)
+
+
+def conv_why_not(conv, kernel_sizes=(1, 3), stride: int = 1) -> Optional[str]:
+    """Why `conv` is not a plain nn.Conv2d the GSC kernel runs (square kernel in `kernel_sizes`, `stride`,
+    symmetric zero padding, no groups or dilation), or None."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    return _first([
+        (conv.kernel_size[0] == conv.kernel_size[1] and conv.kernel_size[0] in kernel_sizes,
+         f"kernel {conv.kernel_size} is not one of {[(k, k) for k in kernel_sizes]}"),
+        (conv.stride == (stride, stride), f"stride {conv.stride} is not {(stride, stride)}"),
+        (conv.dilation == (1, 1), f"dilation {conv.dilation}"),
+        (conv.groups == 1, f"groups={conv.groups}"),
+        (conv.padding_mode == "zeros", f"padding_mode={conv.padding_mode!r}"),
+        (isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1], f"padding {conv.padding!r}"),
+    ])
+
+
+def _conv3_same(conv) -> Optional[str]:
+    """Why `conv` is not a plain 3x3 stride-1 conv with padding 1 (keeping the spatial size), or None."""
+    reason = conv_why_not(conv, (3,))
+    if reason is None and conv.padding != (1, 1):
+        reason = f"padding {conv.padding} is not (1, 1)"
+    return reason
+
+
+def _group_norm_why_not(norm, name: str) -> Optional[str]:
+    return None if type(norm) is nn.GroupNorm else f"{name} is {type(norm).__name__}, not nn.GroupNorm"
+
+
+def _dropout_inactive(module) -> bool:
+    return module is None or not module.training or getattr(module, "p", 0.0) == 0.0
+
+
+def resnet_why_not(block) -> Optional[str]:
+    """Why a ResnetBlock2D is not the VAE's (no time embedding, no up/down, scale factor 1, SiLU, 3x3 convs), or None."""
+    return _first([
+        (_group_norm_why_not(block.norm1, "norm1") is None, _group_norm_why_not(block.norm1, "norm1")),
+        (_group_norm_why_not(block.norm2, "norm2") is None, _group_norm_why_not(block.norm2, "norm2")),
+        (type(getattr(block, "nonlinearity", None)) is nn.SiLU, "nonlinearity is not SiLU"),
+        (getattr(block, "upsample", None) is None and getattr(block, "downsample", None) is None,
+         "it resamples (up=True or down=True)"),
+        (getattr(block, "time_emb_proj", None) is None, "it has a time embedding projection"),
+        (getattr(block, "output_scale_factor", 1.0) == 1.0, "output_scale_factor != 1"),
+        (_dropout_inactive(getattr(block, "dropout", None)), "dropout is active (training)"),
+        (_conv3_same(block.conv1) is None, f"conv1: {_conv3_same(block.conv1)}"),
+        (_conv3_same(block.conv2) is None, f"conv2: {_conv3_same(block.conv2)}"),
+        (block.conv_shortcut is None or (conv_why_not(block.conv_shortcut, (1,)) is None
+                                         and block.conv_shortcut.padding == (0, 0)),
+         "conv_shortcut is not a plain 1x1 conv"),
+    ])
+
+
+# Processors whose math is plain scaled-dot-product self-attention with diffusers' default scale.
+STANDARD_PROCESSORS = frozenset(
+    {"AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor"}
+)
+_ATTENTION_ATTRIBUTES = ("group_norm", "to_q", "to_k", "to_v", "to_out", "heads")
+
+
+def attention_why_not(attn) -> Optional[str]:
+    """Why a diffusers `Attention` is not the VAE's mid-block self-attention with a standard processor, or None."""
+    missing = [name for name in _ATTENTION_ATTRIBUTES if not hasattr(attn, name)]
+    if missing:
+        return f"{type(attn).__name__} lacks {missing}"
+    processor = getattr(attn, "processor", None)
+    linears = [getattr(attn, n) for n in ("to_q", "to_k", "to_v")]
+    if not all(type(lin) is nn.Linear for lin in linears) or type(attn.to_out[0]) is not nn.Linear:
+        return "to_q, to_k, to_v and to_out[0] must be nn.Linear"
+    inner, channels = attn.to_q.weight.shape
+    heads = int(attn.heads)
+    head_dim = inner // heads if heads > 0 else 0
+    return _first([
+        (processor is None or type(processor).__name__ in STANDARD_PROCESSORS,
+         f"processor {type(processor).__name__} is not one of {sorted(STANDARD_PROCESSORS)}"),
+        (attn.group_norm is None or (type(attn.group_norm) is nn.GroupNorm
+                                     and attn.group_norm.num_channels == channels),
+         f"group_norm must be nn.GroupNorm over C={channels} channels, got {attn.group_norm}"),
+        (getattr(attn, "spatial_norm", None) is None, "spatial_norm is set"),
+        (getattr(attn, "norm_q", None) is None and getattr(attn, "norm_k", None) is None, "norm_q/norm_k are set"),
+        (not getattr(attn, "is_cross_attention", False), "it is cross-attention"),
+        (all(tuple(lin.weight.shape) == (inner, channels) for lin in linears),
+         f"to_q, to_k, to_v must all be nn.Linear({channels}, {inner})"),
+        (tuple(attn.to_out[0].weight.shape) == (channels, inner), f"to_out[0] must be nn.Linear({inner}, {channels})"),
+        (heads >= 1 and inner % heads == 0, f"heads ({heads}) must divide the projection width ({inner})"),
+        (all(_dropout_inactive(m) for m in list(attn.to_out)[1:]), "dropout is active (training)"),
+        (head_dim == 0 or getattr(attn, "scale", head_dim ** -0.5) == head_dim ** -0.5,
+         "scale is not head_dim ** -0.5"),
+    ])
+
+
+def downsample_padding(down) -> Tuple[Optional[List[int]], Optional[str]]:
+    """((left, right, top, bottom) padding of a supported Downsample2D, None) or (None, why it is not supported).
+
+    diffusers pads (0, 1, 0, 1) itself when `padding == 0` and its conv then has no padding of its own.
+    """
+    conv = getattr(down, "conv", None)
+    reason = _first([
+        (getattr(down, "use_conv", False), "use_conv=False (average pooling)"),
+        (getattr(down, "norm", None) is None, "it has a norm"),
+        (conv_why_not(conv, (3,), stride=2) is None, f"conv: {conv_why_not(conv, (3,), stride=2)}"),
+    ])
+    if reason is not None:
+        return None, reason
+    if getattr(down, "padding", None) == 0:
+        return ([0, 1, 0, 1], None) if conv.padding == (0, 0) else (None, "padding=0 with a padded conv")
+    return [conv.padding[0]] * 4, None
+
+
+def upsample_conv(up) -> Tuple[Optional[nn.Conv2d], Optional[str]]:
+    """(the 3x3 conv of a supported Upsample2D (nearest 2x, then conv), None) or (None, why it is not supported)."""
+    conv = up.conv if getattr(up, "name", "conv") == "conv" else getattr(up, "Conv2d_0", None)
+    reason = _first([
+        (getattr(up, "use_conv", False), "use_conv=False"),
+        (not getattr(up, "use_conv_transpose", False), "it uses a transposed conv"),
+        (getattr(up, "interpolate", True), "interpolate=False"),
+        (getattr(up, "norm", None) is None, "it has a norm"),
+        (getattr(up, "interpolate_mode", "nearest") == "nearest", "interpolation is not nearest"),
+        (conv_why_not(conv, (3,)) is None, f"conv: {conv_why_not(conv, (3,))}"),
+        (conv is None or conv.padding == (1, 1), "conv padding is not (1, 1)"),
+    ])
+    return (None, reason) if reason is not None else (conv, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running a GSC op from modules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _with_stats(result) -> tuple:
+    """An op's result as (y, stats): ops return the pair only when asked to emit statistics."""
+    return result if isinstance(result, tuple) else (result, None)
+
+
+def input_stats(x: Tensor, norm: nn.GroupNorm, carried: Optional[Stats], ctx: RunContext) -> Optional[Stats]:
+    """The GroupNorm statistics of x for `norm`: those its producer emitted, or None (the op computes them); under
+    patch parallelism this band's partials merged across ranks by `ctx.parallel`."""
+    if ctx.parallel is None:
+        return carried
+    return ctx.parallel.merge_stats(ops.group_norm_partials(x, norm.num_groups), norm.eps)
+
+
+def gsc(x: Tensor, conv: Optional[nn.Conv2d], ctx: RunContext, norm: Optional[nn.GroupNorm] = None, *,
+        silu: bool = True, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, stride: int = 1,
+        padding=None, residual: Optional[Tensor] = None, stats: Optional[Stats] = None,
+        emit: Optional[tuple] = None) -> tuple:
+    """`conv(act(norm(x))) + residual` as one `ops.gn_silu_conv2d`; a plain conv when `norm` is None.
+
+    Args:
+        x: (N, C_in, H, W) activation. conv: the module whose weight, bias and padding are used (unless given).
+        ctx: the run context (parameter cast, parallel hooks). norm: the GroupNorm in the prologue, or None.
+        weight, bias: prepared weights that replace the conv's. padding: int or (left, right, top, bottom).
+        residual: (N, C_out, H_out, W_out) added in the epilogue. stats: x's (mean, rstd) for `norm` if known.
+        emit: (num_groups, eps) to emit the output's statistics for, or None.
+    Returns:
+        (y (N, C_out, H_out, W_out) channels_last, y's statistics or None).
+    """
+    cast = ctx.cast
+    if weight is None:
+        weight, bias = conv.weight, conv.bias
+    if padding is None:
+        padding = conv.padding[0]
+    norm_weight = norm_bias = None
+    num_groups, eps = 1, 1e-6
+    if norm is not None:
+        num_groups, eps = norm.num_groups, norm.eps
+        stats = input_stats(x, norm, stats, ctx)
+        if norm.affine:
+            norm_weight, norm_bias = cast(norm.weight), cast(norm.bias)
+        else:
+            norm_weight = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+            norm_bias = torch.zeros_like(norm_weight)
+    if ctx.parallel is not None and weight.shape[-1] > 1:
+        pad = [padding] * 4 if isinstance(padding, int) else list(padding)
+        x, padding = ctx.parallel.conv_input(x, pad, weight.shape[-1], stride)
+    return _with_stats(ops.gn_silu_conv2d(
+        x, cast(weight), cast(bias), norm_weight=norm_weight, norm_bias=norm_bias, num_groups=num_groups,
+        eps=eps, silu=silu and norm is not None, stride=stride, padding=padding, residual=residual,
+        stats=stats if norm is not None else None, emit_stats=emit,
+    ))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registered units
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@register_unit("Conv2d", why_not=lambda conv: conv_why_not(conv))
+def _run_conv(conv, carry, ctx, emit):
+    """A conv on its own (conv_in, post_quant_conv, quant_conv): a plain GSC op."""
+    x, _ = carry.take()
+    return gsc(x, conv, ctx, emit=emit)
+
+
+@register_unit("ResnetBlock2D", why_not=resnet_why_not, input_norm=lambda block: block.norm1)
+def _run_resnet(block, carry, ctx, emit):
+    """ResnetBlock2D: `GSC(conv2)(GSC(conv1)(x)) + shortcut(x)` in two GSC ops (plus one for a 1x1 shortcut).
+
+    The first op emits the statistics of its output for norm2, the second those for the next unit."""
+    x, stats = carry.take()
+    inner_emit = norm_key(block.norm2) if ctx.emit_stats and ctx.parallel is None else None
+    h, h_stats = gsc(x, block.conv1, ctx, block.norm1, stats=stats, emit=inner_emit)
+    residual = x if block.conv_shortcut is None else gsc(x, block.conv_shortcut, ctx)[0]
+    del x  # the input is no longer needed unless it is the residual itself
+    return gsc(h, block.conv2, ctx, block.norm2, residual=residual, stats=h_stats, emit=emit)
+
+
+@register_unit("Downsample2D", why_not=lambda down: downsample_padding(down)[1])
+def _run_downsample(down, carry, ctx, emit):
+    """Downsample2D: a stride-2 3x3 conv with diffusers' (0, 1, 0, 1) padding, as a plain GSC op."""
+    x, _ = carry.take()
+    return gsc(x, down.conv, ctx, stride=2, padding=downsample_padding(down)[0], emit=emit)
+
+
+@register_unit("Upsample2D", why_not=lambda up: upsample_conv(up)[1])
+def _run_upsample(up, carry, ctx, emit):
+    """Upsample2D: nearest 2x + 3x3 conv as `ops.upsample_conv2d` (the 4x tensor is never written)."""
+    x, _ = carry.take()
+    conv = upsample_conv(up)[0]
+    return _with_stats(ops.upsample_conv2d(x, ctx.cast(conv.weight), ctx.cast(conv.bias), emit_stats=emit))
+
+
+@register_unit("Attention", why_not=attention_why_not, input_norm=lambda attn: attn.group_norm)
+def _run_attention(attn, carry, ctx, emit):
+    """Mid-block Attention: `vae_attention_block` (GroupNorm+QKV, flash attention, out-projection+residual)."""
+    x, stats = carry.take()
+    if attn.group_norm is not None:
+        stats = input_stats(x, attn.group_norm, stats, ctx)
+    # vae_attention_block casts the module's weights to x's dtype itself (the fused QKV is a cached derived weight).
+    return _with_stats(vae_attention_block(x, attn, stats=stats, emit_stats=emit))
+
+
+@register_block("DownEncoderBlock2D")
+def _down_block_children(block):
+    return ([(f"resnets.{i}", r) for i, r in enumerate(block.resnets)]
+            + [(f"downsamplers.{i}", d) for i, d in enumerate(block.downsamplers or [])])
+
+
+@register_block("UpDecoderBlock2D")
+def _up_block_children(block):
+    return ([(f"resnets.{i}", r) for i, r in enumerate(block.resnets)]
+            + [(f"upsamplers.{i}", u) for i, u in enumerate(block.upsamplers or [])])
+
+
+@register_block("UNetMidBlock2D")
+def _mid_block_children(block):
+    children = [("resnets.0", block.resnets[0])]
+    for i, (attn, resnet) in enumerate(zip(block.attentions, block.resnets[1:])):
+        if attn is not None:
+            children.append((f"attentions.{i}", attn))
+        children.append((f"resnets.{i + 1}", resnet))
+    return children
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mid-block attention on the ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fused_qkv_weights(module: nn.Module, dtype: torch.dtype, device) -> Tuple[Tensor, Tensor]:
+    """The q/k/v projections of an `Attention` concatenated into one 1x1 conv, a cached derived weight.
+
+    `to_q`, `to_k`, `to_v` are Linear layers (inner, C); their weights stack row-wise into (3*inner, C) so one
+    GEMM computes [q | k | v] per pixel (missing biases count as zeros). Cached in `derived_weights` under the six
+    source tensors, `dtype` and `device`: a changed weight is re-concatenated on the next call, an unchanged one
+    never is (the same tensor objects come back).
+
+    Returns:
+        (weight (3*inner, C, 1, 1), bias (3*inner,)), in `dtype` on `device`, contiguous.
+    """
+    linears = (module.to_q, module.to_k, module.to_v)
+
+    def build():
+        weight = torch.cat([lin.weight for lin in linears], dim=0)  # (3*inner, C)
+        bias = torch.cat([
+            lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0]) for lin in linears
+        ])  # (3*inner,)
+        weight = weight.to(device=device, dtype=dtype)[:, :, None, None].contiguous()  # (3*inner, C, 1, 1)
+        return weight, bias.to(device=device, dtype=dtype).contiguous()
+
+    sources = tuple(t for lin in linears for t in (lin.weight, lin.bias))
+    return derived_weights.get(sources, ("fused_qkv", dtype, torch.device(device)), build)
+
+
+def vae_attention_block(x: Tensor, module: nn.Module, *, stats: Optional[Stats] = None,
+                        emit_stats: Optional[Tuple[int, float]] = None):
+    """The VAE mid-block attention unit, fused: `x + out_proj(attention(qkv(group_norm(x))))`.
+
+    Three registered ops, no N x N tensor and no copies between them:
+    1. `ops.gn_silu_conv2d(x, W_qkv, b_qkv, norm_weight=gamma, norm_bias=beta, silu=False, padding=0)`: GroupNorm
+       fused into ONE 1x1 projection with the q/k/v weights concatenated (`fused_qkv_weights`)
+       -> (N, 3*inner, H, W) channels_last, i.e. (N, H*W, 3*inner) in memory.
+    2. `ops.attention` on strided (N, H*W, inner) views of it (heads > 1: (N, heads, H*W, inner/heads) views).
+    3. `ops.gn_silu_conv2d(attn, W_out, b_out, norm_weight=None, padding=0, residual=x)`: the out projection as a
+       1x1 conv with the residual added in its epilogue.
+    This follows diffusers' `AttnProcessor2_0` for 4-D input: `(proj + residual) / rescale_output_factor` (the
+    division runs only when the factor is not 1; it is 1 in every public VAE), no residual when
+    `residual_connection` is False; the softmax scale is `module.scale` (head_dim**-0.5 in every VAE).
+
+    Args:
+        x: hidden_states (N, C, H, W), fp16/bf16/fp32/fp64, any strides. The module's weights are cast to x's
+            dtype and device (the cast of the fused q/k/v weights is cached).
+        module: a diffusers-named mid-block attention (`diffusers.models.attention_processor.Attention` or ours):
+            group_norm (nn.GroupNorm over C, or None), to_q/to_k/to_v nn.Linear(C, inner), to_out[0]
+            nn.Linear(inner, C), heads; spatial_norm, norm_q and norm_k None (`attention_why_not` lists the rules).
+        stats: precomputed GroupNorm (mean, rstd) of x for module.group_norm, each (N, G), or None.
+        emit_stats: (num_groups, eps) of the GroupNorm applied to the output next (see `ops.gn_silu_conv2d`).
+    Returns:
+        (N, C, H, W) in x's dtype, channels_last memory format; with `emit_stats` the pair (output, (mean, rstd)).
+    Raises:
+        TypeError: x is not a float tensor, or the module lacks the attributes above.
+        ValueError: x is not 4-D, or the module's shapes do not fit x (the message names the attribute).
+    """
+    ops.check_image("x", x)
+    n, c, h, w = x.shape
+    reason = attention_why_not(module)
+    if reason is not None:
+        raise (TypeError if "lacks" in reason else ValueError)(f"module: {reason}")
+    if module.to_q.weight.shape[1] != c:
+        raise ValueError(f"module.group_norm / to_q expect {module.to_q.weight.shape[1]} channels, x has C={c}")
+    inner, heads = module.to_q.weight.shape[0], int(module.heads)
+    head_dim = inner // heads
+    w_qkv, b_qkv = fused_qkv_weights(module, x.dtype, x.device)
+    gn = module.group_norm
+    if gn is not None:
+        gamma = gn.weight if gn.weight is not None else torch.ones(c, device=x.device, dtype=x.dtype)
+        beta = gn.bias if gn.bias is not None else torch.zeros(c, device=x.device, dtype=x.dtype)
+        qkv = ops.gn_silu_conv2d(
+            x, w_qkv, b_qkv, norm_weight=gamma, norm_bias=beta, num_groups=gn.num_groups, eps=gn.eps,
+            silu=False, padding=0, stats=stats,
+        )  # (N, 3*inner, H, W) channels_last
+    else:
+        qkv = ops.gn_silu_conv2d(x, w_qkv, b_qkv, norm_weight=None, padding=0)
+    tokens = qkv.permute(0, 2, 3, 1).reshape(n, h * w, 3 * inner)  # (N, H*W, 3*inner), a view for NHWC
+    q, k, v = tokens.split(inner, dim=-1)  # each (N, H*W, inner), row stride 3*inner
+    if heads > 1:
+        q, k, v = (t.unflatten(-1, (heads, head_dim)).transpose(1, 2) for t in (q, k, v))  # (N, heads, H*W, d)
+    scale = float(getattr(module, "scale", head_dim ** -0.5))
+    attn = ops.attention(q, k, v, scale)  # same shape as q, contiguous
+    if heads > 1:
+        attn = attn.transpose(1, 2).reshape(n, h * w, inner)  # (N, H*W, inner)
+    attn = attn.view(n, h, w, inner).permute(0, 3, 1, 2)  # (N, inner, H, W) channels_last view
+    out_proj = module.to_out[0]
+    w_out = out_proj.weight.to(device=x.device, dtype=x.dtype)[:, :, None, None]  # (C, inner, 1, 1)
+    b_out = None if out_proj.bias is None else out_proj.bias.to(device=x.device, dtype=x.dtype)
+    residual = x if getattr(module, "residual_connection", False) else None
+    rescale = float(getattr(module, "rescale_output_factor", 1.0))
+    if rescale == 1.0:
+        return ops.gn_silu_conv2d(attn, w_out, b_out, norm_weight=None, padding=0, residual=residual,
+                                  emit_stats=emit_stats)
+    y = ops.gn_silu_conv2d(attn, w_out, b_out, norm_weight=None, padding=0, residual=residual) / rescale
+    if emit_stats is None:
+        return y
+    return y, ops.group_norm_stats(y, int(emit_stats[0]), float(emit_stats[1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output head and the quant_conv fold
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def folded_quant_conv(conv: nn.Conv2d, quant_conv: nn.Conv2d) -> Tuple[Tensor, Optional[Tensor]]:
+    """quant_conv (1x1, Wq (C2, C1)) after conv (Wc (C1, C_in, k, k)) as one conv, a cached derived weight.
+
+    `W = einsum(Wq, Wc)`, `b = Wq @ bc + bq` (exact: the 1x1 conv has no padding), computed in fp64 and stored in
+    the conv's dtype. Returns (weight (C2, C_in, k, k), bias (C2,) or None).
+    """
+    def build():
+        wq = quant_conv.weight[:, :, 0, 0].double()  # (C2, C1)
+        weight = torch.einsum("oc,cikl->oikl", wq, conv.weight.double())  # (C2, C_in, k, k)
+        bias = None
+        if conv.bias is not None:
+            bias = wq @ conv.bias.double()
+        if quant_conv.bias is not None:
+            bias = quant_conv.bias.double() if bias is None else bias + quant_conv.bias.double()
+        dtype = conv.weight.dtype
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+    sources = (conv.weight, conv.bias, quant_conv.weight, quant_conv.bias)
+    return derived_weights.get(sources, "folded_quant_conv", build)
+
+
+def head_unit(name: str, norm: nn.Module, act: nn.Module, conv: nn.Module,
+              quant_conv: Optional[nn.Module] = None) -> Unit:
+    """conv_norm_out -> conv_act -> conv_out (-> quant_conv, folded in when it is a plain 1x1) as one GSC op."""
+    reason = _first([
+        (_group_norm_why_not(norm, "conv_norm_out") is None, _group_norm_why_not(norm, "conv_norm_out")),
+        (type(act) is nn.SiLU, f"conv_act is {type(act).__name__}, not nn.SiLU"),
+        (conv_why_not(conv) is None, f"conv_out: {conv_why_not(conv)}"),
+    ])
+    fold = quant_conv is not None and conv_why_not(quant_conv, (1,)) is None and quant_conv.padding == (0, 0)
+    modules = tuple(m for m in (norm, act, conv, quant_conv) if m is not None)
+
+    def reference(x):
+        for module in modules:
+            x = module(x)
+        return x
+
+    def run(carry, ctx, emit):
+        x, stats = carry.take()
+        if reason is not None:
+            for module in modules:
+                x = _call_module(module, x, ctx)
+            return x, None
+        if quant_conv is None:
+            return gsc(x, conv, ctx, norm, stats=stats)
+        if not fold:
+            y = gsc(x, conv, ctx, norm, stats=stats)[0]
+            del x
+            return _call_module(quant_conv, y, ctx), None
+        weight, bias = folded_quant_conv(conv, quant_conv)
+        return gsc(x, conv, ctx, norm, weight=weight, bias=bias, stats=stats)
+
+    return Unit(name, "head", modules, run, reference, reason=reason, input_norm=norm if reason is None else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The units of an Encoder, a Decoder and a whole VAE
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def encoder_units(encoder: nn.Module, quant_conv: Optional[nn.Module] = None,
+                  prefix: str = "encoder") -> List[List[Unit]]:
+    """Stages of a diffusers-structured Encoder: conv_in, each down block, the mid block, and the head (with
+    quant_conv folded in when given), linked for emitted statistics."""
+    stages = [[make_unit(f"{prefix}.conv_in", encoder.conv_in)]]
+    stages += [block_units(f"{prefix}.down_blocks.{i}", b) for i, b in enumerate(encoder.down_blocks)]
+    stages.append(block_units(f"{prefix}.mid_block", encoder.mid_block))
+    stages.append([head_unit(f"{prefix}.conv_out*", encoder.conv_norm_out, encoder.conv_act, encoder.conv_out,
+                             quant_conv)])
+    link([unit for stage in stages for unit in stage])
+    return stages
+
+
+def decoder_units(decoder: nn.Module, post_quant_conv: Optional[nn.Module] = None,
+                  prefix: str = "decoder") -> List[List[Unit]]:
+    """Stages of a diffusers-structured Decoder: post_quant_conv + conv_in, the mid block, each up block, and
+    the head, linked for emitted statistics."""
+    first = [make_unit("post_quant_conv", post_quant_conv)] if post_quant_conv is not None else []
+    stages = [first + [make_unit(f"{prefix}.conv_in", decoder.conv_in)]]
+    stages.append(block_units(f"{prefix}.mid_block", decoder.mid_block))
+    stages += [block_units(f"{prefix}.up_blocks.{i}", b) for i, b in enumerate(decoder.up_blocks)]
+    stages.append([head_unit(f"{prefix}.conv_out*", decoder.conv_norm_out, decoder.conv_act, decoder.conv_out)])
+    link([unit for stage in stages for unit in stage])
+    return stages
+
+
+def iter_units(model: nn.Module) -> List[Unit]:
+    """Every unit of a VAE with diffusers' AutoencoderKL structure, named by module path, in run order: the
+    encoder's, `quant_conv`, then `post_quant_conv` and the decoder's (quant_conv as a unit of its own; a whole
+    encode folds it into the head). What `sdvae-fast parity` compares and `sdvae-fast profile` times.
+
+    Raises:
+        TypeError: `model` has neither an `encoder` nor a `decoder`.
+    """
+    if not hasattr(model, "encoder") and not hasattr(model, "decoder"):
+        raise TypeError(f"model must have diffusers' AutoencoderKL structure (.encoder/.decoder), got "
+                        f"{type(model).__name__}")
+    units: List[Unit] = []
+    if getattr(model, "encoder", None) is not None:
+        units += [u for stage in encoder_units(model.encoder) for u in stage]
+        if getattr(model, "quant_conv", None) is not None:
+            units.append(make_unit("quant_conv", model.quant_conv))
+    if getattr(model, "decoder", None) is not None:
+        units += [u for stage in decoder_units(model.decoder, getattr(model, "post_quant_conv", None))
+                  for u in stage]
+    return units
+
+
+def unsupported_units(model: nn.Module) -> List[Tuple[str, str]]:
+    """(name, reason) of every unit of `model` that runs its module's own forward instead of the kernels."""
+    return [(u.name, u.reason) for u in iter_units(model) if u.reason is not None]
