@@ -795,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="file stem of the results (default: DATE-GPU-e2e)")
 
     sub.add_parser("train", help="fine-tune or train a VAE (see `sdvae-fast train --help`)", add_help=False)
+    sub.add_parser("kernel-report", add_help=False,
+                   help="static sm_90 cost model of the kernels from their SASS, no GPU needed "
+                        "(see `sdvae-fast kernel-report --help`)")
     return parser
 
 
@@ -846,6 +849,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if command == "train":
             return _run_train(argv[1:])
+        if command == "kernel-report":
+            from sdvae_fast import kernel_report
+
+            return kernel_report.main(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
