@@ -30,11 +30,11 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+# Backend names and the variable the model reads for its default backend; `--backend` wins over it.
+from sdvae_fast.backends import BACKEND_ENV, BACKENDS
+
 PROG = "sdvae-fast"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
-BACKENDS = ("auto", "triton", "torch")
-# The model reads this variable for its default backend (sdvae_fast.model.BACKEND_ENV); `--backend` wins over it.
-BACKEND_ENV = "SDVAE_FAST_BACKEND"
 # The presets `--preset` offers: the public SD VAE families (sdvae_fast.configs.PRESETS also holds test presets).
 PUBLIC_PRESETS = ("sd15", "sdxl", "sd3", "flux1", "tiny")
 # The config fields that decide parameter shapes, compared when `--preset` does not fit a file's weights.
