@@ -12,7 +12,7 @@ seen at import time. Quirks handled here (see ../shared/DESIGN.md section 5):
 import os
 import weakref
 from collections import Counter
-from typing import Callable, Hashable, Optional, Sequence, TypeVar
+from typing import Callable, Hashable, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 
@@ -59,12 +59,16 @@ def kernels_available(device) -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available()
+    if device.type == "meta":
+        return RECORDER is not None
     return device.type == "cpu" and INTERPRET
 
 
 def max_shared_memory(device) -> int:
     """Shared memory per block in bytes on `device`; effectively unlimited under the interpreter."""
     device = torch.device(device)
+    if device.type == "meta" and RECORDER is not None:
+        return RECORDER.shared_memory
     if device.type != "cuda":
         return 1 << 62
     import triton
@@ -84,11 +88,38 @@ def prune_configs(configs, smem_bytes, device):
         The fitting configs (the first config alone under the interpreter, which cannot autotune); at least one
         config is always kept (the smallest), so a launch never finds none.
     """
-    if INTERPRET or torch.device(device).type != "cuda":
+    device_type = torch.device(device).type
+    if INTERPRET or not (device_type == "cuda" or (device_type == "meta" and RECORDER is not None)):
         return configs[:1]
     limit = max_shared_memory(device)
     kept = [c for c in configs if smem_bytes(c) <= limit]
     return kept or [min(configs, key=smem_bytes)]
+
+
+#: The active launch recorder of `sdvae_fast.warmup` (None: kernels launch). While one is active, kernels "run" on
+#: meta tensors: `kernels_available` is True for them, `max_shared_memory` gives the recorded target's, and `launch`
+#: hands every launch to the recorder instead of the GPU.
+RECORDER = None
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """Launch `kernel[grid](*args, **kwargs)`, the one launch path of the autotuned kernels.
+
+    `kernel` is a `@triton.jit` function or a `@triton.autotune` wrapper of one. Plain kernels, and every kernel
+    under the interpreter, launch as written. On a GPU an autotuned kernel launches the config chosen for its
+    autotune key by `sdvae_fast.autotune_table` (a persisted table, or a short tuning run on first use) directly
+    on the wrapped kernel, without Triton's autotuner. While `RECORDER` is set (warmup), nothing is launched: the
+    recorder notes the kernel variants the launch would compile.
+    Returns what the Triton launch returns (None while recording).
+    """
+    if RECORDER is not None:
+        return RECORDER.launch(kernel, grid, args, kwargs)
+    if INTERPRET or not hasattr(kernel, "configs"):
+        return kernel[grid](*args, **kwargs)
+    from sdvae_fast.autotune_table import choose_config
+
+    config = choose_config(kernel, grid, args, kwargs)
+    return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
 def require_kernels(device, what: str) -> None:
@@ -184,18 +215,70 @@ derived_weights = DerivedCache()
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_image_input(x) -> None:
-    """Raise naming `x` unless it is a non-empty 4-D (N, C, H, W) fp16/bf16/fp32 tensor (what the kernels take).
+def _dtype_names(dtypes) -> str:
+    """'float16, bfloat16 or float32' for a tuple of torch dtypes."""
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: Union[int, Tuple[int, ...], None] = None,
+    layout: Optional[str] = None,
+    shape: Optional[Sequence[int]] = None,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    floating: bool = False,
+    device=None,
+    nonempty: bool = False,
+) -> None:
+    """The kernel launchers' one checker of their tensor invariants: raise naming `name` unless `t` meets each
+    condition given. (User-facing validation happens earlier, in `sdvae_fast.ops`' public functions; this keeps
+    launchers called directly from failing inside Triton.)
+
+    Args:
+        name: the argument's name, used in the messages.
+        t: the value to check.
+        ndim: required number of dimensions, or a tuple of allowed ones; `layout` names them in the message
+            (for example "4-D (N, C, H, W)"), else "<ndim>-D".
+        shape: required exact shape.
+        dtypes: allowed dtypes (for example `SUPPORTED_DTYPES`); floating: require a floating-point dtype.
+        device: required device. nonempty: require at least one element.
+    Raises:
+        TypeError: not a tensor, or a dtype outside `dtypes` / not floating point.
+        ValueError: wrong number of dimensions, shape or device, or empty.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else tuple(ndim)):
+        raise ValueError(f"{name} must be {layout or f'{ndim}-D'}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {_dtype_names(dtypes)} for the Triton kernel, got {t.dtype}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{name} must be on {device} like x, got {t.device}")
+    if nonempty and t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+
+
+def check_image_input(x, name: str = "x") -> None:
+    """Raise naming `name` unless x is a non-empty 4-D (N, C, H, W) fp16/bf16/fp32 tensor (what the kernels take).
 
     Raises:
         TypeError: not a tensor, or another dtype (fp64 and integers run on the PyTorch reference instead).
         ValueError: not 4-D, or empty.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32 for the Triton kernel, got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    check_tensor(name, x, ndim=4, layout="4-D (N, C, H, W)", dtypes=SUPPORTED_DTYPES, nonempty=True)
+
+
+def conv_output_size(size, kernel: int, pad_before: int, pad_after: int, stride: int):
+    """Output length of a convolution along one axis: `(size + pad_before + pad_after - kernel) // stride + 1`.
+
+    The one formula used by the conv launchers and by `sdvae_fast.ops` (validation and fake shapes). Works on
+    ints and on symbolic sizes (torch.SymInt) alike. A result below 1 means the input is too small.
+    """
+    return (size + pad_before + pad_after - kernel) // stride + 1

@@ -47,23 +47,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, prune_configs, require_kernels
+from ._common import INTERPRET, SUPPORTED_DTYPES, launch, prune_configs, require_kernels
+from ._jit import round_to_bf16
 
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 512
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """fp32 tile -> fp32 values rounded to the nearest bf16 (ties to even).
-
-    Used under the interpreter only, where an fp32 -> bf16 cast or store truncates instead of rounding: rounding
-    first makes the later truncation exact, so interpreter results match the GPU's round-to-nearest casts.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -166,7 +154,7 @@ def _attention_fwd_kernel(
 
         v = tl.load(v_ptrs, mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
         if ROUND_BF16:
-            p = _round_to_bf16(p)
+            p = round_to_bf16(p)
         p = p.to(V.dtype.element_ty)  # P enters the PV product in the input dtype, as in FlashAttention
         if DOT_FP32:
             p = p.to(tl.float32)
@@ -180,7 +168,7 @@ def _attention_fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows without any key (never for n_kv >= 1) stay 0, not NaN
     out = acc / l_safe[:, None]
     if ROUND_BF16:
-        out = _round_to_bf16(out)
+        out = round_to_bf16(out)
     o_ptrs = o_base + (offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
 
@@ -382,7 +370,7 @@ def attention_forward(
         return (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads, triton.cdiv(head_dim, meta["BLOCK_DV"]))
 
     if config is None:
-        _autotuned_kernel(triton.next_power_of_2(head_dim))[grid](*args, **consts)
+        launch(_autotuned_kernel(triton.next_power_of_2(head_dim)), grid, *args, **consts)
     else:
         tiles = {key: int(config[key]) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_DK", "BLOCK_DV")}
         for key, value in tiles.items():

@@ -29,9 +29,11 @@ and the 4x larger upsampled tensor is never stored. (Sub-pixel decomposition; th
 Emitted GroupNorm statistics (`EMIT_STATS`, `stats_groups` in the launchers): the epilogue also reduces the
 stored tile (values rounded to the output dtype, exactly what a later statistics pass would read) to a (count,
 mean, M2) triple per run of STATS_GS channels (a power of two dividing C/G, so a run never straddles a group or a
-channel tile): per column the tile mean and the M2 centred on it, then the k-way Chan merge of the run's columns.
-`group_norm.merge_partial_stats` merges the triples of each (image, group) in a fixed order: deterministic, no
-atomics, batch invariant (tiles never span two images). Without a shared shift the fp32 partial means round at
+channel tile): per column the tile mean and the M2 centred on it, then Chan's merge of the run's columns
+(`kernels._jit.chan_reduce`). `group_norm.merge_partial_stats` merges the triples of each (image, group) in a fixed
+order: deterministic, no atomics, batch invariant (tiles never span two images); with `stats_partials` it also
+returns the merged (count, mean, M2) of each (image, group), which partials of other image bands merge with
+(`group_norm.merge_group_norm_partials`). Without a shared shift the fp32 partial means round at
 |mean| scale, so rstd is accurate to about 1e-7 * |mean| / std relative (the separate statistics pass, which
 subtracts a shift first, stays exact for any mean).
 
@@ -69,10 +71,14 @@ from sdvae_fast.kernels._common import (
     INTERPRET,
     SUPPORTED_DTYPES,
     check_image_input,
+    check_tensor,
+    conv_output_size,
     prune_configs,
     derived_weights,
+    launch,
     require_kernels,
 )
+from sdvae_fast.kernels._jit import chan_reduce, round_to_bf16
 
 SUPPORTED_KERNEL_SIZES = (1, 3)
 SUPPORTED_STRIDES = (1, 2)
@@ -279,11 +285,8 @@ def _conv_kernel(
         r_offs = (d_out_h * srh + d_out_w * srw)[:, None] + (c_out_idx * src)[None, :]  # (BLOCK_M, BLOCK_N)
         acc += tl.load(r_tile + r_offs, mask=mask, other=0.0).to(tl.float32)
     if ROUND_TO_BF16:
-        # The interpreter truncates fp32 -> bf16 on store (the GPU rounds to nearest even): round the fp32
-        # bits to the nearest even bf16 value first, so the store's truncation is exact.
-        bits = acc.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        acc = bits.to(tl.float32, bitcast=True)
+        # The interpreter truncates fp32 -> bf16 on store (the GPU rounds to nearest even).
+        acc = round_to_bf16(acc)
     o_tile = out_ptr + n * son + out_h0.to(tl.int64) * soh + out_w0.to(tl.int64) * sow
     o_offs = (d_out_h * soh + d_out_w * sow)[:, None] + (c_out_idx * soc)[None, :]  # (BLOCK_M, BLOCK_N)
     tl.store(o_tile + o_offs, acc, mask=mask)
@@ -291,8 +294,7 @@ def _conv_kernel(
     if EMIT_STATS:
         # GroupNorm partials of the tile as stored (rounded to the output dtype), so the next unit's statistics
         # need no pass over the tensor. Per column: mean and centred M2 over the tile's valid rows; then the
-        # STATS_GS columns of each run merge with the k-way Chan formula (equal counts):
-        # mean = avg(mean_c), M2 = sum(M2_c + rows * (mean_c - mean)^2).
+        # STATS_GS columns of each run merge with Chan's update (`chan_reduce`).
         # Only the row mask: columns past C_out hold zeros and their runs are not stored.
         v = tl.where(m_mask[:, None], acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
         rows = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
@@ -300,15 +302,14 @@ def _conv_kernel(
         d = tl.where(m_mask[:, None], v - col_mean[None, :], 0.0)
         col_m2 = tl.sum(d * d, axis=0)  # (BLOCK_N,)
         col_mean = tl.reshape(col_mean, (BLOCK_N // STATS_GS, STATS_GS))  # (runs, STATS_GS)
-        run_mean = tl.sum(col_mean, axis=1) / STATS_GS  # (runs,)
-        dm = col_mean - run_mean[:, None]
-        run_m2 = tl.sum(tl.reshape(col_m2, (BLOCK_N // STATS_GS, STATS_GS)) + rows * dm * dm, axis=1)
+        col_m2 = tl.reshape(col_m2, (BLOCK_N // STATS_GS, STATS_GS))  # (runs, STATS_GS)
+        run_count, run_mean, run_m2 = chan_reduce(tl.zeros_like(col_mean) + rows, col_mean, col_m2, 1)  # (runs,)
         runs = C_out // STATS_GS
         num_tiles = tl.num_programs(0) // tiles_n  # T: tiles_m (x 4 phases)
         run = pid_n * (BLOCK_N // STATS_GS) + tl.arange(0, BLOCK_N // STATS_GS).to(tl.int64)  # (runs,)
         s_offs = ((n * runs + run) * num_tiles + rest) * 3
         run_mask = run < runs
-        tl.store(stats_ptr + s_offs, tl.zeros_like(run_mean) + rows * STATS_GS, mask=run_mask)
+        tl.store(stats_ptr + s_offs, run_count, mask=run_mask)
         tl.store(stats_ptr + s_offs + 1, run_mean, mask=run_mask)
         tl.store(stats_ptr + s_offs + 2, run_m2, mask=run_mask)
         # T for the merge kernel, from program (0, 0): a predicated store (a branch here made ptxas spill).
@@ -378,15 +379,8 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _check_tensor(name: str, t, shape: tuple, device) -> None:
-    """Raise naming `name` unless t is a floating-point tensor of `shape` on `device`."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device} like x, got {t.device}")
+    """Raise naming `name` unless t is a floating-point tensor of `shape` on `device` (the shared checker)."""
+    check_tensor(name, t, floating=True, shape=shape, device=device)
 
 
 def _output(out: Optional[torch.Tensor], shape: tuple, x: torch.Tensor) -> torch.Tensor:
@@ -399,15 +393,18 @@ def _output(out: Optional[torch.Tensor], shape: tuple, x: torch.Tensor) -> torch
     return out
 
 
-def _check_stats_groups(c_out: int, stats_groups: int) -> None:
-    """Raise naming both numbers unless stats_groups is 0 (no statistics) or divides C_out."""
+def _check_stats_groups(c_out: int, stats_groups: int, stats_partials: bool = False) -> None:
+    """Raise naming both numbers unless stats_groups is 0 (no statistics) or divides C_out; stats_partials needs
+    statistics."""
     if not isinstance(stats_groups, int) or stats_groups < 0 or (stats_groups and c_out % stats_groups):
         raise ValueError(f"C_out ({c_out}) must be divisible by stats_groups ({stats_groups}), or stats_groups 0")
+    if stats_partials and not stats_groups:
+        raise ValueError("stats_partials needs stats_groups > 0 (partials of the emitted statistics)")
 
 
 def _prepare_input(x: torch.Tensor) -> torch.Tensor:
     """On CUDA, gather NCHW or other channel-strided inputs into channels_last once (coalesced A loads)."""
-    if x.is_cuda and x.stride(1) != 1:
+    if (x.is_cuda or x.is_meta) and x.stride(1) != 1:  # meta: a warmup recording of a CUDA run
         return x.contiguous(memory_format=torch.channels_last)
     return x
 
@@ -441,12 +438,19 @@ def _needs_wide_offsets(x, residual, out, w_out: int, stride: int, kh: int, upsa
     return max(spans) >= 2**31
 
 
-def _launch(x, packed, bias, scale, shift, residual, silu, stride, pad_left, pad_top, kh, kw,
-            h_out, w_out, out, upsample, stats_groups=0, stats_eps=1e-6):
+def _launch(*, x, packed, out, h_out, w_out, kernel_size, bias=None, scale=None, shift=None, residual=None,
+            silu=False, stride=1, pad_left=0, pad_top=0, upsample=False, stats_groups=0, stats_eps=1e-6,
+            stats_partials=False):
     """Launch `_conv_kernel` on validated arguments; unused pointers get a placeholder tensor (never read).
 
-    Returns out, or (out, mean, rstd) of out's GroupNorm statistics when `stats_groups` > 0.
+    Keyword-only. x: the (prepared) input; packed: the packed weight, (K, C_out) or (4, K, C_out) in upsample
+    mode; out: the output tensor; h_out, w_out: the GEMM's output grid per image (and phase); kernel_size: KH =
+    KW of the packed weight (2 for the upsample phases); scale/shift: fp32 (N, C_in) or None (no
+    normalisation); pad_left/pad_top: the padding (set per phase inside the kernel in upsample mode).
+    Returns out, or (out, mean, rstd) of out's GroupNorm statistics when `stats_groups` > 0, with the merged
+    raw `GroupNormPartials` appended when `stats_partials`.
     """
+    kh = kw = kernel_size
     n, c_in, h, w = x.shape
     c_out = packed.shape[-1]
     res = residual if residual is not None else out  # placeholder pointer, never read
@@ -463,7 +467,8 @@ def _launch(x, packed, bias, scale, shift, residual, silu, stride, pad_left, pad
         tiles = triton.cdiv(h_out * w_out, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"])
         return (tiles * (4 if upsample else 1), n)
 
-    _conv_kernel[grid](
+    launch(
+        _conv_kernel, grid,
         x, packed,
         bias if bias is not None else packed,
         scale if scale is not None else packed,
@@ -483,9 +488,9 @@ def _launch(x, packed, bias, scale, shift, residual, silu, stride, pad_left, pad
     )
     if not stats_groups:
         return out
-    mean, rstd = group_norm.merge_partial_stats(partials, tiles, n, stats_groups, c_out // stats_groups // gs,
-                                                stats_eps)
-    return out, mean, rstd
+    merged = group_norm.merge_partial_stats(partials, tiles, n, stats_groups, c_out // stats_groups // gs,
+                                            stats_eps, return_partials=stats_partials)
+    return (out, *merged)
 
 
 def conv_supported(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
@@ -508,6 +513,7 @@ def gn_silu_conv2d(
     out: Optional[torch.Tensor] = None,
     stats_groups: int = 0,
     stats_eps: float = 1e-6,
+    stats_partials: bool = False,
 ):
     """Launch `conv2d(pad(silu(x * scale + shift)), weight, bias, stride) + residual` as one implicit GEMM.
 
@@ -525,12 +531,16 @@ def gn_silu_conv2d(
             NaN-filled one to prove every element is written.
         stats_groups, stats_eps: when stats_groups > 0, the epilogue also emits the GroupNorm statistics of the
             output (as stored) over stats_groups groups, for the unit that normalises it next.
+        stats_partials: with stats_groups > 0, also return the merged raw statistics (count, mean, M2) of each
+            (sample, group) (`group_norm.GroupNormPartials`), which merge across image bands.
     Returns:
         (N, C_out, H_out, W_out) in x's dtype, channels_last unless `out` was given; with stats_groups > 0 the
-        tuple (out, mean, rstd), mean and rstd (N, stats_groups) float32.
+        tuple (out, mean, rstd), mean and rstd (N, stats_groups) float32; with stats_partials the tuple
+        (out, mean, rstd, partials), each field of partials (N, stats_groups) float32.
     Raises:
         TypeError / ValueError naming the argument for unsupported dtypes, kernel sizes, strides, shapes,
-        devices or a C_out not divisible by stats_groups; RuntimeError when the kernels cannot run on x's device.
+        devices, a C_out not divisible by stats_groups, or stats_partials without stats_groups; RuntimeError
+        when the kernels cannot run on x's device.
     """
     check_image_input(x)
     n, c_in, h, w = x.shape
@@ -545,13 +555,13 @@ def gn_silu_conv2d(
     if len(padding) != 4 or min(padding) < 0:
         raise ValueError(f"padding must be 4 non-negative ints (left, right, top, bottom), got {padding}")
     pad_left, pad_right, pad_top, pad_bottom = padding
-    h_out = (h + pad_top + pad_bottom - kh) // stride + 1
-    w_out = (w + pad_left + pad_right - kw) // stride + 1
+    h_out = conv_output_size(h, kh, pad_top, pad_bottom, stride)
+    w_out = conv_output_size(w, kw, pad_left, pad_right, stride)
     if h_out < 1 or w_out < 1:
         raise ValueError(f"x of spatial size {h}x{w} is too small for a {kh}x{kw} conv with padding {padding}")
     c_out = weight.shape[0]
     _check_tensor("weight", weight, weight.shape, x.device)
-    _check_stats_groups(c_out, stats_groups)
+    _check_stats_groups(c_out, stats_groups, stats_partials)
     if bias is not None:
         _check_tensor("bias", bias, (c_out,), x.device)
     if (scale is None) != (shift is None):
@@ -566,8 +576,10 @@ def gn_silu_conv2d(
     out = _output(out, (n, c_out, h_out, w_out), x)
     require_kernels(x.device, "gn_silu_conv2d")
     packed = _pack_weight(weight, x.dtype, upsample=False)
-    return _launch(_prepare_input(x), packed, bias, scale, shift, residual, silu, stride, pad_left, pad_top,
-                   kh, kw, h_out, w_out, out, upsample=False, stats_groups=stats_groups, stats_eps=stats_eps)
+    return _launch(x=_prepare_input(x), packed=packed, out=out, h_out=h_out, w_out=w_out, kernel_size=kh,
+                   bias=bias, scale=scale, shift=shift, residual=residual, silu=silu, stride=stride,
+                   pad_left=pad_left, pad_top=pad_top, stats_groups=stats_groups, stats_eps=stats_eps,
+                   stats_partials=stats_partials)
 
 
 def upsample_conv2d(
@@ -578,6 +590,7 @@ def upsample_conv2d(
     out: Optional[torch.Tensor] = None,
     stats_groups: int = 0,
     stats_eps: float = 1e-6,
+    stats_partials: bool = False,
 ):
     """Launch `conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)` as four
     2x2 phase convolutions on x (weights folded once by `fold_upsample_weight` and cached).
@@ -587,10 +600,11 @@ def upsample_conv2d(
         weight: (C_out, C_in, 3, 3).
         bias: (C_out,) or None.
         out: optional preallocated (N, C_out, 2H, 2W) output of x's dtype (any strides).
-        stats_groups, stats_eps: as in `gn_silu_conv2d`: also emit the output's GroupNorm statistics.
+        stats_groups, stats_eps, stats_partials: as in `gn_silu_conv2d`: also emit the output's GroupNorm
+            statistics (and their raw partials).
     Returns:
         (N, C_out, 2H, 2W) in x's dtype, channels_last unless `out` was given; with stats_groups > 0 the tuple
-        (out, mean, rstd), mean and rstd (N, stats_groups) float32.
+        (out, mean, rstd), mean and rstd (N, stats_groups) float32; with stats_partials also the partials.
     Raises:
         TypeError / ValueError naming the argument; RuntimeError when the kernels cannot run on x's device.
     """
@@ -600,12 +614,12 @@ def upsample_conv2d(
         raise ValueError(f"weight must be (C_out, {c_in}, 3, 3), got {getattr(weight, 'shape', weight)}")
     c_out = weight.shape[0]
     _check_tensor("weight", weight, weight.shape, x.device)
-    _check_stats_groups(c_out, stats_groups)
+    _check_stats_groups(c_out, stats_groups, stats_partials)
     if bias is not None:
         _check_tensor("bias", bias, (c_out,), x.device)
     out = _output(out, (n, c_out, 2 * h, 2 * w), x)
     require_kernels(x.device, "upsample_conv2d")
     packed = _pack_weight(weight, x.dtype, upsample=True)
     # Each phase is a 2x2 conv over the H x W input grid; its padding is set per phase inside the kernel.
-    return _launch(_prepare_input(x), packed, bias, None, None, None, False, 1, 0, 0, 2, 2, h, w, out,
-                   upsample=True, stats_groups=stats_groups, stats_eps=stats_eps)
+    return _launch(x=_prepare_input(x), packed=packed, out=out, h_out=h, w_out=w, kernel_size=2, bias=bias,
+                   upsample=True, stats_groups=stats_groups, stats_eps=stats_eps, stats_partials=stats_partials)

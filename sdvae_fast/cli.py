@@ -794,6 +794,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                           "(default bench/results)")
     p.add_argument("--name", help="file stem of the results (default: DATE-GPU-e2e)")
 
+    from sdvae_fast import warmup as _warmup  # torch-free at import, like this module
+
+    p = add("warmup", lambda args: _warmup.run_command(args),
+            "precompile every kernel variant in parallel and settle autotuning (cold start)",
+            _warmup.DESCRIPTION, parents=())
+    _warmup.add_arguments(p)
+
     sub.add_parser("train", help="fine-tune or train a VAE (see `sdvae-fast train --help`)", add_help=False)
     sub.add_parser("kernel-report", add_help=False,
                    help="static sm_90 cost model of the kernels from their SASS, no GPU needed "
@@ -808,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _needs_interpreter(args) -> bool:
     """Whether the command will launch Triton kernels on CPU tensors (parity on CPU, or backend triton)."""
-    if args.command in ("profile", "bench", "info"):
+    if args.command in ("profile", "bench", "info", "warmup"):
         return False
     backend = resolve_backend(args.backend)  # --backend, else SDVAE_FAST_BACKEND, else auto
     if backend == "torch" or (args.command != "parity" and backend != "triton"):
