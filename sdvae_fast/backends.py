@@ -1,4 +1,4 @@
-"""Backend names, and the one rule that decides whether a forward runs the kernels (docs/design.md, section 2).
+"""Backend names, and the one rule that decides whether a forward runs the kernels (docs/design.md, section 3).
 
 - "torch": always the PyTorch modules (the reference).
 - "auto": the Triton kernels on CUDA devices, the PyTorch modules elsewhere (the default; also set with the

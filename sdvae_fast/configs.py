@@ -11,7 +11,7 @@
 | `diffusers_test` | diffusers' own unit-test VAE (widths [2, 4], 2 groups) | 4 | 0.18215 | None | yes |
 
 The four real ones share the kl-f8 architecture (widths 128/256/512/512, two resnets per encoder level, 32 groups);
-values are those of the published diffusers `vae/config.json` files (see ../shared/DESIGN.md section 1).
+values are those of the published diffusers `vae/config.json` files (docs/design.md, section 1).
 Pipelines encode `(x - shift_factor) * scaling_factor` and decode `z / scaling_factor + shift_factor`.
 """
 from __future__ import annotations

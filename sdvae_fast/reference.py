@@ -3,7 +3,7 @@
 Module names, nesting and parameter shapes follow diffusers (`diffusers.models.autoencoders.vae`,
 `diffusers.models.resnet`, `diffusers.models.attention_processor`), so `state_dict()` keys and shapes equal those
 of `diffusers.AutoencoderKL` built from the same config, and code that walks a diffusers VAE (the fast path in
-`sdvae_fast.fast`) walks this one the same way. The architecture facts are in ../shared/DESIGN.md section 1.
+`sdvae_fast.fast`) walks this one the same way. The architecture facts are in docs/design.md, section 1.
 
 Every module here runs in any float dtype (fp64 for oracles, fp32, fp16, bf16) and in NCHW or channels_last
 memory format. Tensors are `(N, C, H, W)` unless said otherwise; images are in [-1, 1], latents unscaled

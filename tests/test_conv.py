@@ -397,12 +397,9 @@ def test_gpu_gsc_at_a_decoder_shape(dtype):
     assert_close(y, expected, rel_l2=tol, name=f"gpu gsc {dtype}")
 
 
-def test_kernels_compile_for_hopper_with_tensor_core_pipelines_and_no_heavy_spills():
-    """Without a GPU: compile the GSC (with and without emitted statistics), upsample and GroupNorm kernels for
-    sm_90 (Triton's bundled ptxas), as the JIT would for channels_last bf16 inputs; check the GEMM runs on wgmma
-    with cp.async pipelining, and that no CONV_CONFIGS entry spills more than 256 bytes per thread (the
-    `cuobjdump -res-usage` stack) for the heaviest variant, a GSC with residual and emitted statistics."""
-    script = textwrap.dedent("""
+# What both sm_90 compile tests run in a fresh interpreter-less process: helpers to compile a kernel for sm_90 with
+# Triton's bundled ptxas, as the JIT would for channels_last bf16 inputs, and to read its stack (spill) bytes.
+_SM90_PRELUDE = textwrap.dedent("""
         import os, re, subprocess, tempfile
         import triton
         from triton.backends.compiler import GPUTarget
@@ -434,24 +431,52 @@ def test_kernels_compile_for_hopper_with_tensor_core_pipelines_and_no_heavy_spil
             return build(conv._conv_kernel.fn, pointers, constexprs, aligned, num_warps=config.num_warps,
                          num_stages=config.num_stages)
 
-        for k, gn, up, emit, wide in ((3, True, False, False, False), (3, True, False, True, False),
-                                      (2, False, True, True, False), (3, True, False, False, True)):
-            ttgir = build_conv(conv.CONV_CONFIGS[0], k, gn, up, emit, wide).asm["ttgir"]
-            assert "warp_group_dot" in ttgir and "async_copy_global_to_local" in ttgir, (k, gn, up, emit, wide)
-        if os.path.exists(CUOBJDUMP):
-            spills = {str(c): stack_bytes(build_conv(c, 3, True, False, True)) for c in conv.CONV_CONFIGS}
-            print(spills)
-            assert max(spills.values()) <= 256, spills
-        build(group_norm._gn_partial_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32"}, dict(BLOCK_P=256, BLOCK_C=16),
-              {"x_ptr", "part_ptr"}, num_warps=4)
-        merge_pointers = {"part_ptr": "*fp32", "tiles_ptr": "*i32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
-        build(group_norm._gn_merge_partials_kernel, {**merge_pointers, "eps": "fp32"}, dict(BLOCK_S=1024),
-              set(merge_pointers), num_warps=4)
-        print("ok")
-    """)
+""")
+
+
+def _run_sm90(body: str) -> str:
+    """Run `_SM90_PRELUDE + body` without the interpreter; skip when ptxas is missing; return its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-c", _SM90_PRELUDE + textwrap.dedent(body)], env=env,
+                          capture_output=True, text=True, timeout=900)
     if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("Triton's bundled ptxas is missing on this machine")
     print(done.stdout)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_kernels_compile_for_hopper_with_tensor_core_pipelines():
+    """Without a GPU: compile the GSC (with and without emitted statistics, int32 and int64 tile offsets),
+    upsample and GroupNorm kernels for sm_90; the GEMM must run on wgmma with cp.async pipelining."""
+    _run_sm90("""
+        for k, gn, up, emit, wide in ((3, True, False, False, False), (3, True, False, True, False),
+                                      (2, False, True, True, False), (3, True, False, False, True)):
+            ttgir = build_conv(conv.CONV_CONFIGS[0], k, gn, up, emit, wide).asm["ttgir"]
+            assert "warp_group_dot" in ttgir and "async_copy_global_to_local" in ttgir, (k, gn, up, emit, wide)
+        build(group_norm._gn_partial_kernel, {"x_ptr": "*bf16", "part_ptr": "*fp32"}, dict(BLOCK_P=256, BLOCK_C=16),
+              {"x_ptr", "part_ptr"}, num_warps=4)
+        merge_pointers = {p: "*fp32" for p in ("part_ptr", "mean_ptr", "rstd_ptr", "count_out_ptr", "mean_out_ptr",
+                                                "m2_out_ptr")}
+        merge_pointers["tiles_ptr"] = "*i32"
+        for store in (False, True):
+            build(group_norm._gn_merge_partials_kernel, {**merge_pointers, "eps": "fp32"},
+                  dict(BLOCK_S=1024, STORE_PARTIALS=store), set(merge_pointers), num_warps=4)
+        print("ok")
+    """)
+
+
+def test_no_conv_config_spills_more_than_256_bytes_on_hopper():
+    """Every CONV_CONFIGS entry, compiled for sm_90 as the heaviest variant (3x3 GSC with residual and emitted
+    statistics), keeps its per-thread stack (`cuobjdump -res-usage`: spills) at 256 bytes or less."""
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        pytest.skip(f"Triton's bundled cuobjdump is missing ({cuobjdump}): spills cannot be read")
+    _run_sm90("""
+        spills = {str(c): stack_bytes(build_conv(c, 3, True, False, True)) for c in conv.CONV_CONFIGS}
+        print(spills)
+        assert max(spills.values()) <= 256, spills
+        print("ok")
+    """)

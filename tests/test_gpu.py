@@ -3,7 +3,7 @@
 - kernel parity in fp16 and bf16 at the shapes of a 512^2 SD decode, against float64 and within 2x PyTorch's own
   error in that dtype (the project's rule);
 - the whole sd15-sized VAE on the fast path against the fp32 reference, unit by unit (`sdvae_fast.parity`);
-- field case C03: a decode of latents [32, 4, 64, 64] equals 32 single-image decodes (DESIGN.md section 4:
+- field case C03: a decode of latents [32, 4, 64, 64] equals 32 single-image decodes (docs/design.md, section 8:
   numerics never depend on the batch);
 - field case C05: a 4096x4096 decode from latents [1, 4, 512, 512] in one pass, finite, with no constant or zero
   bands (the signature of int32 offset overflow or an unwritten tile).

@@ -11,7 +11,8 @@ installed, e.g. `apt-get install graphviz`).
 - Calls: measured, not read. A seeded narrow `AutoencoderKL` decodes and encodes on the kernels under Triton's
   interpreter (set here before anything is imported) with `sys.setprofile` on; every call whose caller and callee
   are functions of the package is an edge (frames of torch or Triton in between are skipped, so a launcher calls
-  the `@triton.jit` kernel it launches). Edge labels count calls.
+  the `@triton.jit` kernel it launches). Only the edges on a path from `AutoencoderKL.encode/decode` to a kernel
+  are drawn. Edge labels count calls.
 """
 from __future__ import annotations
 
@@ -136,9 +137,31 @@ def call_edges() -> collections.Counter:
     return counts
 
 
+def on_kernel_paths(counts: collections.Counter) -> collections.Counter:
+    """The edges that lie on a call path from `AutoencoderKL.encode/decode` to a Triton kernel (`*_kernel`)."""
+    succ, pred = collections.defaultdict(set), collections.defaultdict(set)
+    for a, b in counts:
+        succ[a].add(b)
+        pred[b].add(a)
+
+    def reach(starts, step):
+        seen, todo = set(starts), list(starts)
+        while todo:
+            for nxt in step[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    nodes = set(succ) | set(pred)
+    roots = {n for n in nodes if n.endswith(("AutoencoderKL.decode", "AutoencoderKL.encode"))}
+    kernels = {n for n in nodes if n.endswith("_kernel")}
+    keep = reach(roots, succ) & reach(kernels, pred)
+    return collections.Counter({(a, b): n for (a, b), n in counts.items() if a in keep and b in keep})
+
+
 def calls_dot(counts: collections.Counter) -> str:
-    lines = ["digraph calls {", "  rankdir=LR; node [shape=box, fontname=Helvetica, fontsize=9];"]
-    for (a, b), n in sorted(counts.items()):
+    lines = ["digraph calls {", "  rankdir=TB; node [shape=box, fontname=Helvetica, fontsize=9];"]
+    for (a, b), n in sorted(on_kernel_paths(counts).items()):
         lines.append(f'  "{a}" -> "{b}" [label="{n}", fontsize=8];')
     lines.append("}")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """The fast forward of the SD VAE: walks a diffusers-structured module tree and runs it on `sdvae_fast.ops`.
 
-One module tree, two forwards (docs/design.md, section 2). Our `sdvae_fast.AutoencoderKL` and a live
+One module tree, two forwards (docs/design.md, section 3). Our `sdvae_fast.AutoencoderKL` and a live
 `diffusers.AutoencoderKL` carry the same module names (`encoder.down_blocks[i].resnets[j].norm1`, ...), so the
 functions here serve both: the model calls `encode_moments` / `decode_sample` when `use_fast_path` says so, and
 `sdvae_fast.patching.patch` routes a diffusers VAE's `encoder` / `decoder` through `run_encoder` / `run_decoder`.

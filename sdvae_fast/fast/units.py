@@ -1,4 +1,4 @@
-"""The registry of units: the only place that knows which module types the kernels run (docs/design.md, section 3).
+"""The registry of units: the only place that knows which module types the kernels run (docs/design.md, section 4).
 
 A *unit* is the piece of a VAE the fast path runs as a few fused ops: a ResnetBlock2D is two GroupNorm+SiLU+conv
 (GSC) ops with the residual in the second's epilogue, an Upsample2D is one 4-phase upsample conv, and so on. This
