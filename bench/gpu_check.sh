@@ -1,32 +1,53 @@
 #!/usr/bin/env bash
-# The prepared GPU check of sdvae-fast: GPU tests, parity, kernel and end-to-end benchmarks in under 5 minutes on
-# one H200, with no network. Results go to bench/results/DATE-GPU.md (+ .csv, .png, logs) and, when $OUT is set,
-# to $OUT too (the only folder that comes back from a borrowed machine), each section as soon as it ends.
+# The prepared GPU check of sdvae-fast, within 6 minutes of wall time on one H200 with an empty Triton cache and no
+# network: environment, a parallel warmup of every kernel variant the sections need (bench/gpu_plan.json), the
+# correctness sections (GPU tests with every surviving autotune config, parity, the 4096^2 and batch-32 decodes),
+# then the timing sections (conv and attention kernels, end to end). Results go to bench/results/DATE-GPU.md (+ logs,
+# .csv, .png, the autotune table) and, when $OUT is set, to $OUT too (the only folder that comes back from a
+# borrowed machine): the report and one tarball of everything, rewritten as each section ends.
 #
-# The GPU machine (Python 3.12) has no network; it holds torch, triton, numpy, safetensors, scikit-image and
+# The GPU machine (Python 3.12) has no network; it holds torch, triton, numpy, safetensors, scikit-image, tqdm and
 # setuptools but not diffusers (the e2e section's peer and the tests' reference). So the recipe has two steps.
 # 1. Once, on a machine with network, in the repo root: download the diffusers wheel for the GPU machine's Python
 #    (3.12) into .whl/ (gitignored):
 #      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #          -d .whl diffusers==0.42.1
 # 2. On the GPU machine, in the repo root, with .whl/ copied along (for the device `run` tool: carry [".whl"],
-#    timeout_s 420): install that wheel into a private folder, install this package in place, run this script:
+#    timeout_s 480): install that wheel into a private folder, install this package in place, run this script with
+#    the commit (the tree arrives without .git):
 #      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site \
-#          && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . && bash bench/gpu_check.sh
+#          && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+#          && bash bench/gpu_check.sh --commit "$(git rev-parse --short=12 HEAD)"   # run the git part here
 #
+# Usage: bash bench/gpu_check.sh [--commit SHA]
 # Environment:
-#   OUT          also copy every result there (set by the device machine)
-#   SECTIONS     the sections to run, space separated (default: "env tests parity conv attention e2e")
+#   OUT          also copy the report and a tarball of every result there (set by the device machine)
+#   SECTIONS     the sections to run, space separated
+#                (default: "env warmup tests parity big conv attention e2e")
 #   RESULTS_DIR  where results are written (default: bench/results)
-#   BUDGET_S     total seconds for all sections (default 285); each section also has its own time box
+#   BUDGET_S     total seconds for all sections (default 340); each section also has its own time box
 #   PYTHON       the interpreter (default: python3)
+#   SDVAE_FAST_COMMIT  the commit to record when --commit is not given and there is no .git
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+while [ $# -gt 0 ]; do
+    case $1 in
+        --commit) export SDVAE_FAST_COMMIT=$2; shift 2 ;;
+        --commit=*) export SDVAE_FAST_COMMIT=${1#--commit=}; shift ;;
+        *) echo "usage: bash bench/gpu_check.sh [--commit SHA]" >&2; exit 2 ;;
+    esac
+done
+
 PY=${PYTHON:-python3}
-SECTIONS=${SECTIONS:-"env tests parity conv attention e2e"}
+SECTIONS=${SECTIONS:-"env warmup tests parity big conv attention e2e"}
 RESULTS=${RESULTS_DIR:-bench/results}
-BUDGET_S=${BUDGET_S:-285}
+BUDGET_S=${BUDGET_S:-340}
+# One Triton cache for the warmup and every section; each section reports the compiles it still caused.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+mkdir -p "$RESULTS"
+# The autotune table the warmup settles (and every later process applies), kept with the results.
+export SDVAE_FAST_AUTOTUNE_TABLE=${SDVAE_FAST_AUTOTUNE_TABLE:-$(cd "$RESULTS" && pwd)/autotune-table.json}
 # The test conftest turns the Triton interpreter on unless told otherwise: on a GPU the kernels must compile.
 export TRITON_INTERPRET=0
 export PYTHONUNBUFFERED=1
@@ -42,6 +63,7 @@ publish() {
     if [ -n "${OUT:-}" ]; then
         mkdir -p "$OUT"
         cp "$REPORT" "$OUT/" 2>/dev/null || true
+        cp "$SDVAE_FAST_AUTOTUNE_TABLE" "$RESULTS/$STEM-autotune.json" 2>/dev/null || true
         (cd "$RESULTS" && tar czf "$OUT/$STEM-results.tar.gz" "$STEM"*) 2>/dev/null || true
     fi
 }
@@ -58,16 +80,18 @@ section() {
         return 0
     fi
     [ "$limit" -gt "$left" ] && limit=$left
-    local log="$RESULTS/$STEM-$name.log" t0 rc
+    local log="$RESULTS/$STEM-$name.log" t0 rc cached
     t0=$(date +%s)
+    cached=$(cache_entries)
     echo "== $name (time box ${limit}s): $*"
     timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
     rc=$?
-    local took=$(($(date +%s) - t0)) status="ok"
+    local took=$(($(date +%s) - t0)) status="ok" compiled=$(($(cache_entries) - cached))
     [ "$rc" -ne 0 ] && status="exit code $rc"
     [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && status="timed out after ${limit}s"
     {
-        printf '\n## %s (%s, %ss)\n\n`%s`\n\n```\n' "$name" "$status" "$took" "$*"
+        printf '\n## %s (%s, %ss, %s new Triton cache entries)\n\n`%s`\n\n```\n' "$name" "$status" "$took" \
+            "$compiled" "$*"
         tail -n 60 "$log"
         printf '```\n'
     } >>"$REPORT"
@@ -76,6 +100,9 @@ section() {
 }
 
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+
+# Kernels in Triton's cache folder (one entry per compiled variant): a section after the warmup should add none.
+cache_entries() { find "$TRITON_CACHE_DIR" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
 
 {
     printf '# sdvae-fast GPU check, %s\n\n' "$STEM"
@@ -88,12 +115,18 @@ if want env; then
         || printf -- '- environment record failed\n' >>"$REPORT"
     publish
 fi
-want tests && section tests 80 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --durations=10
+# Every variant the sections below need, compiled in parallel (one process per core), then autotuning settled once.
+want warmup && section warmup 100 "$PY" -m sdvae_fast.cli warmup --plan bench/gpu_plan.json -q
+# Correctness, with names and numbers in the logs as they come (-v -s), so a section cut by its box keeps them.
+BIG="batch_of_32 or 4096_decode"
+want tests && section tests 60 "$PY" -m pytest -v -s -m gpu tests -k "not ($BIG)" -p no:cacheprovider --durations=10
 want parity && section parity 30 "$PY" -m sdvae_fast.cli parity --preset sd15 --res 512 --dtype bf16 -q \
     --out "$RESULTS/$STEM-parity"
-want conv && section conv 35 "$PY" bench/bench_conv.py --out "$RESULTS/$STEM-conv"
-want attention && section attention 35 "$PY" bench/bench_attention.py --out "$RESULTS/$STEM-attention" --n 4096 16384
-want e2e && section e2e 110 "$PY" -m sdvae_fast.cli bench --res 512 1024 2048 --dtype bf16 --preset sd15 -q \
+want big && section big 40 "$PY" -m pytest -v -s -m gpu tests/test_gpu.py -k "$BIG" -p no:cacheprovider
+# Timing last.
+want conv && section conv 30 "$PY" bench/bench_conv.py --out "$RESULTS/$STEM-conv"
+want attention && section attention 25 "$PY" bench/bench_attention.py --out "$RESULTS/$STEM-attention" --n 4096 16384
+want e2e && section e2e 90 "$PY" -m sdvae_fast.cli bench --res 512 1024 2048 --dtype bf16 --preset sd15 -q \
     --out "$RESULTS" --name "$STEM-e2e" --budget-s 1.0
 
 printf '\nTotal %ss.\n' "$(($(date +%s) - START))" >>"$REPORT"

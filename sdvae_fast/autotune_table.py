@@ -43,6 +43,7 @@ _SHIPPED_DIR = Path(__file__).parent / "data" / "autotune"
 _lock = threading.Lock()
 _tables: dict = {}  # header json -> AutotuneTable (the table of each device seen in this process)
 _pins: dict = {}  # kernel name -> triton.Config
+_last: dict = {}  # kernel name -> the config its latest launch used
 _atexit_registered = False
 
 
@@ -211,6 +212,11 @@ def pinned_config(kernel, config):
             _pins[name] = previous
 
 
+def last_config(kernel):
+    """The config the latest launch of the autotuned `kernel` used in this process (None before any)."""
+    return _last.get(kernel_name(kernel))
+
+
 def _time_config(kernel, grid, args, kwargs, config) -> float:
     """Median milliseconds of one launch with `config` (inf when it fails to compile or launch)."""
     import triton
@@ -232,8 +238,15 @@ def choose_config(kernel, grid, args: tuple, kwargs: dict):
 
     Returns a `triton.Config`. Raises RuntimeError when every candidate fails to run.
     """
-    global _atexit_registered
     name = kernel_name(kernel)
+    chosen = _choose(kernel, name, grid, args, kwargs)
+    _last[name] = chosen
+    return chosen
+
+
+def _choose(kernel, name, grid, args, kwargs):
+    """`choose_config` without the bookkeeping of the latest choice."""
+    global _atexit_registered
     if name in _pins:
         return _pins[name]
     pool = candidates(kernel, args, kwargs)

@@ -27,6 +27,7 @@ import csv
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import re
 import shutil
@@ -73,7 +74,8 @@ def env_info() -> dict:
     """What a results file must name: GPU, driver, CUDA, versions of Python/torch/triton/diffusers, commit, date.
 
     Returns a dict of strings (None where unknown). `gpu` is "none" without CUDA; `commit` is the git HEAD of
-    this checkout with "-dirty" appended when the tree has changes; `date` is UTC ISO 8601.
+    this checkout with "-dirty" appended when the tree has changes, or, for a tree copied without `.git`, the
+    value of SDVAE_FAST_COMMIT (bench/gpu_check.sh sets it from its command line); `date` is UTC ISO 8601.
     """
     gpu, capability, memory = "none", None, None
     if torch.cuda.is_available():
@@ -84,6 +86,7 @@ def env_info() -> dict:
     commit = _run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT)
     if commit and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT):
         commit += "-dirty"
+    commit = commit or os.environ.get("SDVAE_FAST_COMMIT") or None
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "gpu": gpu,

@@ -589,7 +589,8 @@ def cmd_parity(args) -> int:
     parts = [p for p, on in (("encode", args.encode), ("decode", args.decode)) if on] or ["encode", "decode"]
     report = parity.run_parity(reference, device=device, dtype=dtype, backend=backend, res=res,
                                batch=args.batch, images=args.image, parts=parts, tol_factor=args.tol_factor,
-                               tol_floor=args.tol_floor, psnr_margin=args.psnr_margin, quiet=args.quiet)
+                               tol_floor=args.tol_floor, psnr_margin=args.psnr_margin, quiet=args.quiet,
+                               on_row=lambda row: print(row.line(), flush=True))
     print(report.format())
     if args.out:
         report.write(Path(args.out))

@@ -26,7 +26,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -124,22 +124,38 @@ def _cast(value, dtype):
 def error_stats(actual: torch.Tensor, expected: torch.Tensor) -> dict:
     """{'max_abs', 'rel_l2', 'worst_index', 'nonfinite'} of `actual` against the reference `expected`.
 
-    Computed in float64 on CPU; `rel_l2 = ||a - b|| / ||b||` (plain ||a - b|| when b is all zero); non-finite
-    entries of `actual` count as infinite error. Raises ValueError on a shape mismatch.
+    Computed in float64 on the tensors' device (the GPU for a GPU run): only five scalars come back to the host,
+    in one copy. `rel_l2 = ||a - b|| / ||b||` (plain ||a - b|| when b is all zero); non-finite entries of `actual`
+    count as infinite error. Raises ValueError on a shape mismatch.
     """
     if tuple(actual.shape) != tuple(expected.shape):
         raise ValueError(f"shape mismatch: {tuple(actual.shape)} vs reference {tuple(expected.shape)}")
-    a = actual.detach().to("cpu", torch.float64)
-    b = expected.detach().to("cpu", torch.float64)
+    if actual.numel() == 0:
+        return {"max_abs": 0.0, "rel_l2": 0.0, "worst_index": (), "nonfinite": 0}
+    a = actual.detach().to(torch.float64)
+    b = expected.detach().to(device=a.device, dtype=torch.float64)
     diff = (a - b).abs()
-    nonfinite = int((~torch.isfinite(diff)).sum())
-    diff = torch.nan_to_num(diff, nan=math.inf)
-    flat = int(diff.argmax()) if diff.numel() else 0
+    finite = torch.isfinite(diff)
+    diff = torch.where(finite, diff, math.inf)
+    max_abs, flat = diff.reshape(-1).max(0)
+    scalars = torch.stack([(~finite).sum().to(torch.float64), max_abs, flat.to(torch.float64),
+                           torch.where(finite, diff, 0.0).norm(), b.norm()]).tolist()
+    nonfinite, max_abs, flat, diff_norm, denom = int(scalars[0]), scalars[1], int(scalars[2]), scalars[3], scalars[4]
     worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
-    denom = float(b.norm())
-    rel = math.inf if nonfinite else float(diff.norm()) / (denom if denom > 0 else 1.0)
-    return {"max_abs": float(diff.max()) if diff.numel() else 0.0, "rel_l2": rel, "worst_index": worst,
-            "nonfinite": nonfinite}
+    rel = math.inf if nonfinite else diff_norm / (denom if denom > 0 else 1.0)
+    return {"max_abs": max_abs, "rel_l2": rel, "worst_index": worst, "nonfinite": nonfinite}
+
+
+class _StreamingRows(list):
+    """A list of `Row`s that also hands each appended row to a callback (rows printed as they are computed)."""
+
+    def __init__(self, on_row: Callable[["Row"], None]):
+        super().__init__()
+        self._on_row = on_row
+
+    def append(self, row) -> None:
+        super().append(row)
+        self._on_row(row)
 
 
 @dataclass
@@ -155,6 +171,12 @@ class Row:
     @property
     def passed(self) -> bool:
         return self.stats["nonfinite"] == 0 and self.stats["rel_l2"] <= self.tolerance
+
+    def line(self) -> str:
+        """The row on one line (what the CLI streams while parity runs)."""
+        s = self.stats
+        return (f"{self.name}: rel_l2 {s['rel_l2']:.3e} (torch {self.torch_rel_l2:.3e}, tol {self.tolerance:.2e}) "
+                f"max_abs {s['max_abs']:.3e} at {s['worst_index']} {'ok' if self.passed else 'FAIL'}")
 
 
 @dataclass
@@ -282,7 +304,7 @@ def _compare_units(captures, fast, fast_path, lowp, dtype, tolerance, rows):
 def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int, batch: int = 1,
                images: Optional[Sequence[str]] = None, parts: Sequence[str] = ("encode", "decode"),
                tol_factor: float = 2.0, tol_floor: Optional[float] = None, psnr_margin: float = 6.0,
-               quiet: bool = False) -> ParityReport:
+               quiet: bool = False, on_row: Optional[Callable[["Row"], None]] = None) -> ParityReport:
     """Compare `backend` in `dtype` against `reference` (fp32, backend "torch"), unit by unit and end to end.
 
     Args:
@@ -297,6 +319,8 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
         tol_factor, tol_floor: a tensor passes when rel_l2 <= tol_factor * torch_rel_l2 + tol_floor
             (tol_floor defaults to TOL_FLOOR[dtype]).
         psnr_margin: dB the tested images may fall short of PyTorch's in the same dtype.
+        on_row: called with each `Row` as soon as it is computed (the CLI prints it, so a run cut short keeps
+            the rows it reached).
     Returns:
         A ParityReport; `.passed` is False when any check failed.
     Raises:
@@ -345,7 +369,7 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
 
     with torch.no_grad():
         if "encode" in parts:
-            rows = report.rows.setdefault("encode", [])
+            rows = report.rows.setdefault("encode", [] if on_row is None else _StreamingRows(on_row))
             _compare_units(enc_caps, fast, fast_path, lowp, dtype, tolerance, rows)
             steps.update()
             fast_mean = fast.encode(x.to(dtype)).latent_dist.mean
@@ -360,7 +384,7 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
                                             psnr_margin))
             steps.update()
         if "decode" in parts:
-            rows = report.rows.setdefault("decode", [])
+            rows = report.rows.setdefault("decode", [] if on_row is None else _StreamingRows(on_row))
             _compare_units(dec_caps, fast, fast_path, lowp, dtype, tolerance, rows)
             steps.update()
             fast_image = fast.decode(ref_mean.to(dtype)).sample

@@ -568,29 +568,39 @@ def tune(launches: Sequence[Launch], *, progress: bool = True) -> dict:
 
 
 def plan_json(sections: dict, *, capability: int) -> dict:
-    """A plan from {section name: Recording}: every variant and tuning job once, sections listing their indices."""
+    """A plan from {section name: Recording}: every variant and tuning job once (variants deduplicated by Triton's
+    cache key), sections listing their indices. A variant of an autotuned kernel is stored as its tuning job's
+    index plus the config's keyword arguments; other variants with their whole launch."""
     import triton
 
-    variants: dict = {}
+    variants: dict = {}  # triton key -> Launch
     tunes: dict = {}
     for rec in sections.values():
-        for launch in rec.variants.values():
-            variants.setdefault(launch.ident(), launch)
+        for key, launch in rec.variants.items():
+            variants.setdefault(key, launch)
         for key, launch in rec.tunes.items():
             tunes.setdefault(key, launch)
-    variant_ids = sorted(variants)
     tune_keys = sorted(tunes)
-    index = {ident: i for i, ident in enumerate(variant_ids)}
     tune_index = {key: i for i, key in enumerate(tune_keys)}
+    order = sorted(variants, key=lambda k: variants[k].ident())
+    index = {key: i for i, key in enumerate(order)}
+
+    def compact(launch: Launch) -> dict:
+        if launch.tune_key is None:
+            return launch.to_json()
+        base = tunes[launch.tune_key].kwargs
+        return {"tune": tune_index[launch.tune_key],
+                "config": {k: v for k, v in launch.kwargs.items() if k not in base}}
+
     return {
         "format": PLAN_FORMAT,
         "target": f"sm_{capability}",
         "triton": triton.__version__,
-        "sections": {name: {"variants": sorted(index[l.ident()] for l in rec.variants.values()),
+        "sections": {name: {"variants": sorted(index[k] for k in rec.variants),
                             "tunes": sorted(tune_index[k] for k in rec.tunes)}
                      for name, rec in sections.items()},
-        "variants": [variants[i].to_json() for i in variant_ids],
         "tunes": [dict(tunes[k].to_json(), tune_key=k) for k in tune_keys],
+        "variants": [compact(variants[k]) for k in order],
     }
 
 
@@ -607,10 +617,17 @@ def load_plan(path, sections: Optional[Sequence[str]] = None) -> tuple[list, lis
     unknown = [n for n in names if n not in plan["sections"]]
     if unknown:
         raise ValueError(f"unknown plan sections {unknown}; the plan has {sorted(plan['sections'])}")
+    tunes = [Launch.from_json(t) for t in plan["tunes"]]
+
+    def expand(data: dict) -> Launch:
+        if "tune" not in data:
+            return Launch.from_json(data)
+        base = tunes[data["tune"]]
+        return Launch(base.kernel, list(base.args), {**base.kwargs, **data["config"]}, base.tune_key)
+
     variant_ids = sorted({i for n in names for i in plan["sections"][n]["variants"]})
     tune_ids = sorted({i for n in names for i in plan["sections"][n]["tunes"]})
-    return ([Launch.from_json(plan["variants"][i]) for i in variant_ids],
-            [Launch.from_json(plan["tunes"][i]) for i in tune_ids])
+    return [expand(plan["variants"][i]) for i in variant_ids], [tunes[i] for i in tune_ids]
 
 
 def variant_keys(launches: Sequence[Launch], *, capability: int, shared_memory: Optional[int] = None) -> set:
