@@ -8,8 +8,8 @@ an autotuned kernel and launches that config directly on the wrapped `@triton.ji
 1. a config pinned with `pinned_config` (tests launch every candidate this way);
 2. the table's entry for the key, when the table matches this device and versions and the entry is still among
    the candidates (the configs that survive the kernel's own pruning for this shape);
-3. otherwise tuning now: one candidate is taken as it is; several are timed with `triton.testing.do_bench`
-   (`WARMUP_MS` / `REP_MS` of warm-up and repeats, the median) and the fastest is kept.
+3. otherwise tuning now: one candidate is taken as it is; several are timed with CUDA events (`WARMUP_MS` of
+   warm-up, about `REP_MS` of repeats, the median; `_time_config`) and the fastest is kept.
 New choices are written back to the user table at exit (and by `sdvae-fast warmup`), so later processes launch
 them without benchmarking.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 FORMAT = 1
-#: do_bench's warm-up and repeat times (milliseconds) per candidate when a key is tuned.
+#: Warm-up and repeat times (milliseconds) per candidate when a key is tuned (`_time_config`).
 WARMUP_MS = 2
 REP_MS = 6
 TABLE_ENV = "SDVAE_FAST_AUTOTUNE_TABLE"
@@ -218,14 +218,36 @@ def last_config(kernel):
 
 
 def _time_config(kernel, grid, args, kwargs, config) -> float:
-    """Median milliseconds of one launch with `config` (inf when it fails to compile or launch)."""
-    import triton
+    """Median milliseconds of one launch with `config` (inf when it fails to compile or launch).
+
+    One untimed launch (it loads the compiled kernel), then launches timed with CUDA events for about `REP_MS`
+    after `WARMUP_MS` of warm-up: at least one timed launch, at most 50, so a 100 ms launch at 4096^2 costs two
+    launches per candidate rather than Triton's 25 + 100 ms budget.
+    """
+    import torch
 
     def run():
         kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
     try:
-        return float(triton.testing.do_bench(run, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
+        run()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        first = max(start.elapsed_time(end), 1e-3)
+        for _ in range(min(50, int(WARMUP_MS / first))):
+            run()
+        times = []
+        for _ in range(max(1, min(50, int(REP_MS / first)))):
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        times.sort()
+        return float(times[len(times) // 2])
     except Exception as error:  # noqa: BLE001 - an out-of-resources config just loses
         if "out of resource" not in str(error).lower() and "OutOfResources" not in type(error).__name__:
             warnings.warn(f"sdvae_fast: config {config} of {kernel_name(kernel)} failed while tuning: {error}")

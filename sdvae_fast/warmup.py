@@ -167,24 +167,33 @@ def _decode_value(value, device: str, fill: bool = False):
 class Launch:
     """One kernel launch, portable: `kernel` is "module:function" of the jitted function; `args` and `kwargs` are
     its arguments as recorded (`kwargs` holds the constexprs and, for variants of an autotuned kernel, the config's
-    tiles, num_warps and num_stages); `tune_key` is the autotune table key when the launch belongs to one."""
+    tiles, num_warps and num_stages); `tune_key` is the autotune table key when the launch belongs to one; `grids`
+    (tuning jobs only) maps each candidate's tiles, as sorted JSON, to its launch grid."""
 
     kernel: str
     args: list
     kwargs: dict
     tune_key: Optional[str] = None
+    grids: Optional[dict] = None
 
     def to_json(self) -> dict:
         """The record as a JSON-ready dict."""
         data = {"kernel": self.kernel, "args": self.args, "kwargs": self.kwargs}
         if self.tune_key is not None:
             data["tune_key"] = self.tune_key
+        if self.grids is not None:
+            data["grids"] = self.grids
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> "Launch":
         """Inverse of `to_json`."""
-        return cls(data["kernel"], list(data["args"]), dict(data["kwargs"]), data.get("tune_key"))
+        return cls(data["kernel"], list(data["args"]), dict(data["kwargs"]), data.get("tune_key"), data.get("grids"))
+
+    def grid(self, meta: dict) -> tuple:
+        """The launch grid of a tuning job for the config whose tiles `meta` holds (a Triton grid callable)."""
+        tiles = json.loads(next(iter(self.grids)))
+        return tuple(self.grids[json.dumps({k: meta[k] for k in tiles}, sort_keys=True)])
 
     def ident(self) -> str:
         """A canonical string of the record (what plans are sorted and compared by)."""
@@ -248,9 +257,14 @@ class Recorder:
             return None
         key = autotune_table.autotune_key(kernel, args, kwargs)
         name = autotune_table.kernel_name(kernel)
+        configs = autotune_table.candidates(kernel, args, kwargs)
+        named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+        grids = {json.dumps(c.kwargs, sort_keys=True): [int(g) for g in
+                                                        (grid({**named, **c.kwargs}) if callable(grid) else grid)]
+                 for c in configs}
         self.result.tunes.setdefault(key, Launch(name, [_encode_value(a) for a in args],
-                                                 {k: _encode_value(v) for k, v in kwargs.items()}))
-        for config in autotune_table.candidates(kernel, args, kwargs):
+                                                 {k: _encode_value(v) for k, v in kwargs.items()}, key, grids))
+        for config in configs:
             self._tune_key = key
             try:
                 kernel.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
@@ -554,7 +568,7 @@ def tune(launches: Sequence[Launch], *, progress: bool = True) -> dict:
         kernel = resolve_kernel(item.kernel)
         args = [_decode_value(a, "cuda", fill=True) for a in item.args]
         kwargs = {k: _decode_value(v, "cuda", fill=True) for k, v in item.kwargs.items()}
-        run_launch(kernel, (1, 1, 1), *args, **kwargs)
+        run_launch(kernel, item.grid, *args, **kwargs)
         del args, kwargs
     torch.cuda.synchronize()
     written = autotune_table.save_tables()
@@ -715,8 +729,6 @@ def warmup(presets: Sequence[str] = ("sd15",), *, vae=None, res: Sequence[int] =
         ]
         found = record(workloads, capability=capability, shared_memory=shared)
         variants, tunes = list(found.variants.values()), list(found.tunes.values())
-        for key, launch in found.tunes.items():
-            launch.tune_key = key
     record_seconds = time.perf_counter() - start
     if target is None:
         variants = _filter_by_table(variants, {})

@@ -72,6 +72,53 @@ def test_autotune_table_round_trips_and_ignores_other_versions(tmp_path):
     assert re.fullmatch(r"[A-Za-z0-9._-]+", autotune_table.table_slug(HEADER))
 
 
+def _fake_kernel_function(x, n):
+    """Stands in for a jitted kernel in the table tests."""
+
+
+class _FakeAutotuned:
+    """The attributes `choose_config` reads from a `@triton.autotune` kernel."""
+
+    configs = [triton.Config({"BLOCK": 16}, num_warps=4, num_stages=2),
+               triton.Config({"BLOCK": 32}, num_warps=4, num_stages=2)]
+    keys = ["n"]
+    arg_names = ["x", "n"]
+    early_config_prune = None
+
+    class fn:  # noqa: N801 - mirrors JITFunction.fn
+        fn = _fake_kernel_function
+
+
+def test_choose_config_tunes_a_key_once_and_later_processes_apply_the_table(tmp_path, monkeypatch):
+    """First use times the candidates and keeps the fastest; the table written at exit is applied by a fresh
+    process (here: a cleared in-memory table) without timing; a pinned config wins over both."""
+    import torch
+
+    timed = []
+
+    def fake_time(kernel, grid, args, kwargs, config):
+        timed.append(config.kwargs["BLOCK"])
+        return {16: 2.0, 32: 1.0}[config.kwargs["BLOCK"]]
+
+    monkeypatch.setenv(autotune_table.TABLE_ENV, str(tmp_path / "table.json"))
+    monkeypatch.setattr(autotune_table, "device_header", lambda index=None: HEADER)
+    monkeypatch.setattr(autotune_table, "_time_config", fake_time)
+    monkeypatch.setattr(autotune_table, "_tables", {})
+    kernel, args = _FakeAutotuned, (torch.empty(4), 1024)
+    assert autotune_table.choose_config(kernel, None, args, {}).kwargs == {"BLOCK": 32}
+    assert autotune_table.choose_config(kernel, None, args, {}).kwargs == {"BLOCK": 32}
+    assert timed == [16, 32]
+    assert autotune_table.save_tables() == [tmp_path / "table.json"]
+    monkeypatch.setattr(autotune_table, "_tables", {})  # a later process
+    assert autotune_table.choose_config(kernel, None, args, {}).kwargs == {"BLOCK": 32}
+    assert timed == [16, 32], "the table's choice was timed again"
+    autotune_table.choose_config(kernel, None, (torch.empty(4), 2048), {})  # another key: tuned
+    assert timed == [16, 32, 16, 32]
+    with autotune_table.pinned_config(kernel, kernel.configs[0]):
+        assert autotune_table.choose_config(kernel, None, args, {}) is kernel.configs[0]
+    assert autotune_table.last_config(kernel) is kernel.configs[0]
+
+
 def test_autotune_key_names_kernel_key_values_and_dtypes():
     import torch
 
