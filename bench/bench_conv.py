@@ -89,11 +89,18 @@ class Bench:
     def time_ms(self, fn) -> float:
         return float(self._do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
 
-    def add(self, size, case, shape, variant, ms, flops, baseline_ms=None, check=""):
+    def add(self, size, case, shape, variant, ms, flops, baseline_ms=None, check="", model=None):
+        """Record one timing; `model`, a row of the static cost model (`ceiling_for`), adds its estimate: the
+        fraction of the tensor rate the compiled loop allows, its bound pipe and tiles, and measured / estimate
+        (both against the 790 TFLOP/s floor), the calibration of the model."""
         tflops = flops / ms / 1e9
         row = {"decode": f"{size}^2", "case": case, "shape": shape, "variant": variant, "ms": round(ms, 4),
                "TFLOP/s": round(tflops, 1), "% of 790": round(100 * tflops / PEAK_TFLOPS, 1),
                "speedup vs baseline": "" if baseline_ms is None else round(baseline_ms / ms, 2), "check": check}
+        if model is not None:
+            row.update({"model frac": model["tensor_fraction"], "model bound": model["bound"],
+                        "model tiles": model["config"],
+                        "measured/model": round(tflops / (model["tensor_fraction"] * PEAK_TFLOPS), 2)})
         self.rows.append(row)
         print(" | ".join(str(v) for v in row.values()), flush=True)
         return row
@@ -130,7 +137,21 @@ class Bench:
             self._table(f, self.rows)
 
 
-def bench_gsc(bench: Bench, size: int, device) -> None:
+def _model_rows(path: str) -> list:
+    """Rows of the static cost model (`sdvae-fast kernel-report --json`), or [] without the file."""
+    from sdvae_fast import kernel_report
+
+    return kernel_report.load_rows(path) if path and os.path.exists(path) else []
+
+
+def _ceiling(rows: list, op: str, **match):
+    """The model's best row for a launch kind (None without rows)."""
+    from sdvae_fast import kernel_report
+
+    return kernel_report.ceiling_for(rows, op, **match) if rows else None
+
+
+def bench_gsc(bench: Bench, size: int, device, model_rows=()) -> None:
     from sdvae_fast import ops
     from sdvae_fast.kernels import conv as conv_kernels
 
@@ -177,9 +198,11 @@ def bench_gsc(bench: Bench, size: int, device) -> None:
         bench.add(size, name, shape, "eager channels_last", eager_cl_ms, flops, eager_ms)
         ours_ms = bench.time_ms(ours)
         bench.add(size, name, shape, "sdvae_fast op (stats+conv)", ours_ms, flops, eager_ms, check)
+        model = _ceiling(model_rows, "conv", k=k, gn=gn, residual=has_residual, emit=False) or _ceiling(
+            model_rows, "conv", k=k, gn=gn)
         bench.add(size, name, shape, "conv kernel only", bench.time_ms(
             lambda: conv_kernels.gn_silu_conv2d(x_cl, w, b, scale, shift, res, padding=(pad,) * 4)),
-            flops, eager_ms)
+            flops, eager_ms, model=model)
         a_mat = torch.randn(m, kk, device=device).bfloat16()
         b_mat = torch.randn(kk, c_out, device=device).bfloat16()
         matmul_ms = bench.time_ms(lambda: torch.matmul(a_mat, b_mat))
@@ -191,7 +214,7 @@ def bench_gsc(bench: Bench, size: int, device) -> None:
                         speedup_vs_eager_cl=round(eager_cl_ms / ours_ms, 2), check=check)
 
 
-def bench_upsample(bench: Bench, size: int, device) -> None:
+def bench_upsample(bench: Bench, size: int, device, model_rows=()) -> None:
     from sdvae_fast import ops
 
     for name, c, side in _decoder_upsample_shapes(size):
@@ -221,7 +244,8 @@ def bench_upsample(bench: Bench, size: int, device) -> None:
         transpose_ms = bench.time_ms(lambda: F.conv_transpose2d(x, w_t, b, stride=2, padding=1))
         bench.add(size, name, shape, "conv_transpose2d 4x4 s2 (CL)", transpose_ms, flops_transpose, eager_ms)
         ours_ms = bench.time_ms(lambda: ops.upsample_conv2d(x, w, b))
-        bench.add(size, name, shape, "sdvae_fast 4-phase", ours_ms, flops_4phase, eager_ms, check)
+        bench.add(size, name, shape, "sdvae_fast 4-phase", ours_ms, flops_4phase, eager_ms, check,
+                  model=_ceiling(model_rows, "upsample"))
         bench.add(size, name, shape, "sdvae_fast 4-phase (effective 9-tap rate)", ours_ms, flops_9tap, eager_ms)
         bench.summarize(decode=f"{size}^2", case=f"{name} at {side}^2", ours_ms=round(ours_ms, 4),
                         ours_TFLOPs=round(flops_4phase / ours_ms / 1e9, 1),
@@ -235,6 +259,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="decoded image sides")
     parser.add_argument("--warmup-ms", type=int, default=10, help="do_bench warmup per measurement")
     parser.add_argument("--rep-ms", type=int, default=40, help="do_bench repetition time per measurement")
+    parser.add_argument("--model", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs",
+                                                        "kernel_report.json"),
+                        help="static cost model rows (`sdvae-fast kernel-report --json`) to print beside the "
+                             "timings (default docs/kernel_report.json; skipped when missing)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_conv.py needs a CUDA GPU (none found); nothing was measured.", file=sys.stderr)
@@ -245,10 +273,11 @@ def main(argv=None) -> int:
     bench = Bench(args.warmup_ms, args.rep_ms)
     start = time.perf_counter()
     print("decode | case | shape | variant | ms | TFLOP/s | % of 790 | speedup | check")
+    model_rows = _model_rows(args.model)
     with torch.no_grad():
         for size in args.sizes:
-            bench_gsc(bench, size, device)
-            bench_upsample(bench, size, device)
+            bench_gsc(bench, size, device, model_rows)
+            bench_upsample(bench, size, device, model_rows)
             bench.write(args.out)  # after each size: a run cut short by its time box keeps what it measured
     mismatches = [r for r in bench.rows if "MISMATCH" in r["check"]]
     print(f"wrote {args.out}/conv_bench.csv and .md in {time.perf_counter() - start:.1f} s; "

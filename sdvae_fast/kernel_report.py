@@ -751,6 +751,65 @@ def collect_variants(launches: Iterable[Tuple[str, str, dict]] = VAE_LAUNCHES, d
     return list(variants.values())
 
 
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_DK", "BLOCK_DV")
+
+
+def _plan_spec(name: str, named: dict, constexprs: dict) -> Tuple[str, dict]:
+    """(label, launch spec as in `VAE_LAUNCHES`) of a recorded plan launch, from its arguments."""
+    if name == "_conv_kernel":
+        up = bool(constexprs.get("UPSAMPLE_2X"))
+        spec = dict(c_in=int(named["C_in"]), c_out=int(named["C_out"]), k=int(constexprs["KH"]),
+                    gn=bool(constexprs.get("APPLY_GN")), silu=bool(constexprs.get("APPLY_SILU")),
+                    residual=bool(constexprs.get("HAS_RESIDUAL")), emit=bool(constexprs.get("EMIT_STATS")))
+        parts = ["upsample 4-phase" if up else f"{'GSC' if spec['gn'] else 'conv'} {spec['k']}x{spec['k']}"]
+        parts.append(f"{spec['c_in']}->{spec['c_out']}")
+        parts += [t for t, on in (("no SiLU", spec["gn"] and not spec["silu"]), ("+res", spec["residual"]),
+                                  ("+stats", spec["emit"])) if on]
+        return " ".join(parts), dict(op="upsample" if up else "conv", **spec)
+    if name == "_attention_fwd_kernel":
+        return f"attention D={constexprs.get('HEAD_DIM')}", dict(op="attention", d=constexprs.get("HEAD_DIM"))
+    return name, dict(op="stats")
+
+
+def plan_variants(path: str, sections: Optional[Sequence[str]] = None, dtypes: Optional[Sequence[str]] = None
+                  ) -> Tuple[List[Variant], Dict[str, dict]]:
+    """Variants of a recorded launch plan (`sdvae_fast.warmup.record_plan`, e.g. bench/gpu_plan.json, section
+    'e2e' for the real encode/decode), each with the one config it was recorded with.
+
+    Returns (variants, {label: launch spec}); variants with equal specialisation and config are merged.
+    dtypes: keep only launches whose first tensor argument has one of these ('bf16', 'fp16', 'fp32').
+    """
+    from sdvae_fast import warmup
+
+    launches, _ = warmup.load_plan(path, sections)
+    names = {v: k for k, v in _DTYPES.items()}
+    merged: Dict[tuple, Variant] = {}
+    specs: Dict[str, dict] = {}
+    for rec in launches:
+        fn = warmup._jit_function(rec.kernel)
+        args = tuple(warmup._decode_value(a, "meta") for a in rec.args)
+        dtype = next((names.get(str(a.dtype).replace("torch.", "")) for a in args if hasattr(a, "dtype")), None)
+        if dtypes and dtype not in dtypes:
+            continue
+        options = {k: v for k, v in rec.kwargs.items() if k in _OPTIONS}
+        tiles = {k: v for k, v in rec.kwargs.items() if k in _TILES}
+        constexprs = {k: v for k, v in rec.kwargs.items() if k not in _OPTIONS and k not in _TILES}
+        config = (tiles, int(options.get("num_warps", 4)), int(options.get("num_stages", 3)))
+        name = rec.kernel.partition(":")[2]
+        named = dict(zip([p.name for p in fn.params], args), **constexprs)
+        label, spec = _plan_spec(name, named, constexprs)
+        specs[label] = spec
+        launch = Launch(name, fn, args, constexprs, [config], named)
+        key = (dtype, config_label(config)) + launch.specialization_key()
+        if key in merged:
+            if label not in merged[key].labels:
+                merged[key].labels.append(label)
+        else:
+            merged[key] = Variant(name, [label], launch, dtype or "?")
+    return list(merged.values()), specs
+
+
 def candidate_configs(variant: Variant, which: str = "all") -> List[Tuple[dict, int, int]]:
     """The tile configs the autotuner would time for this variant: for the conv kernel those of
     `conv.configs_for_width` for its C_out; 'default' keeps the first only."""
@@ -802,7 +861,8 @@ def useful_macs(variant: Variant, config: Tuple[dict, int, int]) -> Optional[int
 
 
 def build_report(dtypes: Sequence[str] = ("bf16",), configs: str = "all", only: Optional[Callable[[str], bool]] = None,
-                 launches=VAE_LAUNCHES, progress: Optional[Callable[[str], None]] = None) -> List[dict]:
+                 launches=VAE_LAUNCHES, progress: Optional[Callable[[str], None]] = None,
+                 plan: Optional[str] = None, sections: Optional[Sequence[str]] = None) -> List[dict]:
     """Rows of the report: one per (variant, candidate config), as JSON-ready dicts.
 
     Each row: kernel, family, dtype, labels (the launches using it), config, and `Analysis.as_dict()` (cycles
@@ -810,9 +870,15 @@ def build_report(dtypes: Sequence[str] = ("bf16",), configs: str = "all", only: 
     shared memory, occupancy). Needs the kernels defined without TRITON_INTERPRET (see `main`).
     """
     _require_compiler()
+    if plan:
+        variants, specs = plan_variants(plan, sections, dtypes)
+        variants = [v for v in variants if only is None or any(map(only, v.labels))]
+    else:
+        specs = {label: dict(op=op, **spec) for label, op, spec in launches}
+        variants = collect_variants(launches, dtypes, only)
     rows = []
-    for variant in collect_variants(launches, dtypes, only):
-        for config in candidate_configs(variant, configs):
+    for variant in variants:
+        for config in (variant.launch.configs if plan else candidate_configs(variant, configs)):
             if progress:
                 progress(f"{variant.kernel} {variant.dtype} {config_label(config)}: {variant.labels[0]}")
             analysis = analyze_variant(variant, config)
@@ -820,10 +886,51 @@ def build_report(dtypes: Sequence[str] = ("bf16",), configs: str = "all", only: 
                        config=config_label(config), **analysis.as_dict())
             useful = useful_macs(variant, config)
             executed = sum(analysis.counts.macs_by_rate.values())
+            row["launches"] = [specs[label] for label in variant.labels]
             row["useful_macs"] = useful
             row["executed_over_useful"] = round(executed / useful, 3) if useful and executed else None
             rows.append(row)
     return rows
+
+
+def load_rows(path: str) -> List[dict]:
+    """Rows of a report written with `--json` (docs/kernel_report.json holds the committed one)."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def ceiling_for(rows: Sequence[dict], op: str, dtype: str = "bf16", **match) -> Optional[dict]:
+    """The model's best case for a launch kind: of the rows whose variant serves a launch with `op` ('conv',
+    'upsample', 'attention', 'stats') and every `match` item (e.g. k=3, gn=True, residual=True; a missing key
+    counts as False), the row with the highest tensor fraction. None when no row matches. The GPU benchmark
+    prints its `tensor_fraction` and `config` beside measured times (bench/bench_conv.py)."""
+    def fits(launch):
+        return launch["op"] == op and all(launch.get(k, False) == v for k, v in match.items())
+
+    found = [r for r in rows if r["dtype"] == dtype and r["cycles"]["tensor"] and any(map(fits, r["launches"]))]
+    return max(found, key=lambda r: r["tensor_fraction"]) if found else None
+
+
+def gsc_alternatives(c_in: int, c_out: int, side: int, k: int, fused_fraction: float, plain_fraction: float,
+                     elem_bytes: int = 2, device: str = "H200") -> dict:
+    """Model times (microseconds) of one GSC unit (GroupNorm+SiLU+conv, stride 1, batch 1) done two ways.
+
+    fused: the conv kernel with the prologue, at `fused_fraction` of the dense tensor rate;
+    separate: a GroupNorm+SiLU pass that reads x and writes the normalised tensor once (2 * C_in * side^2 *
+    elem_bytes bytes at the HBM rate, a bound that assumes the pass itself is memory-bound), then a plain conv at
+    `plain_fraction`. Tensor rate: 2048 MAC/clk/SM (`SM90_RATES`) x SMs x clock of `DEVICES[device]`.
+    Returns {'macs', 'fused_us', 'conv_us', 'pass_us', 'separate_us', 'best'}.
+    """
+    dev = DEVICES[device]
+    macs = float(k * k * c_in * c_out * side * side)
+    peak = SM90_RATES["tensor_f16"].value * dev["sms"] * dev["clock_ghz"] * 1e9  # MAC/s
+    fused = macs / (peak * fused_fraction) * 1e6
+    conv = macs / (peak * plain_fraction) * 1e6
+    traffic = 2.0 * c_in * side * side * elem_bytes
+    pass_us = traffic / (dev["hbm_gbs"] * 1e9) * 1e6
+    separate = conv + pass_us
+    return {"macs": macs, "fused_us": fused, "conv_us": conv, "pass_us": pass_us, "separate_us": separate,
+            "best": "fused" if fused <= separate else "separate"}
 
 
 def _fmt(v, digits=2) -> str:
@@ -862,17 +969,28 @@ def rates_table(rates: Dict[str, Rate] = SM90_RATES) -> str:
     return "\n".join(lines) + "\n"
 
 
+def best_rows(rows: Sequence[dict]) -> List[dict]:
+    """Per (kernel, first launch label, dtype) the candidate config with the highest tensor fraction (what a
+    perfect autotuner would pick by the model), in first-seen order."""
+    best: Dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["kernel"], r["labels"][0], r["dtype"])
+        if key not in best or r["tensor_fraction"] > best[key]["tensor_fraction"]:
+            best[key] = r
+    return list(best.values())
+
+
 def plot(rows: Sequence[dict], path: str) -> None:
-    """PNG bar chart (matplotlib): per tensor-core row, each non-tensor pipe's cycles relative to the tensor pipe,
-    with the 0.6 headroom line and 1.0 (the tensor pipe itself)."""
+    """PNG bar chart (matplotlib): for the best config of each tensor-core variant (`best_rows`), each
+    non-tensor pipe's cycles relative to the tensor pipe, with the 0.6 headroom line and 1.0 (the tensor pipe)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["cycles"]["tensor"]]
+    rows = [r for r in best_rows(rows) if r["cycles"]["tensor"]]
     pipes = ("xu", "fma", "alu", "lsu", "issue")
-    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(rows) + 3), 6))
+    fig, ax = plt.subplots(figsize=(min(24, max(8, 0.55 * len(rows) + 3)), 6.5))
     width = 0.8 / len(pipes)
     for i, p in enumerate(pipes):
         ax.bar([j + i * width for j in range(len(rows))], [r["ratios"][p] for r in rows], width, label=p)
@@ -907,6 +1025,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--configs", default="all", choices=["all", "default"],
                         help="every autotune candidate of each variant, or the default (first) one")
     parser.add_argument("--only", metavar="TEXT", help="only launches whose label contains TEXT")
+    parser.add_argument("--plan", metavar="JSON",
+                        help="read the variants from a recorded launch plan (`sdvae-fast warmup`, e.g. "
+                             "bench/gpu_plan.json) instead of the built-in list of the VAE's launch kinds")
+    parser.add_argument("--section", nargs="+", default=["e2e"],
+                        help="plan sections to read (default e2e: a real encode and decode)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table (and the rates) as markdown")
     parser.add_argument("--png", metavar="FILE", help="also write the chart (matplotlib)")
@@ -919,7 +1042,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     only = (lambda label: args.only in label) if args.only else None
     progress = None if args.quiet else (lambda s: print(f"compiling {s}", file=sys.stderr, flush=True))
     try:
-        rows = build_report(args.dtype, args.configs, only, progress=progress)
+        rows = build_report(args.dtype, args.configs, only, progress=progress, plan=args.plan,
+                            sections=args.section if args.plan else None)
     except FileNotFoundError as exc:
         print(f"sdvae-fast kernel-report: error: {exc}", file=sys.stderr)
         return 2

@@ -191,3 +191,41 @@ def test_heaviest_gsc_variants_are_reported_for_every_candidate(compiled):
         assert r["spill_bytes"] <= 256, r  # today's limit (tests/test_conv.py)
         assert r["occupancy"] >= 1
         assert r["executed_over_useful"] == 1.0
+
+
+def test_ceiling_for_picks_the_best_matching_row():
+    def row(frac, dtype="bf16", **launch):
+        return {"dtype": dtype, "cycles": {"tensor": 1.0}, "tensor_fraction": frac,
+                "launches": [dict(op="conv", **launch)]}
+
+    rows = [row(0.3, k=3, gn=True), row(0.5, k=3, gn=True, residual=True), row(0.9, k=1), row(0.8, "fp16", k=3)]
+    assert kr.ceiling_for(rows, "conv", k=3, gn=True)["tensor_fraction"] == 0.5
+    assert kr.ceiling_for(rows, "conv", k=3, gn=True, residual=False)["tensor_fraction"] == 0.3
+    assert kr.ceiling_for(rows, "conv", dtype="fp16", k=3)["tensor_fraction"] == 0.8
+    assert kr.ceiling_for(rows, "upsample") is None
+
+
+def test_gsc_alternatives_adds_the_pass_traffic_at_the_hbm_rate():
+    r = kr.gsc_alternatives(512, 512, 128, 3, fused_fraction=0.5, plain_fraction=1.0)
+    peak = 2048 * 132 * 1.83e9
+    assert math.isclose(r["fused_us"], 9 * 512 * 512 * 128 * 128 / (peak * 0.5) * 1e6)
+    assert math.isclose(r["pass_us"], 2 * 2 * 512 * 128 * 128 / 4.8e12 * 1e6)
+    assert r["best"] == "separate" and math.isclose(r["separate_us"], r["conv_us"] + r["pass_us"])
+
+
+def test_committed_report_feeds_the_gpu_benchmark_columns():
+    """bench/bench_conv.py prints the committed model's ceiling beside each timing (the calibration table)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = kr.load_rows(os.path.join(root, "docs", "kernel_report.json"))
+    gsc = kr.ceiling_for(rows, "conv", k=3, gn=True, residual=True)
+    assert gsc is not None and gsc["family"] == "gsc conv" and 0 < gsc["tensor_fraction"] <= 1
+    assert kr.ceiling_for(rows, "upsample")["family"] == "upsample conv"
+    spec = importlib.util.spec_from_file_location("bench_conv", os.path.join(root, "bench", "bench_conv.py"))
+    bench_conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_conv)
+    bench = bench_conv.Bench(1, 1)
+    row = bench.add(1024, "case", "shape", "conv kernel only", 1.0, 0.5 * 790 * 1e9, model=gsc)  # 395 TFLOP/s
+    assert row["model frac"] == gsc["tensor_fraction"] and row["model bound"] == gsc["bound"]
+    assert math.isclose(row["measured/model"], round(0.5 / gsc["tensor_fraction"], 2), abs_tol=0.01)
