@@ -33,17 +33,22 @@ def _modules() -> dict[str, Path]:
     """Module name -> source file for every module of the package."""
     out = {}
     for package, folder in PACKAGES.items():
-        for path in sorted(folder.glob("*.py")):
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
-            out[name] = path
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            if parts[:1] == ["kernels"] and package == "sdvae_fast":
+                continue
+            out[".".join([package, *parts])] = path
     return out
 
 
-def _resolve(module: str, node: ast.ImportFrom) -> str:
+def _resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
+    """The absolute module a `from ... import` names (relative imports resolved against `module`)."""
     if node.level == 0:
         return node.module or ""
     base = module.split(".")
-    base = base[: len(base) - node.level + (1 if module in PACKAGES else 0)]
+    base = base[: len(base) - node.level + (1 if path.stem == "__init__" else 0)]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -59,7 +64,7 @@ def import_edges() -> dict[tuple[str, str], bool]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = _resolve(name, node)
+                base = _resolve(name, path, node)
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for target in targets:
                 while target and target not in modules:
