@@ -294,7 +294,7 @@ def _conv_kernel(
     if EMIT_STATS:
         # GroupNorm partials of the tile as stored (rounded to the output dtype), so the next unit's statistics
         # need no pass over the tensor. Per column: mean and centred M2 over the tile's valid rows; then the
-        # STATS_GS columns of each run merge with Chan's update (`chan_reduce`).
+        # STATS_GS columns of each run merge with Chan's update in a pairwise tree (`chan_reduce`).
         # Only the row mask: columns past C_out hold zeros and their runs are not stored.
         v = tl.where(m_mask[:, None], acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
         rows = tl.minimum(M - m0, BLOCK_M).to(tl.float32)
@@ -303,7 +303,7 @@ def _conv_kernel(
         col_m2 = tl.sum(d * d, axis=0)  # (BLOCK_N,)
         col_mean = tl.reshape(col_mean, (BLOCK_N // STATS_GS, STATS_GS))  # (runs, STATS_GS)
         col_m2 = tl.reshape(col_m2, (BLOCK_N // STATS_GS, STATS_GS))  # (runs, STATS_GS)
-        run_count, run_mean, run_m2 = chan_reduce(tl.zeros_like(col_mean) + rows, col_mean, col_m2, 1)  # (runs,)
+        run_count, run_mean, run_m2 = chan_reduce(tl.zeros_like(col_mean) + rows, col_mean, col_m2)  # (runs,)
         runs = C_out // STATS_GS
         num_tiles = tl.num_programs(0) // tiles_n  # T: tiles_m (x 4 phases)
         run = pid_n * (BLOCK_N // STATS_GS) + tl.arange(0, BLOCK_N // STATS_GS).to(tl.int64)  # (runs,)
