@@ -458,11 +458,11 @@ def _fake_fast_module(calls):
         calls.append(("use_fast_path", backend, torch.device(device).type))
         return True
 
-    def encode_moments(model, x):
+    def encode_moments(model, x, *, validate=True):
         calls.append(("encode_moments", tuple(x.shape)))
         return torch.full((x.shape[0], 8, x.shape[2] // 8, x.shape[3] // 8), 0.5)
 
-    def decode_sample(model, z):
+    def decode_sample(model, z, *, validate=True):
         calls.append(("decode_sample", tuple(z.shape)))
         return torch.full((z.shape[0], 3, 8 * z.shape[2], 8 * z.shape[3]), 0.25)
 
