@@ -128,6 +128,20 @@ _SCRIPT = textwrap.dedent('''
             acc = tl.dot(a, b, acc)
         tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
 
+    from sdvae_fast.kernels.gsc_prologue import normalize_silu
+
+    @triton.jit
+    def probe_silu(x_ptr, sc_ptr, sh_ptr, y_ptr, n, SILU_MODE: tl.constexpr):
+        rm = tl.arange(0, 64)
+        rk = tl.arange(0, 32)
+        sc = tl.load(sc_ptr + rk)
+        sh = tl.load(sh_ptr + rk)
+        acc = tl.zeros([64, 32], tl.float32)
+        for i in range(n):
+            x = tl.load(x_ptr + i * 2048 + rm[:, None] * 32 + rk[None, :])
+            acc += normalize_silu(x, sc, sh, True, SILU_MODE)
+        tl.store(y_ptr + rm[:, None] * 32 + rk[None, :], acc)
+
     def run(fn, args, constexprs, warps, stages):
         k = kr.compile_for_sm90(fn, args, constexprs, warps, stages)
         sass, res = kr.disassemble(k.asm["cubin"])
@@ -141,6 +155,10 @@ _SCRIPT = textwrap.dedent('''
         "dot": run(probe_dot, (torch.empty(64 * 256, **meta16), torch.empty(256 * 64, **meta16),
                                 torch.empty(64 * 64, **meta32), 256), dict(BM=64, BN=64, BK=32), 4, 3),
     }
+    silu_args = (torch.empty(2048 * 16, **meta16), torch.empty(32, **meta32), torch.empty(32, **meta32),
+                 torch.empty(2048, **meta32), 16)
+    out["silu_sigmoid"] = run(probe_silu, silu_args, dict(SILU_MODE=0), 4, 1)
+    out["silu_tanh"] = run(probe_silu, silu_args, dict(SILU_MODE=1), 4, 1)
     heavy = lambda label: "GSC 3x3 512->512" in label
     out["gsc"] = kr.build_report(("bf16", "fp16"), "all", heavy)
     json.dump(out, sys.stdout)
@@ -229,3 +247,15 @@ def test_committed_report_feeds_the_gpu_benchmark_columns():
     row = bench.add(1024, "case", "shape", "conv kernel only", 1.0, 0.5 * 790 * 1e9, model=gsc)  # 395 TFLOP/s
     assert row["model frac"] == gsc["tensor_fraction"] and row["model bound"] == gsc["bound"]
     assert math.isclose(row["measured/model"], round(0.5 / gsc["tensor_fraction"], 2), abs_tol=0.01)
+
+
+def test_one_mufu_silu_compiles_to_one_mufu_tanh_per_element(compiled):
+    """64x32 elements over 128 threads: 16 per thread per source iteration. The tanh SiLU (mode 1) issues exactly
+    one MUFU.TANH per element and no other MUFU; tl.sigmoid (mode 0) issues an EX2 and an RCP per element."""
+    tanh, sig = compiled["silu_tanh"]["counts"], compiled["silu_sigmoid"]["counts"]
+    assert tanh["mufu_tanh"] > 0 and tanh["mufu_tanh"] % 16 == 0 and tanh["mufu"] == tanh["mufu_tanh"]
+    unroll = tanh["mufu_tanh"] // 16
+    assert sig["mufu_tanh"] == 0 and sig["mufu_ex2"] % 16 == 0 and sig["mufu_rcp"] == sig["mufu_ex2"]
+    # Per element (unroll factors may differ): half the MUFU, and fewer instructions in all.
+    assert sig["mufu"] / sig["mufu_ex2"] * 16 == 32
+    assert tanh["instructions"] / unroll < sig["instructions"] / (sig["mufu_ex2"] // 16)
