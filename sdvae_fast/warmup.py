@@ -600,11 +600,14 @@ def plan_json(sections: dict, *, capability: int) -> dict:
     index = {key: i for i, key in enumerate(order)}
 
     def compact(launch: Launch) -> dict:
-        if launch.tune_key is None:
-            return launch.to_json()
-        base = tunes[launch.tune_key].kwargs
-        return {"tune": tune_index[launch.tune_key],
-                "config": {k: v for k, v in launch.kwargs.items() if k not in base}}
+        # The tuning job's launch plus the config, when that rebuilds this launch exactly (launches of one autotune
+        # key may differ in constexprs outside the key, e.g. HAS_RESIDUAL); else the whole launch.
+        base = tunes.get(launch.tune_key) if launch.tune_key is not None else None
+        if base is not None and base.args == launch.args:
+            config = {k: v for k, v in launch.kwargs.items() if k not in base.kwargs}
+            if list({**base.kwargs, **config}.items()) == list(launch.kwargs.items()):
+                return {"tune": tune_index[launch.tune_key], "config": config}
+        return launch.to_json()
 
     return {
         "format": PLAN_FORMAT,
