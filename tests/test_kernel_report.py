@@ -159,11 +159,15 @@ _SCRIPT = textwrap.dedent('''
                  torch.empty(2048, **meta32), 16)
     out["silu_sigmoid"] = run(probe_silu, silu_args, dict(SILU_MODE=0), 4, 1)
     out["silu_tanh"] = run(probe_silu, silu_args, dict(SILU_MODE=1), 4, 1)
+    plan = sys.argv[2] if len(sys.argv) > 2 else None
+    if plan:
+        variants, specs = kr.plan_variants(plan, ["e2e"])
+        out["plan"] = {"kernels": sorted({v.kernel for v in variants}),
+                       "labels": sorted({label for v in variants for label in v.labels}),
+                       "ops": sorted({spec["op"] for spec in specs.values()})}
     heavy = lambda label: "GSC 3x3 512->512" in label
     out["gsc"] = kr.build_report(("bf16", "fp16"), "all", heavy)
     json.dump(out, sys.stdout)
-    if len(sys.argv) > 1:
-        json.dump(out, open(sys.argv[1], "w"), indent=1)
 ''')
 
 
@@ -173,7 +177,9 @@ def compiled(tmp_path_factory):
     script = tmp_path_factory.mktemp("kernel_report") / "probe.py"
     script.write_text(_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    plan = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_plan.json")
+    args = [sys.executable, str(script), "-", plan] if os.path.exists(plan) else [sys.executable, str(script)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0 and "cuobjdump not found" in done.stderr:
         pytest.skip("Triton's bundled cuobjdump is missing on this machine")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -259,3 +265,13 @@ def test_one_mufu_silu_compiles_to_one_mufu_tanh_per_element(compiled):
     # Per element (unroll factors may differ): half the MUFU, and fewer instructions in all.
     assert sig["mufu"] / sig["mufu_ex2"] * 16 == 32
     assert tanh["instructions"] / unroll < sig["instructions"] / (sig["mufu_ex2"] // 16)
+
+
+def test_variants_come_from_the_recorded_plan_of_a_real_decode(compiled):
+    """`--plan bench/gpu_plan.json` (recorded by `sdvae-fast warmup`): every kernel family of the e2e section."""
+    if "plan" not in compiled:
+        pytest.skip("bench/gpu_plan.json is not in this checkout")
+    plan = compiled["plan"]
+    assert {"_conv_kernel", "_attention_fwd_kernel"} <= set(plan["kernels"])
+    assert {"conv", "upsample", "attention"} <= set(plan["ops"])
+    assert any(label.startswith("GSC 3x3 512->512 +res") for label in plan["labels"])
