@@ -221,8 +221,8 @@ def _time_config(kernel, grid, args, kwargs, config) -> float:
     """Median milliseconds of one launch with `config` (inf when it fails to compile or launch).
 
     One untimed launch (it loads the compiled kernel), then launches timed with CUDA events for about `REP_MS`
-    after `WARMUP_MS` of warm-up: at least one timed launch, at most 50, so a 100 ms launch at 4096^2 costs two
-    launches per candidate rather than Triton's 25 + 100 ms budget.
+    after `WARMUP_MS` of warm-up, at most 50; a launch longer than `REP_MS` is timed once, so a 100 ms launch at
+    4096^2 costs two launches per candidate rather than Triton's 25 + 100 ms budget.
     """
     import torch
 
@@ -237,6 +237,8 @@ def _time_config(kernel, grid, args, kwargs, config) -> float:
         end.record()
         end.synchronize()
         first = max(start.elapsed_time(end), 1e-3)
+        if first >= REP_MS:
+            return float(first)  # a long launch: one timed run decides
         for _ in range(min(50, int(WARMUP_MS / first))):
             run()
         times = []

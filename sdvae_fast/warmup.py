@@ -167,33 +167,48 @@ def _decode_value(value, device: str, fill: bool = False):
 class Launch:
     """One kernel launch, portable: `kernel` is "module:function" of the jitted function; `args` and `kwargs` are
     its arguments as recorded (`kwargs` holds the constexprs and, for variants of an autotuned kernel, the config's
-    tiles, num_warps and num_stages); `tune_key` is the autotune table key when the launch belongs to one; `grids`
-    (tuning jobs only) maps each candidate's tiles, as sorted JSON, to its launch grid."""
+    tiles, num_warps and num_stages); `tune_key` is the autotune table key when the launch belongs to one. A tuning job
+    also holds `tuning`: the autotuner's key argument names and its candidates, each a table config record
+    (`autotune_table.config_record`) with its launch grid."""
 
     kernel: str
     args: list
     kwargs: dict
     tune_key: Optional[str] = None
-    grids: Optional[dict] = None
+    tuning: Optional[dict] = None
 
     def to_json(self) -> dict:
         """The record as a JSON-ready dict."""
         data = {"kernel": self.kernel, "args": self.args, "kwargs": self.kwargs}
         if self.tune_key is not None:
             data["tune_key"] = self.tune_key
-        if self.grids is not None:
-            data["grids"] = self.grids
+        if self.tuning is not None:
+            data["tuning"] = self.tuning
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> "Launch":
         """Inverse of `to_json`."""
-        return cls(data["kernel"], list(data["args"]), dict(data["kwargs"]), data.get("tune_key"), data.get("grids"))
+        return cls(data["kernel"], list(data["args"]), dict(data["kwargs"]), data.get("tune_key"),
+                   data.get("tuning"))
 
     def grid(self, meta: dict) -> tuple:
-        """The launch grid of a tuning job for the config whose tiles `meta` holds (a Triton grid callable)."""
-        tiles = json.loads(next(iter(self.grids)))
-        return tuple(self.grids[json.dumps({k: meta[k] for k in tiles}, sort_keys=True)])
+        """The launch grid of a tuning job for the candidate whose tiles `meta` holds (a Triton grid callable)."""
+        for candidate in self.tuning["candidates"]:
+            if all(meta.get(k) == v for k, v in candidate["kwargs"].items()):
+                return tuple(candidate["grid"])
+        raise KeyError(f"no recorded candidate of {self.kernel} has the tiles of {meta}")
+
+    def tunable(self):
+        """A stand-in for the autotuned kernel of a tuning job: the jitted function with the recorded candidates
+        and key names, what `autotune_table.choose_config` reads."""
+        import triton
+
+        fn = _jit_function(self.kernel)
+        configs = [triton.Config(dict(c["kwargs"]), num_warps=c["num_warps"], num_stages=c["num_stages"])
+                   for c in self.tuning["candidates"]]
+        return type("Tunable", (), {"fn": fn, "configs": configs, "keys": list(self.tuning["keys"]),
+                                    "arg_names": fn.arg_names, "early_config_prune": None})()
 
     def ident(self) -> str:
         """A canonical string of the record (what plans are sorted and compared by)."""
@@ -259,11 +274,12 @@ class Recorder:
         name = autotune_table.kernel_name(kernel)
         configs = autotune_table.candidates(kernel, args, kwargs)
         named = {**dict(zip(kernel.arg_names, args)), **kwargs}
-        grids = {json.dumps(c.kwargs, sort_keys=True): [int(g) for g in
-                                                        (grid({**named, **c.kwargs}) if callable(grid) else grid)]
-                 for c in configs}
+        tuning = {"keys": list(kernel.keys), "candidates": [
+            dict(autotune_table.config_record(c),
+                 grid=[int(g) for g in (grid({**named, **c.kwargs}) if callable(grid) else grid)])
+            for c in configs]}
         self.result.tunes.setdefault(key, Launch(name, [_encode_value(a) for a in args],
-                                                 {k: _encode_value(v) for k, v in kwargs.items()}, key, grids))
+                                                 {k: _encode_value(v) for k, v in kwargs.items()}, key, tuning))
         for config in configs:
             self._tune_key = key
             try:
@@ -563,15 +579,20 @@ def tune(launches: Sequence[Launch], *, progress: bool = True) -> dict:
 
     if not torch.cuda.is_available():
         raise RuntimeError("tune needs a CUDA device")
+    # Small launches first: a run cut short has settled the most keys.
+    launches = sorted(launches, key=lambda l: sum(_storage_elements(a) for a in l.args if isinstance(a, dict)))
     start = time.perf_counter()
-    for item in tqdm(launches, desc="autotuning", unit="key", disable=not progress, file=sys.stderr):
-        kernel = resolve_kernel(item.kernel)
+    written = []
+    for i, item in enumerate(tqdm(launches, desc="autotuning", unit="key", disable=not progress, file=sys.stderr)):
+        kernel = item.tunable()
         args = [_decode_value(a, "cuda", fill=True) for a in item.args]
         kwargs = {k: _decode_value(v, "cuda", fill=True) for k, v in item.kwargs.items()}
         run_launch(kernel, item.grid, *args, **kwargs)
         del args, kwargs
+        if i % 16 == 15:  # a run cut short keeps what it settled
+            written = autotune_table.save_tables() or written
     torch.cuda.synchronize()
-    written = autotune_table.save_tables()
+    written = autotune_table.save_tables() or written
     return {"tuned": len(launches), "seconds": time.perf_counter() - start,
             "table": str(written[0]) if written else None}
 

@@ -132,6 +132,22 @@ def test_autotune_key_names_kernel_key_values_and_dtypes():
     assert len(key[1]) == len(conv._conv_kernel.keys) and key[2] == ["torch.bfloat16"]
 
 
+def test_plan_tuning_jobs_rebuild_their_autotune_key_candidates_and_grids():
+    """`warmup.tune` settles each plan job through a stand-in of the autotuned kernel: it must produce the same
+    table key as the real launch, offer the recorded candidates and give each its recorded grid."""
+    _, tunes = warmup.load_plan(PLAN, ["attention", "conv"])
+    assert tunes
+    for job in tunes:
+        kernel = job.tunable()
+        args = [warmup._decode_value(a, "meta") for a in job.args]
+        kwargs = {k: warmup._decode_value(v, "meta") for k, v in job.kwargs.items()}
+        assert autotune_table.autotune_key(kernel, tuple(args), kwargs) == job.tune_key
+        records = [autotune_table.config_record(c) for c in autotune_table.candidates(kernel, tuple(args), kwargs)]
+        assert records == [{k: c[k] for k in ("kwargs", "num_warps", "num_stages")} for c in job.tuning["candidates"]]
+        for config, candidate in zip(kernel.configs, job.tuning["candidates"]):
+            assert job.grid({**kwargs, **config.kwargs}) == tuple(candidate["grid"])
+
+
 def test_parse_target_names_the_accepted_forms():
     assert warmup.parse_target("sm_90") == (90, 232448)
     with pytest.raises(ValueError, match="sm_XY"):
