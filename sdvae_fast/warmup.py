@@ -801,11 +801,15 @@ def run_command(args) -> int:
     """`sdvae-fast warmup`: re-runs itself without TRITON_INTERPRET when that is set; exit code 1 when a
     variant failed to compile."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        import subprocess
+        if "sdvae_fast.kernels._common" not in sys.modules:
+            os.environ.pop("TRITON_INTERPRET")  # no kernel is defined yet: they will be, for the GPU
+        elif sys.argv[1:2] == ["warmup"]:
+            import subprocess
 
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "sdvae_fast.cli", *sys.argv[1:]], env=env) \
-            if sys.argv[1:2] == ["warmup"] else _interpreter_error()
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            return subprocess.call([sys.executable, "-m", "sdvae_fast.cli", *sys.argv[1:]], env=env)
+        else:
+            return _interpreter_error()
     vae = None
     if args.vae:
         from sdvae_fast.configs import resolve_config
