@@ -276,3 +276,18 @@ def test_full_gpu_plan_compiles_for_sm90_within_the_limits(tmp_path):
     print(done.stdout)
     if CUOBJDUMP.exists():
         _check_limits(_resource_usage(tmp_path / "cache"))
+
+
+def test_gpu_check_records_the_commit_given_on_its_command_line_without_git(tmp_path):
+    """A tree copied without .git (here: git pointed at nothing) records the commit passed with --commit."""
+    results = tmp_path / "results"
+    env = dict(os.environ, SECTIONS="env", RESULTS_DIR=str(results), GIT_DIR=str(tmp_path / "no-git"),
+               PYTHON=sys.executable)
+    script = REPO / "bench" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script), "--commit", "0123456789ab"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    report = next(results.glob("*.md")).read_text()
+    assert "- sdvae_fast_commit: 0123456789ab" in report
+    bad = subprocess.run(["bash", str(script), "--bogus"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
