@@ -23,7 +23,8 @@
 # Environment:
 #   OUT          also copy the report and a tarball of every result there (set by the device machine)
 #   SECTIONS     the sections to run, space separated
-#                (default: "env warmup tests parity big conv attention e2e")
+#                (default: "env warmup tests parity big conv attention e2e"; "coldstart", not in the default,
+#                times an empty cache to the first 1024^2 decode with and without warmup: about 2 more minutes)
 #   RESULTS_DIR  where results are written (default: bench/results)
 #   BUDGET_S     total seconds for all sections (default 340); each section also has its own time box
 #   PYTHON       the interpreter (default: python3)
@@ -128,6 +129,7 @@ want conv && section conv 30 "$PY" bench/bench_conv.py --out "$RESULTS/$STEM-con
 want attention && section attention 25 "$PY" bench/bench_attention.py --out "$RESULTS/$STEM-attention" --n 4096 16384
 want e2e && section e2e 90 "$PY" -m sdvae_fast.cli bench --res 512 1024 2048 --dtype bf16 --preset sd15 -q \
     --out "$RESULTS" --name "$STEM-e2e" --budget-s 1.0
+want coldstart && section coldstart 150 "$PY" bench/cold_start.py --out "$RESULTS/$STEM-coldstart"
 
 printf '\nTotal %ss.\n' "$(($(date +%s) - START))" >>"$REPORT"
 publish
