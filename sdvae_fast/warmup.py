@@ -320,15 +320,18 @@ def _jit_functions():
 
 
 def _install_recording_fakes() -> None:
-    """Make each `sdvae_fast::*` custom op run its real implementation on meta tensors while a recorder is active
-    (its registered fake otherwise, as torch.compile needs). Idempotent."""
+    """Make each custom op defined in an imported `sdvae_fast` module run its real implementation on meta tensors
+    while a recorder is active (its registered fake otherwise, as torch.compile needs). Idempotent."""
     import torch
 
-    from sdvae_fast import ops
+    from sdvae_fast import ops  # noqa: F401 - registers the ops
     from sdvae_fast.kernels import _common
 
-    for value in vars(ops).values():
-        if not isinstance(value, torch._library.custom_ops.CustomOpDef) or getattr(value, "_sdvae_recording", False):
+    ops_found = [value for name, module in list(sys.modules.items()) if name.startswith("sdvae_fast") and module
+                 for value in list(vars(module).values())
+                 if isinstance(value, torch._library.custom_ops.CustomOpDef)]
+    for value in ops_found:
+        if getattr(value, "_sdvae_recording", False):
             continue
         fake = value._abstract_fn
         real = value._init_fn
