@@ -38,6 +38,7 @@ def _timed(cmd: list, env: dict) -> float:
 
 
 def main(argv=None) -> int:
+    """Run both ways and print (and write) their seconds; returns the exit code (2 without CUDA)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--res", type=int, default=1024, help="image side in pixels (default 1024)")
     parser.add_argument("--out", type=Path, help="also write cold_start.json there")

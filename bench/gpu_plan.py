@@ -195,6 +195,7 @@ def _format(plan: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """Write or check bench/gpu_plan.json; returns the exit code (1: the plan is stale, 2: interpreter on)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed plan instead of writing")
     parser.add_argument("--out", type=Path, default=PLAN, help=f"plan file (default {PLAN})")

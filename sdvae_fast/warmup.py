@@ -70,29 +70,37 @@ class TargetDriver:
 
     @classmethod
     def is_active(cls) -> bool:
+        """Always: installed explicitly, never picked by Triton's driver discovery."""
         return True
 
     def get_current_target(self):
+        """The fixed `GPUTarget` compiled for."""
         return self.target
 
     def get_current_device(self) -> int:
+        """Device 0 (it only selects the JIT's per-device cache)."""
         return 0
 
     def set_current_device(self, device: int) -> None:
+        """Ignored: there is no device."""
         return None
 
     def get_current_stream(self, device: Optional[int] = None) -> int:
+        """Stream 0 (never used: nothing launches)."""
         return 0
 
     def get_active_torch_device(self):
+        """The meta device, where recorded tensors live."""
         import torch
 
         return torch.device("meta")
 
     def get_device_interface(self):
+        """Raises RuntimeError: there is no device."""
         raise RuntimeError("TargetDriver compiles only; it has no device")
 
     def get_benchmarker(self):
+        """Raises RuntimeError: nothing can be timed."""
         raise RuntimeError("TargetDriver compiles only; it cannot time kernels")
 
 
@@ -114,7 +122,7 @@ def current_gpu_target() -> tuple[int, int]:
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device: pass target='sm_90' (or another) to compile ahead of time")
+        raise RuntimeError("no CUDA device: give a target (--target sm_90, or target='sm_90') to compile ahead of time")
     major, minor = torch.cuda.get_device_capability()
     from sdvae_fast.kernels._common import max_shared_memory
 
