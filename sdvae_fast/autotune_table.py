@@ -263,16 +263,37 @@ def choose_config(kernel, grid, args: tuple, kwargs: dict):
     Returns a `triton.Config`. Raises RuntimeError when every candidate fails to run.
     """
     name = kernel_name(kernel)
-    chosen = _choose(kernel, name, grid, args, kwargs)
+    if name in _pins:
+        chosen = _pins[name]
+    else:
+        memo = _memo_key(kernel, name, args, kwargs)
+        chosen = _memo.get(memo)
+        if chosen is None:
+            chosen = _memo[memo] = _choose(kernel, name, grid, args, kwargs)
     _last[name] = chosen
     return chosen
 
 
+_memo: dict = {}  # (kernel, key values, dtypes, device) -> the config chosen in this process
+_positions: dict = {}  # (kernel, key names) -> {key name: position in the kernel's arguments}
+
+
+def _memo_key(kernel, name: str, args: tuple, kwargs: dict) -> tuple:
+    """What identifies a launch's choice in this process, cheaper than `autotune_key` (no JSON, no pruning):
+    the launch path pays it on every call."""
+    keys = tuple(kernel.keys)
+    positions = _positions.get((name, keys))
+    if positions is None:
+        index = {n: i for i, n in enumerate(kernel.arg_names)}
+        positions = _positions[(name, keys)] = {k: index.get(k) for k in keys}
+    values = tuple(kwargs[k] if k in kwargs else args[positions[k]] for k in keys)
+    tensors = [a for a in args if hasattr(a, "dtype")]
+    return name, values, tuple(a.dtype for a in tensors), tensors[0].device if tensors else None
+
+
 def _choose(kernel, name, grid, args, kwargs):
-    """`choose_config` without the bookkeeping of the latest choice."""
+    """`choose_config` for a launch not seen in this process: the table's entry, or tuning now."""
     global _atexit_registered
-    if name in _pins:
-        return _pins[name]
     pool = candidates(kernel, args, kwargs)
     if len(pool) == 1:
         return pool[0]

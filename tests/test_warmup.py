@@ -104,12 +104,14 @@ def test_choose_config_tunes_a_key_once_and_later_processes_apply_the_table(tmp_
     monkeypatch.setattr(autotune_table, "device_header", lambda index=None: HEADER)
     monkeypatch.setattr(autotune_table, "_time_config", fake_time)
     monkeypatch.setattr(autotune_table, "_tables", {})
+    monkeypatch.setattr(autotune_table, "_memo", {})
     kernel, args = _FakeAutotuned, (torch.empty(4), 1024)
     assert autotune_table.choose_config(kernel, None, args, {}).kwargs == {"BLOCK": 32}
     assert autotune_table.choose_config(kernel, None, args, {}).kwargs == {"BLOCK": 32}
     assert timed == [16, 32]
     assert autotune_table.save_tables() == [tmp_path / "table.json"]
     monkeypatch.setattr(autotune_table, "_tables", {})  # a later process
+    monkeypatch.setattr(autotune_table, "_memo", {})
     assert autotune_table.choose_config(kernel, None, args, {}).kwargs == {"BLOCK": 32}
     assert timed == [16, 32], "the table's choice was timed again"
     autotune_table.choose_config(kernel, None, (torch.empty(4), 2048), {})  # another key: tuned
