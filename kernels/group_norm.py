@@ -229,24 +229,27 @@ def merge_group_norm_partials(
 
     Args:
         partials: a non-empty sequence of `GroupNormPartials` (or (count, mean, m2) triples), each tensor
-            (N, G) float32 on one device.
+            (N, G), all float32 (the kernels' partials) or all float64 (the fp64 reference's), on one device.
         eps: added to the biased variance before the reciprocal square root.
     Returns:
-        (mean, rstd), each (N, G) float32.
+        (mean, rstd), each (N, G) in the partials' dtype.
     Raises:
-        ValueError: an empty sequence, a triple that is not three tensors, or tensors of differing shapes.
-        TypeError: tensors that are not float32, or on differing devices.
+        ValueError: an empty sequence, or tensors of differing shapes or not 2-D.
+        TypeError: non-tensors, dtypes other than float32/float64, mixed dtypes, or differing devices.
     """
     partials = [GroupNormPartials(*p) for p in partials]
     if not partials:
         raise ValueError("partials must hold at least one (count, mean, m2) triple")
     first = partials[0].count
+    if not isinstance(first, torch.Tensor) or first.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"partials[0].count must be a float32 or float64 tensor, got {getattr(first, 'dtype', first)}")
     for i, part in enumerate(partials):
         for name, t in zip(GroupNormPartials._fields, part):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"partials[{i}].{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dtype != torch.float32 or t.device != first.device:
-                raise TypeError(f"partials[{i}].{name} must be float32 on {first.device}, got {t.dtype} on {t.device}")
+            if t.dtype != first.dtype or t.device != first.device:
+                raise TypeError(f"partials[{i}].{name} must be {first.dtype} on {first.device} like "
+                                f"partials[0].count, got {t.dtype} on {t.device}")
             if t.dim() != 2 or t.shape != first.shape:
                 raise ValueError(f"partials[{i}].{name} must be (N, G) {tuple(first.shape)}, got {tuple(t.shape)}")
     count, mean, m2 = partials[0]
@@ -258,7 +261,7 @@ def merge_group_norm_partials(
         m2 = m2 + part.m2 + delta * delta * (count * part.count / safe)
         count = total
     # sqrt through fp64 and one rounding: the correctly rounded fp32 sqrt (torch's fp32 CPU sqrt is not always).
-    return mean.clone(), 1.0 / torch.sqrt((m2 / count + eps).double()).float()
+    return mean.clone(), 1.0 / torch.sqrt((m2 / count + eps).double()).to(mean.dtype)
 
 
 def _tile_shape(channels_per_group: int) -> tuple[int, int]:

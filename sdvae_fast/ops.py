@@ -12,7 +12,9 @@ ops guarantee), normalise them, and call the registered ops. The ops take tensor
 All image tensors are `(N, C, H, W)` logically; outputs are in channels_last memory format (NHWC in memory).
 `gn_silu_conv2d_stats` and `upsample_conv2d_stats` are the same kernels with the GroupNorm statistics of the
 output emitted from the epilogue (`emit_stats=(num_groups, eps)` on the public functions), so the unit that
-normalises that output next can skip its statistics pass.
+normalises that output next can skip its statistics pass; the `*_partials` ops (`emit_partials=True`) also
+return the raw per-(sample, group) (count, mean, M2), and `group_norm_partials` computes them for any tensor, so
+partials of image bands (patch parallelism) merge with `merge_group_norm_partials` in a fixed order.
 
 Layout of this file: one section per op (reference, registered op, fake, public wrapper).
 """
@@ -27,7 +29,7 @@ from sdvae_fast.kernels import attention as _attention_kernels
 from sdvae_fast.kernels import conv as _conv_kernels
 from sdvae_fast.kernels import group_norm as _group_norm_kernels
 from sdvae_fast.kernels._common import SUPPORTED_DTYPES as _KERNEL_DTYPES
-from sdvae_fast.kernels._common import kernels_available
+from sdvae_fast.kernels._common import conv_output_size, kernels_available
 
 Tensor = torch.Tensor
 
@@ -112,6 +114,78 @@ def group_norm_stats(x: Tensor, num_groups: int, eps: float = 1e-6) -> tuple[Ten
     return torch.ops.sdvae_fast.group_norm_stats(x, int(num_groups), float(eps))
 
 
+#: Raw GroupNorm statistics (count, mean, m2) of each (sample, group), each (N, G); see `group_norm_partials`.
+GroupNormPartials = _group_norm_kernels.GroupNormPartials
+
+
+def _group_norm_partials_reference(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, m2), each (N, G) float32 (float64 for fp64 x): m2 = biased variance * count."""
+    n = x.shape[0]
+    xg = x.to(_compute_dtype(x.dtype)).reshape(n, num_groups, -1)  # (N, G, C/G*H*W)
+    var, mean = torch.var_mean(xg, dim=-1, unbiased=False)
+    count = torch.full_like(mean, xg.shape[-1])
+    return count, mean, var * count
+
+
+@torch.library.custom_op("sdvae_fast::group_norm_partials", mutates_args=())
+def _group_norm_partials_op(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    # The statistics kernels' merged raw triples where kernels run; torch.var_mean otherwise.
+    if kernels_available(x.device) and x.dtype in _KERNEL_DTYPES and x.numel() > 0:
+        return tuple(_group_norm_kernels.group_norm_partials(x, num_groups))
+    return _group_norm_partials_reference(x, num_groups)
+
+
+@_group_norm_partials_op.register_fake
+def _(x, num_groups):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return tuple(x.new_empty((x.shape[0], num_groups), dtype=dtype) for _ in range(3))
+
+
+def group_norm_partials(x: Tensor, num_groups: int) -> GroupNormPartials:
+    """Raw GroupNorm statistics of each (sample, group): (count, mean, M2), before the variance becomes an rstd.
+
+    For patch parallelism: each rank computes the partials of its band of the image, and
+    `merge_group_norm_partials` merges the bands' partials into the whole image's (mean, rstd). The kernel path
+    (fp16/bf16/fp32 on CUDA, or CPU under TRITON_INTERPRET=1) runs the same kernels as `group_norm_stats`;
+    fp64 and CPU without the interpreter use `torch.var_mean`.
+
+    Args:
+        x: (N, C, H, W), fp16/bf16/fp32/fp64, any strides.
+        num_groups: G; C must be divisible by G.
+    Returns:
+        `GroupNormPartials(count, mean, m2)`, each (N, G) float32 (float64 for fp64 input): count = C/G*H*W,
+        mean the group's mean, m2 the sum of squared deviations from it (biased variance = m2 / count).
+    Raises:
+        ValueError: x not 4-D, or C not divisible by num_groups (the message names both numbers).
+        TypeError: x not a floating-point tensor.
+    """
+    check_image("x", x)
+    _check_groups(x.shape[1], num_groups)
+    return GroupNormPartials(*torch.ops.sdvae_fast.group_norm_partials(x, int(num_groups)))
+
+
+def merge_group_norm_partials(partials: Sequence[GroupNormPartials], eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(mean, rstd) of each (sample, group) from the partials of disjoint parts of the groups (image bands).
+
+    Deterministic: the partials are merged left to right in the given order, `((p0 + p1) + p2) + ...`, each
+    step Chan, Golub and LeVeque's pairwise update (1979), in plain torch arithmetic (no atomics, any device),
+    so the bits depend only on the list. Pass the bands in image order on every rank to get the same bits
+    everywhere. A single partial gives its own mean and `rstd = 1 / sqrt(m2 / count + eps)`.
+
+    Args:
+        partials: a non-empty sequence of `GroupNormPartials` (from `group_norm_partials` or from the convs'
+            `emit_partials=True`), or (count, mean, m2) triples; every tensor (N, G), all float32 or all
+            float64, on one device.
+        eps: added to the biased variance before the reciprocal square root.
+    Returns:
+        (mean, rstd), each (N, G) in the partials' dtype.
+    Raises:
+        ValueError: an empty sequence, or tensors of differing shapes or not 2-D.
+        TypeError: non-tensors, other dtypes, or mixed dtypes or devices.
+    """
+    return _group_norm_kernels.merge_group_norm_partials(partials, float(eps))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GroupNorm + SiLU + conv (+ bias + residual): the GSC unit
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,16 +246,12 @@ def _gn_silu_conv2d_op(
     return _gn_silu_conv2d_reference(x, weight, bias, scale, shift, residual, silu, stride, padding)
 
 
-def _conv_out_size(size, kernel: int, pad_a: int, pad_b: int, stride: int):
-    return (size + pad_a + pad_b - kernel) // stride + 1
-
-
 @_gn_silu_conv2d_op.register_fake
 def _gn_silu_conv2d_fake(x, weight, bias, scale, shift, residual, silu, stride, padding):
     n, _, h, w = x.shape
     kh, kw = weight.shape[2], weight.shape[3]
-    ho = _conv_out_size(h, kh, padding[2], padding[3], stride)
-    wo = _conv_out_size(w, kw, padding[0], padding[1], stride)
+    ho = conv_output_size(h, kh, padding[2], padding[3], stride)
+    wo = conv_output_size(w, kw, padding[0], padding[1], stride)
     return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=torch.channels_last)
 
 
@@ -224,6 +294,48 @@ def _gn_silu_conv2d_stats_op(
 def _(x, weight, bias, scale, shift, residual, silu, stride, padding, stats_groups, stats_eps):
     y = _gn_silu_conv2d_fake(x, weight, bias, scale, shift, residual, silu, stride, padding)
     return y, *_stats_fake(x, stats_groups)
+
+
+def _partials_fake(y: Tensor, num_groups: int) -> tuple[Tensor, ...]:
+    """Fake (mean, rstd, count, mean, m2) of an output y: each (N, G), float64 for fp64 y and float32 otherwise."""
+    mean, rstd = _stats_fake(y, num_groups)
+    return mean, rstd, *(mean.new_empty(mean.shape) for _ in range(3))
+
+
+def _output_partials(y: Tensor, num_groups: int, eps: float) -> tuple[Tensor, ...]:
+    """What a fallback `*_partials` op returns with its output: (mean, rstd, count, mean, m2) of the output."""
+    return (*_output_stats(y, num_groups, eps), *torch.ops.sdvae_fast.group_norm_partials(y, num_groups))
+
+
+@torch.library.custom_op("sdvae_fast::gn_silu_conv2d_partials", mutates_args=())
+def _gn_silu_conv2d_partials_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    residual: Optional[Tensor],
+    silu: bool,
+    stride: int,
+    padding: list[int],
+    stats_groups: int,
+    stats_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # The EMIT_STATS kernel also returning the merged raw (count, mean, M2) of each (sample, group).
+    if _conv_kernel_runs(x, weight, stride):
+        y, mean, rstd, partials = _conv_kernels.gn_silu_conv2d(
+            x, weight, bias, scale, shift, residual, silu=silu, stride=stride, padding=padding,
+            stats_groups=stats_groups, stats_eps=stats_eps, stats_partials=True,
+        )
+        return (y, mean, rstd, *partials)
+    y = _gn_silu_conv2d_reference(x, weight, bias, scale, shift, residual, silu, stride, padding)
+    return (y, *_output_partials(y, stats_groups, stats_eps))
+
+
+@_gn_silu_conv2d_partials_op.register_fake
+def _(x, weight, bias, scale, shift, residual, silu, stride, padding, stats_groups, stats_eps):
+    y = _gn_silu_conv2d_fake(x, weight, bias, scale, shift, residual, silu, stride, padding)
+    return y, *_partials_fake(x, stats_groups)
 
 
 def gn_scale_shift(
@@ -272,6 +384,7 @@ def gn_silu_conv2d(
     residual: Optional[Tensor] = None,
     stats: Optional[tuple[Tensor, Tensor]] = None,
     emit_stats: Optional[tuple[int, float]] = None,
+    emit_partials: bool = False,
 ):
     """The VAE's GSC unit in one pass: `conv2d(silu(group_norm(x)), weight, bias, stride, padding) + residual`.
 
@@ -290,11 +403,16 @@ def gn_silu_conv2d(
         emit_stats: (num_groups, eps) of the GroupNorm that normalises the *output* next: the epilogue then
             also reduces the output tile by tile into partial (count, mean, M2) triples, merged by one small
             kernel, so that unit can pass them as `stats=` and skip its read of the tensor. None: no statistics.
+        emit_partials: with `emit_stats`, also return the merged raw statistics of the output
+            (`GroupNormPartials`), which `merge_group_norm_partials` merges with other image bands' partials.
     Returns:
         (N, C_out, H_out, W_out) in x's dtype, channels_last memory format; with `emit_stats` the pair
-        (output, (mean, rstd)), mean and rstd (N, num_groups) float32 (float64 for fp64 x).
+        (output, (mean, rstd)), mean and rstd (N, num_groups) float32 (float64 for fp64 x); with
+        `emit_partials` too, the triple (output, (mean, rstd), partials), each field of partials (N, num_groups)
+        in the dtype of mean.
     Raises:
-        ValueError / TypeError naming the argument on wrong ranks, channel counts, groups or shapes.
+        ValueError / TypeError naming the argument on wrong ranks, channel counts, groups or shapes, or
+        `emit_partials` without `emit_stats`.
 
     Runs `kernels/conv.py` (one implicit GEMM with the normalisation and SiLU in its prologue, bias and
     residual in its epilogue, fp32 accumulation; weights packed once per weight tensor and version) for
@@ -333,8 +451,8 @@ def gn_silu_conv2d(
             )
         scale, shift = gn_scale_shift(mean, rstd, norm_weight, norm_bias)
     n, _, h, w = x.shape
-    ho = _conv_out_size(h, weight.shape[2], pad[2], pad[3], stride)
-    wo = _conv_out_size(w, weight.shape[3], pad[0], pad[1], stride)
+    ho = conv_output_size(h, weight.shape[2], pad[2], pad[3], stride)
+    wo = conv_output_size(w, weight.shape[3], pad[0], pad[1], stride)
     if ho < 1 or wo < 1:
         raise ValueError(f"x of spatial size {h}x{w} is too small for a {weight.shape[2]}x{weight.shape[3]} conv")
     if residual is not None and tuple(residual.shape) != (n, weight.shape[0], ho, wo):
@@ -342,13 +460,25 @@ def gn_silu_conv2d(
             f"residual must be {(n, weight.shape[0], ho, wo)}, got shape {tuple(residual.shape)}"
         )
     if emit_stats is None:
+        _check_emit_partials(emit_partials)
         return torch.ops.sdvae_fast.gn_silu_conv2d(x, weight, bias, scale, shift, residual, bool(silu), int(stride),
                                                    pad)
     groups, stats_eps = _check_emit_stats(emit_stats, weight.shape[0])
+    if emit_partials:
+        y, mean, rstd, *partials = torch.ops.sdvae_fast.gn_silu_conv2d_partials(
+            x, weight, bias, scale, shift, residual, bool(silu), int(stride), pad, groups, stats_eps
+        )
+        return y, (mean, rstd), GroupNormPartials(*partials)
     y, mean, rstd = torch.ops.sdvae_fast.gn_silu_conv2d_stats(
         x, weight, bias, scale, shift, residual, bool(silu), int(stride), pad, groups, stats_eps
     )
     return y, (mean, rstd)
+
+
+def _check_emit_partials(emit_partials) -> None:
+    """Raise unless `emit_partials` is False: the raw partials come with emitted statistics only."""
+    if emit_partials:
+        raise ValueError("emit_partials=True needs emit_stats=(num_groups, eps): partials of the emitted statistics")
 
 
 def _check_emit_stats(emit_stats, out_channels: int) -> tuple[int, float]:
@@ -407,8 +537,32 @@ def _(x, weight, bias, stats_groups, stats_eps):
     return y, *_stats_fake(x, stats_groups)
 
 
+@torch.library.custom_op("sdvae_fast::upsample_conv2d_partials", mutates_args=())
+def _upsample_conv2d_partials_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], stats_groups: int, stats_eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # The upsample kernel with EMIT_STATS, also returning the merged raw (count, mean, M2) of each (sample, group).
+    if kernels_available(x.device) and x.dtype in _KERNEL_DTYPES and x.numel() > 0:
+        y, mean, rstd, partials = _conv_kernels.upsample_conv2d(
+            x, weight, bias, stats_groups=stats_groups, stats_eps=stats_eps, stats_partials=True
+        )
+        return (y, mean, rstd, *partials)
+    y = _upsample_conv2d_reference(x, weight, bias)
+    return (y, *_output_partials(y, stats_groups, stats_eps))
+
+
+@_upsample_conv2d_partials_op.register_fake
+def _(x, weight, bias, stats_groups, stats_eps):
+    return _upsample_conv2d_fake(x, weight, bias), *_partials_fake(x, stats_groups)
+
+
 def upsample_conv2d(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, emit_stats: Optional[tuple[int, float]] = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    emit_stats: Optional[tuple[int, float]] = None,
+    emit_partials: bool = False,
 ):
     """`conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)` without the 4x tensor.
 
@@ -417,11 +571,13 @@ def upsample_conv2d(
         weight: (C_out, C_in, 3, 3).
         bias: (C_out,) or None.
         emit_stats: (num_groups, eps) of the GroupNorm applied to the output next, as in `gn_silu_conv2d`.
+        emit_partials: with `emit_stats`, also return the raw `GroupNormPartials`, as in `gn_silu_conv2d`.
     Returns:
         (N, C_out, 2H, 2W) in x's dtype, channels_last memory format; with `emit_stats` the pair
-        (output, (mean, rstd)), each (N, num_groups) float32 (float64 for fp64 x).
+        (output, (mean, rstd)), each (N, num_groups) float32 (float64 for fp64 x); with `emit_partials` too,
+        the triple (output, (mean, rstd), partials).
     Raises:
-        ValueError naming the argument on wrong ranks or shapes.
+        ValueError naming the argument on wrong ranks or shapes, or `emit_partials` without `emit_stats`.
     """
     check_image("x", x)
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
@@ -429,8 +585,12 @@ def upsample_conv2d(
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
     if emit_stats is None:
+        _check_emit_partials(emit_partials)
         return torch.ops.sdvae_fast.upsample_conv2d(x, weight, bias)
     groups, stats_eps = _check_emit_stats(emit_stats, weight.shape[0])
+    if emit_partials:
+        y, mean, rstd, *partials = torch.ops.sdvae_fast.upsample_conv2d_partials(x, weight, bias, groups, stats_eps)
+        return y, (mean, rstd), GroupNormPartials(*partials)
     y, mean, rstd = torch.ops.sdvae_fast.upsample_conv2d_stats(x, weight, bias, groups, stats_eps)
     return y, (mean, rstd)
 

@@ -87,7 +87,7 @@ def test_emitted_stats_equal_float64_statistics_of_the_stored_output(case):
 
 
 def test_emitted_stats_stay_accurate_when_the_mean_dwarfs_the_spread():
-    """Output mean about 1000 with a spread of about 1: per-tile centred M2 and the k-way merge keep rstd within
+    """Output mean about 1000 with a spread of about 1: per-tile centred M2 and Chan's merges keep rstd within
     1e-7 * |mean| / std (the fp32 rounding of the partial means; the separate statistics pass, which subtracts
     a shared shift first, is exact here)."""
     torch.manual_seed(3)
@@ -124,6 +124,41 @@ def test_reference_fallback_returns_the_statistics_too():
         mean64, rstd64 = _stats_float64(y, 8)
         assert mean.dtype == torch.float64
         assert torch.allclose(mean, mean64, rtol=1e-12, atol=1e-12) and torch.allclose(rstd, rstd64, rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["gsc", "up"])
+def test_convs_return_their_raw_partials_which_merge_across_bands(mode):
+    """`emit_partials=True`: the merged (count, mean, M2) of each (sample, group) of the stored output, with the
+    emitted mean bitwise and (merged alone) the emitted rstd bitwise; bands of the output merged in order with
+    `merge_group_norm_partials` give its float64 statistics. fp64 (the reference) returns float64 partials."""
+    packs = derived_weights.builds["conv_pack" if mode == "gsc" else "upsample_pack"]
+    n, c_in, c_out, hw, groups = 2, 16, 32, (7, 5), 8
+    x = _image((n, c_in, *hw), torch.bfloat16, seed=8)
+    weight = (torch.randn(c_out, c_in, 3, 3) / 12).to(torch.bfloat16)
+    if mode == "gsc":
+        y, stats, part = ops.gn_silu_conv2d(x, weight, norm_weight=torch.ones(c_in), num_groups=4,
+                                            emit_stats=(groups, 1e-6), emit_partials=True)
+    else:
+        y, stats, part = ops.upsample_conv2d(x, weight, emit_stats=(groups, 1e-6), emit_partials=True)
+    assert derived_weights.builds["conv_pack" if mode == "gsc" else "upsample_pack"] == packs + 1
+    assert all(t.shape == (n, groups) and t.dtype == torch.float32 for t in part)
+    assert torch.equal(part.count, torch.full((n, groups), float(c_out // groups * y.shape[2] * y.shape[3])))
+    assert torch.equal(part.mean, stats[0])
+    merged = ops.merge_group_norm_partials([part], 1e-6)
+    assert torch.equal(merged[0], stats[0]) and torch.equal(merged[1], stats[1])
+    rows = y.shape[2] // 3
+    bands = [ops.group_norm_partials(y[:, :, :rows], groups), ops.group_norm_partials(y[:, :, rows:], groups)]
+    _check_stats(y, ops.merge_group_norm_partials(bands, 1e-6), groups, f"{mode} bands")
+    y64, stats64, part64 = (ops.upsample_conv2d(x.double(), weight.double(), emit_stats=(groups, 1e-6),
+                                                emit_partials=True) if mode == "up" else
+                            ops.gn_silu_conv2d(x.double(), weight.double(), emit_stats=(groups, 1e-6),
+                                               emit_partials=True))
+    assert part64.m2.dtype == torch.float64
+    assert torch.allclose(ops.merge_group_norm_partials([part64], 1e-6)[1], stats64[1], rtol=1e-12)
+    with pytest.raises(ValueError, match="emit_partials"):
+        ops.upsample_conv2d(x, weight, emit_partials=True)
+    with pytest.raises(ValueError, match="stats_partials"):
+        conv_kernels.upsample_conv2d(x, weight, stats_partials=True)
 
 
 def test_vae_attention_block_takes_and_emits_statistics():

@@ -129,3 +129,52 @@ def test_float64_input_uses_the_reference():
     ref_mean, ref_rstd = _reference(x, 4)
     assert mean.dtype == torch.float64
     assert torch.equal(mean, ref_mean) and torch.equal(rstd, ref_rstd)
+
+
+def test_raw_partials_are_the_statistics_before_the_rstd():
+    """`group_norm_partials`: count C/G*H*W, the mean, and m2 = biased variance * count (float64 reference);
+    merging the single partial gives `group_norm_stats`' (mean, rstd) bitwise (same kernels, IEEE fp32 both
+    sides under the interpreter)."""
+    x = _random_image((2, 12, 11, 13), torch.bfloat16, layout="channels_last")
+    for splits in (1, 13):
+        part = gn_kernels.group_norm_partials(x, 3, num_splits=splits)
+        assert all(t.shape == (2, 3) and t.dtype == torch.float32 for t in part)
+        xg = x.double().reshape(2, 3, -1)  # (N, G, C/G*H*W)
+        var, mean = torch.var_mean(xg, dim=-1, unbiased=False)
+        assert torch.equal(part.count, torch.full((2, 3), 4.0 * 11 * 13))
+        assert_close(part.mean, mean, rel_l2=STATS_REL, name=f"mean splits={splits}")
+        assert_close(part.m2, var * xg.shape[-1], rel_l2=STATS_REL, name=f"m2 splits={splits}")
+        merged = ops.merge_group_norm_partials([part], 1e-6)
+        stats = gn_kernels.group_norm_stats(x, 3, 1e-6, num_splits=splits)
+        assert torch.equal(merged[0], stats[0]) and torch.equal(merged[1], stats[1]), splits
+
+
+def test_band_partials_merge_to_the_whole_image_statistics_deterministically():
+    """Three bands of rows (as ranks of patch parallelism would hold them), merged in order, give the whole
+    image's float64 statistics to fp32 accuracy; the same list merges to the same bits; an fp64 input runs the
+    reference and merges in float64."""
+    x = _random_image((2, 16, 17, 6), torch.float32, mean=50.0)
+    bands = [x[:, :, :5], x[:, :, 5:6], x[:, :, 6:]]
+    parts = [ops.group_norm_partials(b, 4) for b in bands]
+    mean, rstd = ops.merge_group_norm_partials(parts, 1e-6)
+    ref_mean, ref_rstd = _reference(x, 4)
+    assert_close(mean, ref_mean, rel_l2=STATS_REL, name="mean")
+    assert_close(rstd, ref_rstd, rel_l2=STATS_REL, name="rstd")
+    again = ops.merge_group_norm_partials([tuple(p) for p in parts], 1e-6)
+    assert torch.equal(again[0], mean) and torch.equal(again[1], rstd)
+    parts64 = [ops.group_norm_partials(b.double(), 4) for b in bands]
+    mean64, rstd64 = ops.merge_group_norm_partials(parts64, 1e-6)
+    assert mean64.dtype == torch.float64
+    assert torch.allclose(mean64, ref_mean, rtol=1e-12) and torch.allclose(rstd64, ref_rstd, rtol=1e-12)
+
+
+def test_merge_group_norm_partials_rejects_bad_partials():
+    part = ops.group_norm_partials(torch.randn(1, 4, 3, 3), 2)
+    with pytest.raises(ValueError, match="at least one"):
+        ops.merge_group_norm_partials([])
+    with pytest.raises(ValueError, match=r"\(N, G\)"):
+        ops.merge_group_norm_partials([part, ops.group_norm_partials(torch.randn(2, 4, 3, 3), 2)])
+    with pytest.raises(TypeError, match="float32"):
+        ops.merge_group_norm_partials([part, ops.GroupNormPartials(*(t.double() for t in part))])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ops.merge_group_norm_partials([(part.count, part.mean, 1.0)])
