@@ -20,7 +20,7 @@ CUDA context per worker). `tune` then runs each autotuned launch once on random 
 config in `sdvae_fast.autotune_table` and writes the table.
 
 Public entry points: `warmup(...)` (what `sdvae-fast warmup` runs), `record`, `compile_launches`, `tune`, and the
-plan helpers `record_plan` / `load_plan` used by bench/gpu_plan.py and bench/gpu_check.sh. docs/cold_start.md has
+plan helpers `plan_json` / `load_plan` / `variant_keys` used by bench/gpu_plan.py and the tests. docs/cold_start.md has
 the design notes.
 """
 from __future__ import annotations
