@@ -301,7 +301,7 @@ def _build_peer(vae, device, dtype):
         print(f"sdvae-fast bench: warning: diffusers is not importable ({exc}); timing sdvae-fast only",
               file=sys.stderr)
         return None
-    from sdvae_fast.cli import config_dict
+    from sdvae_fast.configs import config_dict
 
     peer = diffusers.AutoencoderKL.from_config(config_dict(vae))
     try:
@@ -344,7 +344,7 @@ def run_bench(vae, *, device, dtype: torch.dtype, resolutions: Sequence[int], ba
     """
     from tqdm import tqdm
 
-    from sdvae_fast.cli import config_dict
+    from sdvae_fast.configs import config_dict
 
     for res in resolutions:
         if res < 8 or res % 8:

@@ -32,18 +32,15 @@ from typing import Optional, Sequence
 
 # Backend names and the variable the model reads for its default backend; `--backend` wins over it.
 from sdvae_fast.backends import BACKEND_ENV, BACKENDS
+from sdvae_fast.configs import PUBLIC_PRESETS, config_dict, family_of, scaling_of
+from sdvae_fast.latents_io import check_latents, json_field, read_latents, write_latents
 
 PROG = "sdvae-fast"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
-# The presets `--preset` offers: the public SD VAE families (sdvae_fast.configs.PRESETS also holds test presets).
-PUBLIC_PRESETS = ("sd15", "sdxl", "sd3", "flux1", "tiny")
 # The config fields that decide parameter shapes, compared when `--preset` does not fit a file's weights.
 ARCHITECTURE_FIELDS = ("latent_channels", "block_out_channels", "layers_per_block", "in_channels", "out_channels",
                        "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
-# SSIM's uniform 7x7 window (skimage's default) needs images at least this many pixels on each side.
-SSIM_MIN_SIDE = 7
 DEFAULT_VAE = "sdvae-fast/tiny"
-LATENTS_FORMAT = "sdvae-fast latents v1"
 
 
 class CLIError(Exception):
@@ -94,29 +91,6 @@ def resolve_dtype(name: Optional[str], device):
     if name is None:
         name = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def config_dict(vae) -> dict:
-    """The model's config as a plain dict of diffusers field names (FrozenDict, dataclass or namespace)."""
-    from collections.abc import Mapping
-
-    cfg = vae.config
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    if hasattr(cfg, "to_dict"):
-        return dict(cfg.to_dict())
-    import dataclasses
-
-    if dataclasses.is_dataclass(cfg):
-        return dataclasses.asdict(cfg)
-    return dict(vars(cfg))
-
-
-def scaling_of(vae) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) of a VAE's config; a missing or None shift_factor is 0."""
-    cfg = config_dict(vae)
-    shift = cfg.get("shift_factor")
-    return float(cfg["scaling_factor"]), float(shift) if shift is not None else 0.0
 
 
 def resolve_backend(name: Optional[str]) -> str:
@@ -296,24 +270,6 @@ def _load_images(sources: Sequence[str]):
     return images
 
 
-def image_metrics(reference, reconstruction) -> tuple[float, Optional[float]]:
-    """PSNR (dB) and SSIM of two uint8 (H, W, 3) images, by skimage.metrics with data_range 255.
-
-    SSIM uses skimage's default uniform 7x7 window (Wang et al. 2004 use 11x11 Gaussian), so it is None (printed
-    "n/a") for images smaller than 7 pixels on a side. PSNR is inf for identical images.
-    """
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    psnr = float(peak_signal_noise_ratio(reference, reconstruction, data_range=255))
-    if min(reference.shape[:2]) < SSIM_MIN_SIDE:
-        return psnr, None
-    return psnr, float(structural_similarity(reference, reconstruction, channel_axis=-1, data_range=255))
-
-
-def _format_ssim(ssim: Optional[float]) -> str:
-    return "n/a" if ssim is None else f"{ssim:.4f}"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # reconstruct / encode / decode / info
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,7 +280,7 @@ def cmd_reconstruct(args) -> int:
     torch = _torch()
     from tqdm import tqdm
 
-    from sdvae_fast.images import pad_to_multiple, to_pil, to_uint8
+    from sdvae_fast.images import format_ssim, image_metrics, pad_to_multiple, to_pil, to_uint8
 
     images = _load_images(args.images)
     out_dir = Path(args.out)
@@ -350,14 +306,14 @@ def cmd_reconstruct(args) -> int:
             path = out_dir / f"{name}.png"
             to_pil(y)[0].save(path)
             rows.append((psnr, ssim, ms))
-            tqdm.write(f"{path}  {w}x{h}  PSNR {psnr:.2f} dB  SSIM {_format_ssim(ssim)}  {ms:.1f} ms",
+            tqdm.write(f"{path}  {w}x{h}  PSNR {psnr:.2f} dB  SSIM {format_ssim(ssim)}  {ms:.1f} ms",
                        file=sys.stdout)
     if len(rows) > 1:
         psnrs, ssims, times = zip(*rows)
         times = sorted(times)
         ssims = [v for v in ssims if v is not None]  # images under 7 px on a side have no SSIM
         mean_ssim = sum(ssims) / len(ssims) if ssims else None
-        print(f"mean PSNR {sum(psnrs) / len(psnrs):.2f} dB  mean SSIM {_format_ssim(mean_ssim)}  "
+        print(f"mean PSNR {sum(psnrs) / len(psnrs):.2f} dB  mean SSIM {format_ssim(mean_ssim)}  "
               f"median {times[len(times) // 2]:.1f} ms per image ({len(rows)} images; the first includes warm-up)")
     return 0
 
@@ -370,7 +326,6 @@ def cmd_encode(args) -> int:
     undo the scaling and crop the padding away.
     """
     torch = _torch()
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from sdvae_fast.images import pad_to_multiple
@@ -391,83 +346,13 @@ def cmd_encode(args) -> int:
             z = dist.sample(generator=generator) if args.sample else dist.mode()
             tensors[name] = ((z.float() - shift) * scaling).cpu().contiguous()  # (1, C, h, w) scaled
             entries.append({"key": name, "source": src, "height": h, "width": w})
-    metadata = {
-        "format": LATENTS_FORMAT,
-        "scaling_factor": repr(scaling),
-        "shift_factor": repr(shift),
-        "posterior": "sample" if args.sample else "mode",
-        "config": json.dumps(config_dict(vae), default=str),
-        "images": json.dumps(entries),
-    }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=metadata)
+    out = write_latents(args.output, tensors, scaling=scaling, shift=shift,
+                        posterior="sample" if args.sample else "mode", config=config_dict(vae), entries=entries)
     for entry in entries:
         shape = tuple(tensors[entry["key"]].shape)
         print(f"{entry['key']}: {entry['width']}x{entry['height']} -> latents {shape}")
     print(f"wrote {out} (scaled: (z - {shift}) * {scaling})")
     return 0
-
-
-def read_latents(path) -> tuple[dict, dict]:
-    """Read a latents file: ({key: tensor}, metadata). Raises CLIError when it is missing or not safetensors."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"latents file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise CLIError(f"cannot read latents file {path}: {exc}") from exc
-    if not tensors:
-        raise CLIError(f"latents file {path} holds no tensors")
-    return tensors, metadata
-
-
-def _family_of(scaling: float, shift: float) -> str:
-    """The public preset whose scaling_factor / shift_factor these are ("sd3", ...), or "" when none is."""
-    from sdvae_fast.configs import PRESETS
-
-    for name in PUBLIC_PRESETS:
-        preset = PRESETS[name]
-        if preset["scaling_factor"] == scaling and float(preset.get("shift_factor") or 0.0) == shift:
-            return name
-    return ""
-
-
-def _json_field(metadata: dict, field: str, default, path):
-    """A JSON-encoded metadata field of a latents file; CLIError when it is not valid JSON."""
-    try:
-        return json.loads(metadata[field]) if field in metadata else default
-    except json.JSONDecodeError as exc:
-        raise CLIError(f"{path}: metadata field {field!r} is not valid JSON ({exc})") from exc
-
-
-def check_latents(tensors: dict, metadata: dict, path) -> dict:
-    """Check a latents file's tensors before any model is built: {key: (N, C, h, w) tensor}.
-
-    Raises:
-        CLIError: the file holds model weights (names such as `encoder.conv_in.weight`) rather than latents, or
-        a tensor is neither (C, h, w) nor (N, C, h, w).
-    """
-    weight_like = [k for k in tensors if k.startswith(("encoder.", "decoder.", "first_stage_model.", "vae."))
-                   or k.endswith((".weight", ".bias"))]
-    if metadata.get("format") != LATENTS_FORMAT and weight_like:
-        raise CLIError(f"{path} looks like model weights (tensor {weight_like[0]!r}), not a latents file: decode "
-                       f"takes what `sdvae-fast encode` writes, or scaled latents (N, C, h, w); pass weights "
-                       f"with --vae")
-    batches = {}
-    for key, latents in tensors.items():
-        if latents.dim() == 3:
-            latents = latents[None]  # (1, C, h, w)
-        if latents.dim() != 4 or not latents.is_floating_point():
-            raise CLIError(f"{path}: tensor {key!r} has shape {tuple(latents.shape)} and dtype "
-                           f"{str(latents.dtype).removeprefix('torch.')}; latents are float (N, C, h, w) or (C, h, w)")
-        batches[key] = latents
-    return batches
 
 
 def cmd_decode(args) -> int:
@@ -486,16 +371,16 @@ def cmd_decode(args) -> int:
 
     tensors, metadata = read_latents(args.latents)
     batches = check_latents(tensors, metadata, args.latents)
-    entries = _json_field(metadata, "images", [], args.latents)
+    entries = json_field(metadata, "images", [], args.latents)
     sizes = {e["key"]: (e["height"], e["width"]) for e in entries if isinstance(e, dict) and "key" in e}
-    file_config = _json_field(metadata, "config", {}, args.latents)
+    file_config = json_field(metadata, "config", {}, args.latents)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     vae = load_vae(args, device=device, dtype=dtype)
     model_scaling, model_shift = scaling_of(vae)
     scaling = float(metadata.get("scaling_factor", model_scaling))
     shift = float(metadata.get("shift_factor", model_shift))
-    family = _family_of(scaling, shift)
+    family = family_of(scaling, shift)
     made_by = f"a VAE with scaling_factor={scaling}, shift_factor={shift}"
     made_by += f" (the {family} family)" if family else ""
     channels = int(config_dict(vae)["latent_channels"])

@@ -194,3 +194,38 @@ def resolve_config(config: ConfigLike) -> dict[str, Any]:
     raise ValueError(
         f"config {name!r} is neither a preset nor an existing path; valid preset names: {sorted(PRESETS)}"
     )
+
+
+# The presets `sdvae-fast --preset` offers: the public SD VAE families and the shipped tiny VAE (PRESETS also holds
+# test presets).
+PUBLIC_PRESETS = ("sd15", "sdxl", "sd3", "flux1", "tiny")
+
+
+def config_dict(vae) -> dict:
+    """The model's config as a plain dict of diffusers field names (FrozenDict, dataclass or namespace)."""
+    cfg = vae.config
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    if hasattr(cfg, "to_dict"):
+        return dict(cfg.to_dict())
+    import dataclasses
+
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return dict(vars(cfg))
+
+
+def scaling_of(vae) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of a VAE's config; a missing or None shift_factor is 0."""
+    cfg = config_dict(vae)
+    shift = cfg.get("shift_factor")
+    return float(cfg["scaling_factor"]), float(shift) if shift is not None else 0.0
+
+
+def family_of(scaling: float, shift: float) -> str:
+    """The public preset whose scaling_factor / shift_factor these are ("sd3", ...), or "" when none is."""
+    for name in PUBLIC_PRESETS:
+        preset = PRESETS[name]
+        if preset["scaling_factor"] == scaling and float(preset.get("shift_factor") or 0.0) == shift:
+            return name
+    return ""

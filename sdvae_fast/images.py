@@ -7,7 +7,7 @@ encoding and cropped back after decoding, so the output has the input's size.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -95,3 +95,27 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, t
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph), mode="replicate")
     return x, (h, w)
+
+
+# SSIM's uniform 7x7 window (skimage's default) needs images at least this many pixels on each side.
+SSIM_MIN_SIDE = 7
+
+
+def image_metrics(reference: np.ndarray, reconstruction: np.ndarray) -> tuple[float, Optional[float]]:
+    """PSNR (dB) and SSIM of two uint8 (H, W, 3) images, by skimage.metrics with data_range 255.
+
+    SSIM uses skimage's default uniform 7x7 window over the RGB channel axis (Wang et al. 2004 use an 11x11
+    Gaussian), so it is None for images smaller than `SSIM_MIN_SIDE` pixels on a side. PSNR is inf for identical
+    images.
+    """
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    psnr = float(peak_signal_noise_ratio(reference, reconstruction, data_range=255))
+    if min(reference.shape[:2]) < SSIM_MIN_SIDE:
+        return psnr, None
+    return psnr, float(structural_similarity(reference, reconstruction, channel_axis=-1, data_range=255))
+
+
+def format_ssim(ssim: Optional[float]) -> str:
+    """SSIM with 4 decimals, or "n/a" when it was not measured (image too small)."""
+    return "n/a" if ssim is None else f"{ssim:.4f}"

@@ -134,7 +134,7 @@ def run_profile(vae, *, device, dtype: torch.dtype, res: int, batch: int, parts:
     from torch.profiler import ProfilerActivity, profile
 
     from sdvae_fast.bench import env_info, env_markdown
-    from sdvae_fast.cli import config_dict
+    from sdvae_fast.configs import config_dict
 
     if res < 8 or res % 8:
         raise ValueError(f"--res must be a positive multiple of 8, got {res}")

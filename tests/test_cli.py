@@ -28,7 +28,8 @@ from sdvae_fast import AutoencoderKL
 from sdvae_fast import bench as bench_mod
 from sdvae_fast import cli
 from sdvae_fast.configs import PRESETS
-from sdvae_fast.images import load_image, pad_to_multiple, to_uint8
+from sdvae_fast.images import image_metrics, load_image, pad_to_multiple, to_uint8
+from sdvae_fast.latents_io import LATENTS_FORMAT
 
 REPO = Path(__file__).resolve().parent.parent
 NARROW = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, layers_per_block=1)
@@ -121,7 +122,7 @@ def test_reconstruct_writes_pngs_of_the_input_size_with_psnr_ssim_and_ms(narrow_
     psnr, ssim, ms = map(float, re.search(r"PSNR ([\d.]+) dB\s+SSIM ([\d.]+)\s+([\d.]+) ms", line).groups())
     ref = np.asarray(Image.open(photos[1]).convert("RGB"))
     got = np.asarray(Image.open(out / "chelsea_99x67.png"))
-    expected_psnr, expected_ssim = cli.image_metrics(ref, got)
+    expected_psnr, expected_ssim = image_metrics(ref, got)
     assert psnr == pytest.approx(expected_psnr, abs=0.006) and ssim == pytest.approx(expected_ssim, abs=6e-5)
     assert ms > 0 and "median" in stdout
 
@@ -564,7 +565,7 @@ def test_decode_of_a_weights_file_fails_before_any_model_or_progress_bar(single_
 
 
 def test_decode_of_latents_from_another_vae_says_which_and_warns_on_other_scaling(single_files, tmp_path, capsys):
-    meta = {"format": cli.LATENTS_FORMAT, "scaling_factor": "0.3611", "shift_factor": "0.1159",
+    meta = {"format": LATENTS_FORMAT, "scaling_factor": "0.3611", "shift_factor": "0.1159",
             "config": json.dumps({"latent_channels": 16})}
     flux_latents = tmp_path / "flux.safetensors"
     save_file({"a": torch.randn(1, 16, 2, 2) + 0.2}, str(flux_latents), metadata=meta)
