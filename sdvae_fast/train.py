@@ -25,6 +25,11 @@ What gets saved is an exponential moving average (EMA) of the weights, with late
 a VAE loaded with `vae=` keeps its own `scaling_factor` (SD's fine-tuned decoders kept 0.18215).
 
 Images are (N, 3, H, W) float32 in [-1, 1] (`x = 2 * pixel / 255 - 1`), NCHW, as in `sdvae_fast.images`.
+
+Structure: `train(data, out_dir, **options)` is `run(TrainConfig(...))`. `run` calls the phases in order:
+`load_data`, `build_models` (a `TrainState`), `resume_from_checkpoint`, then per step `generator_step`,
+`discriminator_step` (once the discriminator is on) and the EMA update, with `validate` and `save` at their
+intervals.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .configs import PRESETS as CONFIG_PRESETS
+from .images import image_metrics as pixel_metrics
 from .images import load_image, pad_to_multiple, to_uint8
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -228,21 +234,17 @@ def image_metrics(vae: nn.Module, image: torch.Tensor, max_side: Optional[int] =
     """8-bit PSNR (dB) and SSIM of a VAE round trip of one (1, 3, H, W) image in [-1, 1].
 
     Both images are rounded to uint8 first (what a user would save); PSNR and SSIM come from
-    `skimage.metrics` with data_range 255 (SSIM over the RGB channel axis, default 7x7 window).
-    `max_side` centre-crops larger images to at most max_side x max_side first (None: full resolution).
+    `sdvae_fast.images.image_metrics` (skimage.metrics, data_range 255, SSIM over the RGB channel axis with the
+    default 7x7 window). `max_side` centre-crops larger images to at most max_side x max_side first (None: full
+    resolution).
     """
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
     if max_side is not None:
         h, w = image.shape[-2:]
         top, left = max(0, (h - max_side) // 2), max(0, (w - max_side) // 2)
         image = image[..., top : top + max_side, left : left + max_side]
     recon = reconstruct(vae, image)
-    ref, out = to_uint8(image)[0], to_uint8(recon)[0]  # (H, W, 3) uint8
-    return {
-        "psnr": float(peak_signal_noise_ratio(ref, out, data_range=255)),
-        "ssim": float(structural_similarity(ref, out, data_range=255, channel_axis=-1)),
-    }
+    psnr, ssim = pixel_metrics(to_uint8(image)[0], to_uint8(recon)[0])  # of (H, W, 3) uint8 images
+    return {"psnr": psnr, "ssim": ssim}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -398,254 +400,371 @@ def _patch_config(out_dir: Path, value: float) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def train(
-    data: Union[str, Path],
-    out_dir: Union[str, Path],
-    *,
-    vae: Optional[str] = None,
-    preset: Optional[str] = None,
-    config: Union[str, dict, None] = None,
-    decoder_only: bool = False,
-    steps: int = 1000,
-    batch_size: int = 4,
-    crop: int = 256,
-    lr: float = 1e-4,
-    ema: float = 0.999,
-    seed: int = 0,
-    resume: bool = False,
-    disc_start: int = 50001,
-    disc_weight: float = 0.5,
-    disc_channels: int = 64,
-    disc_layers: int = 3,
-    kl_weight: float = 1e-6,
-    perceptual_weight: float = 1.0,
-    val: Optional[Sequence[str]] = None,
-    val_every: int = 500,
-    val_max_side: Optional[int] = 512,
-    save_every: int = 500,
-    threads: Optional[int] = None,
-    progress: bool = True,
-    model_cls: Optional[type] = None,
-    log: Callable[[str], None] = print,
-) -> TrainResult:
-    """Train a VAE on random crops of a folder of images and save its EMA weights in diffusers layout.
+@dataclass
+class TrainConfig:
+    """Every option of one training run (what `sdvae-fast train`'s flags set); `train(data, out_dir, **options)`
+    builds one.
 
-    Args:
-        data: folder of PNG/JPEG images of any size (each at least `crop` on both sides).
-        out_dir: output folder; receives config.json + diffusion_pytorch_model.safetensors (the EMA weights,
-            loadable by `from_pretrained` of sdvae_fast and diffusers), `trainer_state/` for resuming and
-            `log.jsonl` (one line per validation).
-        vae / preset / config: the starting model (at most one): a pretrained folder or name for
-            `model_cls.from_pretrained`, a key of `PRESETS` ("tiny" is the default), or a JSON file / JSON text of
-            `AutoencoderKL` constructor kwargs.
-        decoder_only: freeze the encoder and quant_conv (their weights stay bit-identical, latents stay valid).
-        steps: total optimiser steps (a resumed run continues up to this number).
-        batch_size, crop: batch of `crop` x `crop` random crops (crop a multiple of 8).
-        lr: Adam learning rate for the VAE and the discriminator. ema: EMA decay of the saved weights.
-        seed: seeds data sampling, latent sampling and initialisation.
-        resume: continue from `out_dir/trainer_state` (bit-identical to an uninterrupted run on the same machine
-            and thread count).
-        disc_start: number of steps without the PatchGAN loss; it is on from step disc_start + 1 (latent-diffusion's
-            kl-f8 config: 50001, i.e. off for shorter runs).
-        disc_weight, disc_channels, disc_layers: its weight and its width / depth.
-        kl_weight: weight of the KL term (per-pixel normalised as described in the module docstring).
-        perceptual_weight: LPIPS weight when LPIPS is available locally (otherwise it is off and a message says so).
-        val: held-out images (paths or `skimage:NAME`); default: every 10th image of `data` (at least one)
-            is held out of training when there are at least 2 images.
-        val_every: validate (and log PSNR / SSIM of the EMA model) every this many steps and at the end.
-        val_max_side: centre-crop validation images to at most this size (None: full resolution).
-        save_every: checkpoint every this many steps and at the end.
-        threads: `torch.set_num_threads` value (None: leave as is).
-        progress: show a tqdm progress bar with the losses.
-        model_cls: the AutoencoderKL class (default: sdvae_fast's, else diffusers').
-        log: where messages go.
-    Raises:
-        ValueError: bad arguments (named), an empty data folder, unreadable files, crops larger than an image,
-            `resume` without a checkpoint or with a different model. FileNotFoundError: missing folder or image.
+    data: folder of PNG/JPEG images of any size (each at least `crop` on both sides).
+    out_dir: output folder; receives config.json + diffusion_pytorch_model.safetensors (the EMA weights, loadable
+        by `from_pretrained` of sdvae_fast and diffusers), `trainer_state/` for resuming and `log.jsonl` (one line
+        per validation).
+    vae / preset / config: the starting model (at most one): a pretrained folder or name for
+        `model_cls.from_pretrained`, a key of `PRESETS` ("tiny" is the default), or a JSON file / JSON text of
+        `AutoencoderKL` constructor kwargs.
+    decoder_only: freeze the encoder and quant_conv (their weights stay bit-identical, latents stay valid).
+    steps: total optimiser steps (a resumed run continues up to this number).
+    batch_size, crop: batch of `crop` x `crop` random crops (crop a multiple of 8).
+    lr: Adam learning rate for the VAE and the discriminator. ema: EMA decay of the saved weights.
+    seed: seeds data sampling, latent sampling and initialisation.
+    resume: continue from `out_dir/trainer_state` (bit-identical to an uninterrupted run on the same machine and
+        thread count).
+    disc_start: number of steps without the PatchGAN loss; it is on from step disc_start + 1 (latent-diffusion's
+        kl-f8 config: 50001, i.e. off for shorter runs).
+    disc_weight, disc_channels, disc_layers: its weight and its width / depth.
+    kl_weight: weight of the KL term (per-pixel normalised as described in the module docstring).
+    perceptual_weight: LPIPS weight when LPIPS is available locally (otherwise it is off and a message says so).
+    val: held-out images (paths or `skimage:NAME`); default: every 10th image of `data` (at least one) is held out
+        of training when there are at least 2 images.
+    val_every: validate (and log PSNR / SSIM of the EMA model) every this many steps and at the end.
+    val_max_side: centre-crop validation images to at most this size (None: full resolution).
+    save_every: checkpoint every this many steps and at the end.
+    threads: `torch.set_num_threads` value (None: leave as is).
+    progress: show a tqdm progress bar with the losses.
+    model_cls: the AutoencoderKL class (default: sdvae_fast's, else diffusers').
+    log: where messages go.
     """
-    start_time = time.time()
-    for name, value in (("steps", steps), ("batch", batch_size), ("val_every", val_every), ("save_every", save_every)):
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {lr}")
-    if kl_weight < 0 or disc_weight < 0:
-        raise ValueError(f"--kl-weight and --disc-weight must be >= 0, got {kl_weight}, {disc_weight}")
-    if disc_start < 0:
-        raise ValueError(f"--disc-start must be >= 0, got {disc_start}")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    model_cls = model_cls or default_model_class()
-    out_dir = Path(out_dir)
 
-    # Data: every problem is reported here, before any model is built.
-    dataset = CropDataset(data, crop)
+    data: Union[str, Path]
+    out_dir: Union[str, Path]
+    vae: Optional[str] = None
+    preset: Optional[str] = None
+    config: Union[str, dict, None] = None
+    decoder_only: bool = False
+    steps: int = 1000
+    batch_size: int = 4
+    crop: int = 256
+    lr: float = 1e-4
+    ema: float = 0.999
+    seed: int = 0
+    resume: bool = False
+    disc_start: int = 50001
+    disc_weight: float = 0.5
+    disc_channels: int = 64
+    disc_layers: int = 3
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 1.0
+    val: Optional[Sequence[str]] = None
+    val_every: int = 500
+    val_max_side: Optional[int] = 512
+    save_every: int = 500
+    threads: Optional[int] = None
+    progress: bool = True
+    model_cls: Optional[type] = None
+    log: Callable[[str], None] = print
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        """The config of parsed `add_train_arguments` options (`--val-max-side 0`: full resolution)."""
+        return cls(
+            args.data, args.out, vae=args.vae, preset=args.preset, config=args.config,
+            decoder_only=args.decoder_only, steps=args.steps, batch_size=args.batch, crop=args.crop, lr=args.lr,
+            ema=args.ema, seed=args.seed, resume=args.resume, disc_start=args.disc_start,
+            disc_weight=args.disc_weight, kl_weight=args.kl_weight, val=args.val, val_every=args.val_every,
+            val_max_side=args.val_max_side or None, save_every=args.save_every, threads=args.threads,
+        )
+
+    def check(self) -> None:
+        """Raise ValueError naming the flag for a non-positive step count, batch, interval or lr, or a negative
+        weight or disc_start."""
+        for name, value in (("steps", self.steps), ("batch", self.batch_size), ("val_every", self.val_every),
+                            ("save_every", self.save_every)):
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.kl_weight < 0 or self.disc_weight < 0:
+            raise ValueError(f"--kl-weight and --disc-weight must be >= 0, got {self.kl_weight}, {self.disc_weight}")
+        if self.disc_start < 0:
+            raise ValueError(f"--disc-start must be >= 0, got {self.disc_start}")
+
+    @property
+    def state_dir(self) -> Path:
+        """Where the full trainer state (for `resume`) lives: out_dir/trainer_state."""
+        return Path(self.out_dir) / STATE_DIR
+
+
+@dataclass
+class TrainState:
+    """The models, optimisers and random generators of a run, and where it stands.
+
+    model: the VAE being trained (train mode); is_new: its scaling_factor is measured (a VAE from a preset or
+    config); disc: the PatchGAN; ema / ema_vae: the EMA tracker and the eval-mode model it is copied into (the
+    one that is validated and saved); trainable: the VAE parameters being optimised; last_layer: the decoder's
+    last weight (for the adaptive GAN weight); generators: "data" and "latent" generators; reference_batch: the
+    first batch of the data sampler for this seed (the scaling_factor recipe); scaling_factor: the value stored
+    in the config; meta: what a checkpoint records to check a resume; step: optimiser steps done so far.
+    """
+
+    model: nn.Module
+    is_new: bool
+    disc: nn.Module
+    opt_ae: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    ema: Ema
+    ema_vae: nn.Module
+    trainable: list
+    last_layer: torch.Tensor
+    generators: dict[str, torch.Generator]
+    reference_batch: torch.Tensor
+    scaling_factor: float
+    meta: dict[str, Any]
+    step: int = 0
+
+
+def load_data(cfg: TrainConfig) -> tuple[CropDataset, list[tuple[str, torch.Tensor]]]:
+    """The data phase: the training crops and the held-out images, every problem reported before any model.
+
+    Returns (dataset, [(name, (1, 3, H, W) image in [-1, 1])]); without `cfg.val`, every 10th image of the
+    folder is held out (and removed from the dataset) when it has at least 2 images.
+    """
+    dataset = CropDataset(cfg.data, cfg.crop)
     val_images: list[tuple[str, torch.Tensor]] = []
-    if val is None and len(dataset) >= 2:
+    if cfg.val is None and len(dataset) >= 2:
         held = list(range(0, len(dataset), 10))
         val_images = [(dataset.paths[i].name, dataset.images[i].float()[None] / 127.5 - 1.0) for i in held]
         dataset.images = [img for i, img in enumerate(dataset.images) if i not in held]
         dataset.paths = [p for i, p in enumerate(dataset.paths) if i not in held]
-    elif val:
-        val_images = [(str(src), load_image(src)) for src in val]
+    elif cfg.val:
+        val_images = [(str(src), load_image(src)) for src in cfg.val]
     if not val_images:
-        log("validation: off (no --val images and only one training image)")
+        cfg.log("validation: off (no --val images and only one training image)")
+    return dataset, val_images
 
-    state_dir = out_dir / STATE_DIR
-    if resume and not (state_dir / "state.json").exists():
-        raise ValueError(f"--resume: no checkpoint in {state_dir}")
 
-    # Models and optimisers; the global RNG seeds the initial weights of a new VAE and of the discriminator.
-    torch.manual_seed(seed)
-    model, is_new = _build_vae(model_cls, vae, preset, config)
+def build_models(cfg: TrainConfig, dataset: CropDataset) -> TrainState:
+    """The models phase: VAE, discriminator, optimisers, EMA, generators; the global RNG (seeded with cfg.seed)
+    draws the initial weights of a new VAE and of the discriminator.
+
+    Raises ValueError when the crop is not a multiple of the VAE's downsampling factor, or for conflicting model
+    sources (see `_build_vae`).
+    """
+    torch.manual_seed(cfg.seed)
+    model, is_new = _build_vae(cfg.model_cls, cfg.vae, cfg.preset, cfg.config)
     model.train()
     factor = 2 ** (len(model.config["block_out_channels"]) - 1)  # pixels per latent along a side
-    if crop % factor:
-        raise ValueError(f"--crop must be a multiple of the VAE's downsampling factor {factor}, got {crop}")
-    disc = NLayerDiscriminator(3, disc_channels, disc_layers)
-    frozen = ("encoder.", "quant_conv.") if decoder_only else ()
+    if cfg.crop % factor:
+        raise ValueError(f"--crop must be a multiple of the VAE's downsampling factor {factor}, got {cfg.crop}")
+    disc = NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers)
+    frozen = ("encoder.", "quant_conv.") if cfg.decoder_only else ()
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(frozen))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt_ae = torch.optim.Adam(trainable, lr=lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
-    ema_tracker = Ema(model, ema)
-    ema_vae = model_cls(**{k: v for k, v in dict(model.config).items() if not k.startswith("_")})
+    opt_ae = torch.optim.Adam(trainable, lr=cfg.lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    ema_tracker = Ema(model, cfg.ema)
+    ema_vae = cfg.model_cls(**{k: v for k, v in dict(model.config).items() if not k.startswith("_")})
     ema_vae.eval()
-    last_layer = model.decoder.conv_out.weight
-
-    generators = {"data": torch.Generator().manual_seed(seed), "latent": torch.Generator().manual_seed(seed + 1)}
+    generators = {"data": torch.Generator().manual_seed(cfg.seed),
+                  "latent": torch.Generator().manual_seed(cfg.seed + 1)}
     # The "first batch" of the scaling_factor recipe: the first batch the data sampler draws for this seed.
-    reference_batch = dataset.sample(batch_size, torch.Generator().manual_seed(seed))
+    reference_batch = dataset.sample(cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
     scaling_factor = float(model.config["scaling_factor"]) if "scaling_factor" in model.config else 1.0
+    meta = {"decoder_only": cfg.decoder_only, "seed": cfg.seed, "batch_size": cfg.batch_size, "crop": cfg.crop,
+            "is_new": is_new}
+    return TrainState(model=model, is_new=is_new, disc=disc, opt_ae=opt_ae, opt_d=opt_d, ema=ema_tracker,
+                      ema_vae=ema_vae, trainable=trainable, last_layer=model.decoder.conv_out.weight,
+                      generators=generators, reference_batch=reference_batch, scaling_factor=scaling_factor,
+                      meta=meta)
 
-    # Everything a resumed run restores: weights, EMA, discriminator, optimisers, generator states, step.
-    meta = {"decoder_only": decoder_only, "seed": seed, "batch_size": batch_size, "crop": crop, "is_new": is_new}
-    step = 0
-    if resume:
-        saved = json.loads((state_dir / "state.json").read_text())
-        for key in ("decoder_only", "batch_size", "crop"):
-            if saved.get(key) != meta[key]:
-                raise ValueError(f"--resume: checkpoint has {key}={saved.get(key)}, this run {meta[key]}")
-        model.load_state_dict(load_file(state_dir / "model.safetensors"))
-        ema_tracker.shadow = load_file(state_dir / "ema.safetensors")
-        ema_tracker.num_updates = saved["ema_updates"]
-        disc.load_state_dict(load_file(state_dir / "discriminator.safetensors"))
-        blob = torch.load(state_dir / "optimizers_rng.pt", weights_only=True)
-        opt_ae.load_state_dict(blob["opt_ae"])
-        opt_d.load_state_dict(blob["opt_d"])
-        for group in opt_ae.param_groups + opt_d.param_groups:
-            group["lr"] = lr  # this run's --lr (the same value keeps the resume bit-exact)
-        for key, gen in generators.items():
-            gen.set_state(blob["rng"][f"generator.{key}"])
-        torch.set_rng_state(blob["rng"]["torch"])
-        step = saved["step"]
-        is_new = saved["is_new"]
-        meta["is_new"] = is_new
-        log(f"resumed from {state_dir} at step {step}")
 
-    lpips_model = _load_lpips() if perceptual_weight > 0 else None
-    if perceptual_weight > 0 and lpips_model is None:
-        log("LPIPS perceptual loss: off (the `lpips` package or its VGG16 weights are not available locally)")
-    log(
-        f"training {sum(p.numel() for p in trainable) / 1e6:.2f} M of "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {len(dataset)} image(s), "
-        f"{len(val_images)} held out; discriminator from step {disc_start}"
-    )
+def resume_from_checkpoint(cfg: TrainConfig, state: TrainState) -> None:
+    """The resume phase: restore weights, EMA, discriminator, optimisers, generator states and the step from
+    `cfg.state_dir` into `state` (this run's lr replaces the saved one; the same value keeps the resume bit-exact).
 
-    def finish_ema() -> float:
-        """Refresh the EMA model; measure scaling_factor with it for a new VAE."""
-        ema_tracker.copy_to(ema_vae, model)
-        if not is_new:
-            return scaling_factor
+    Raises ValueError when the checkpoint was made with another decoder_only, batch size or crop.
+    """
+    state_dir = cfg.state_dir
+    saved = json.loads((state_dir / "state.json").read_text())
+    for key in ("decoder_only", "batch_size", "crop"):
+        if saved.get(key) != state.meta[key]:
+            raise ValueError(f"--resume: checkpoint has {key}={saved.get(key)}, this run {state.meta[key]}")
+    state.model.load_state_dict(load_file(state_dir / "model.safetensors"))
+    state.ema.shadow = load_file(state_dir / "ema.safetensors")
+    state.ema.num_updates = saved["ema_updates"]
+    state.disc.load_state_dict(load_file(state_dir / "discriminator.safetensors"))
+    blob = torch.load(state_dir / "optimizers_rng.pt", weights_only=True)
+    state.opt_ae.load_state_dict(blob["opt_ae"])
+    state.opt_d.load_state_dict(blob["opt_d"])
+    for group in state.opt_ae.param_groups + state.opt_d.param_groups:
+        group["lr"] = cfg.lr
+    for key, gen in state.generators.items():
+        gen.set_state(blob["rng"][f"generator.{key}"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    state.step = saved["step"]
+    state.is_new = saved["is_new"]
+    state.meta["is_new"] = state.is_new
+    cfg.log(f"resumed from {state_dir} at step {state.step}")
+
+
+def generator_step(cfg: TrainConfig, state: TrainState, images: torch.Tensor,
+                   lpips_model: Optional[nn.Module]) -> tuple[dict[str, float], torch.Tensor, bool]:
+    """One optimiser step of the VAE on a (B, 3, crop, crop) batch: L1 (+ LPIPS) + KL, plus the adaptive-weight
+    GAN term once the discriminator is on (step >= disc_start).
+
+    Returns (stats of this step, the reconstruction (B, 3, crop, crop), whether the discriminator is on). A frozen
+    encoder runs without autograd, so its weights cannot change.
+    """
+    model = state.model
+    n_pixels = images[0].numel()
+    if cfg.decoder_only:
         with torch.no_grad():
-            latents = ema_vae.encode(reference_batch).latent_dist.sample(generator=torch.Generator().manual_seed(seed))
-        return float(1.0 / latents.flatten().std())
+            posterior = model.encode(images).latent_dist
+    else:
+        posterior = model.encode(images).latent_dist
+    latents = posterior.sample(generator=state.generators["latent"])  # (B, 4, crop/8, crop/8)
+    recon = model.decode(latents).sample  # (B, 3, crop, crop)
+    rec = (images - recon).abs()
+    if lpips_model is not None:
+        rec = rec + cfg.perceptual_weight * lpips_model(images, recon)
+    rec_loss = rec.mean()
+    kl_loss = posterior.kl().mean() / n_pixels  # sum over latent elements, per pixel
+    loss = rec_loss + cfg.kl_weight * kl_loss
+    stats = {"step": state.step + 1, "rec": rec_loss.item(), "kl": kl_loss.item()}
+    disc_on = state.step >= cfg.disc_start
+    if disc_on:
+        state.disc.requires_grad_(False)  # the generator loss trains the VAE only
+        g_loss = -state.disc(recon).mean()
+        rec_grad = torch.autograd.grad(rec_loss, state.last_layer, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, state.last_layer, retain_graph=True)[0]
+        d_weight = (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * cfg.disc_weight
+        loss = loss + d_weight * g_loss
+        stats.update(g_loss=g_loss.item(), d_weight=d_weight.item())
+    state.opt_ae.zero_grad(set_to_none=True)
+    loss.backward()
+    state.opt_ae.step()
+    stats["loss"] = loss.item()
+    return stats, recon, disc_on
 
-    def validate() -> dict[str, Any]:
-        per_image = {name: image_metrics(ema_vae, img, val_max_side) for name, img in val_images}
-        record = {
-            "step": step,
-            "psnr": float(np.mean([m["psnr"] for m in per_image.values()])),
-            "ssim": float(np.mean([m["ssim"] for m in per_image.values()])),
-            "images": per_image,
-        }
-        with open(out_dir / "log.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        return record
+
+def discriminator_step(state: TrainState, images: torch.Tensor, recon: torch.Tensor, stats: dict) -> None:
+    """One hinge-loss step of the PatchGAN on the same batch and the detached reconstruction; adds d_loss to stats."""
+    state.disc.requires_grad_(True)
+    state.opt_d.zero_grad(set_to_none=True)
+    d_loss = hinge_d_loss(state.disc(images), state.disc(recon.detach()))
+    d_loss.backward()
+    state.opt_d.step()
+    stats["d_loss"] = d_loss.item()
+
+
+def finish_ema(cfg: TrainConfig, state: TrainState) -> float:
+    """Refresh the EMA model; return the scaling_factor to store (measured with the EMA model for a new VAE:
+    1 / std of the latents of the reference batch)."""
+    state.ema.copy_to(state.ema_vae, state.model)
+    if not state.is_new:
+        return state.scaling_factor
+    with torch.no_grad():
+        posterior = state.ema_vae.encode(state.reference_batch).latent_dist
+        latents = posterior.sample(generator=torch.Generator().manual_seed(cfg.seed))
+    return float(1.0 / latents.flatten().std())
+
+
+def validate(cfg: TrainConfig, state: TrainState, val_images: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    """The validation phase: PSNR / SSIM of the EMA model on each held-out image, appended to out_dir/log.jsonl.
+
+    Returns {"step", "psnr" (mean), "ssim" (mean), "images": {name: {"psnr", "ssim"}}}.
+    """
+    per_image = {name: image_metrics(state.ema_vae, img, cfg.val_max_side) for name, img in val_images}
+    record = {
+        "step": state.step,
+        "psnr": float(np.mean([m["psnr"] for m in per_image.values()])),
+        "ssim": float(np.mean([m["ssim"] for m in per_image.values()])),
+        "images": per_image,
+    }
+    with open(Path(cfg.out_dir) / "log.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return record
+
+
+def save(cfg: TrainConfig, state: TrainState, scaling_factor: float) -> None:
+    """The saving phase: the EMA model in diffusers layout and the full trainer state (see `_save_checkpoint`)."""
+    _save_checkpoint(Path(cfg.out_dir), state.step, state.model, state.ema_vae, state.ema, state.disc, state.opt_ae,
+                     state.opt_d, state.generators, scaling_factor, state.meta)
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    """Train as `cfg` says: data, models, resume, then per step a generator step, a discriminator step (once
+    on), the EMA update, and validation / saving at their intervals and at the end.
+
+    Raises:
+        ValueError: bad options (named), an empty data folder, unreadable files, crops larger than an image,
+            `resume` without a checkpoint or with a different model. FileNotFoundError: missing folder or image.
+    """
+    start_time = time.time()
+    cfg.check()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    cfg.model_cls = cfg.model_cls or default_model_class()
+    out_dir = Path(cfg.out_dir)
+
+    dataset, val_images = load_data(cfg)
+    if cfg.resume and not (cfg.state_dir / "state.json").exists():
+        raise ValueError(f"--resume: no checkpoint in {cfg.state_dir}")
+    state = build_models(cfg, dataset)
+    if cfg.resume:
+        resume_from_checkpoint(cfg, state)
+
+    lpips_model = _load_lpips() if cfg.perceptual_weight > 0 else None
+    if cfg.perceptual_weight > 0 and lpips_model is None:
+        cfg.log("LPIPS perceptual loss: off (the `lpips` package or its VGG16 weights are not available locally)")
+    cfg.log(
+        f"training {sum(p.numel() for p in state.trainable) / 1e6:.2f} M of "
+        f"{sum(p.numel() for p in state.model.parameters()) / 1e6:.2f} M parameters on {len(dataset)} image(s), "
+        f"{len(val_images)} held out; discriminator from step {cfg.disc_start}"
+    )
 
     from tqdm.auto import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = TrainResult(vae=ema_vae, discriminator=disc, out_dir=out_dir, scaling_factor=scaling_factor)
-    bar = tqdm(total=steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
-    while step < steps:
-        images = dataset.sample(batch_size, generators["data"])  # (B, 3, crop, crop)
-        n_pixels = images[0].numel()
-
-        # Generator (VAE) step. A frozen encoder runs without autograd, so its weights cannot change.
-        if decoder_only:
-            with torch.no_grad():
-                posterior = model.encode(images).latent_dist
-        else:
-            posterior = model.encode(images).latent_dist
-        latents = posterior.sample(generator=generators["latent"])  # (B, 4, crop/8, crop/8)
-        recon = model.decode(latents).sample  # (B, 3, crop, crop)
-        rec = (images - recon).abs()
-        if lpips_model is not None:
-            rec = rec + perceptual_weight * lpips_model(images, recon)
-        rec_loss = rec.mean()
-        kl_loss = posterior.kl().mean() / n_pixels  # sum over latent elements, per pixel
-        loss = rec_loss + kl_weight * kl_loss
-        stats = {"step": step + 1, "rec": rec_loss.item(), "kl": kl_loss.item()}
-        disc_on = step >= disc_start
+    result = TrainResult(vae=state.ema_vae, discriminator=state.disc, out_dir=out_dir,
+                         scaling_factor=state.scaling_factor)
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not cfg.progress, dynamic_ncols=True, desc="train")
+    while state.step < cfg.steps:
+        images = dataset.sample(cfg.batch_size, state.generators["data"])  # (B, 3, crop, crop)
+        stats, recon, disc_on = generator_step(cfg, state, images, lpips_model)
         if disc_on:
-            disc.requires_grad_(False)  # the generator loss trains the VAE only
-            g_loss = -disc(recon).mean()
-            rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-            g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-            d_weight = (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
-            loss = loss + d_weight * g_loss
-            stats.update(g_loss=g_loss.item(), d_weight=d_weight.item())
-        opt_ae.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_ae.step()
-        stats["loss"] = loss.item()
-
-        # Discriminator step, on the same batch and the (detached) reconstruction.
-        if disc_on:
-            disc.requires_grad_(True)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss = hinge_d_loss(disc(images), disc(recon.detach()))
-            d_loss.backward()
-            opt_d.step()
-            stats["d_loss"] = d_loss.item()
-
-        ema_tracker.update(model)
-        step += 1
+            discriminator_step(state, images, recon, stats)
+        state.ema.update(state.model)
+        state.step += 1
         # Validation and checkpoints use the EMA weights, the ones that are saved.
         result.history.append(stats)
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k != "step"}, refresh=False)
 
-        last = step == steps
-        if val_images and (step % val_every == 0 or last):
-            result.scaling_factor = finish_ema()
-            record = validate()
+        last = state.step == cfg.steps
+        if val_images and (state.step % cfg.val_every == 0 or last):
+            result.scaling_factor = finish_ema(cfg, state)
+            record = validate(cfg, state, val_images)
             result.validation.append(record)
-            bar.write(f"step {step}: held-out PSNR {record['psnr']:.2f} dB, SSIM {record['ssim']:.4f}")
-        if step % save_every == 0 or last:
-            result.scaling_factor = finish_ema()
-            _save_checkpoint(
-                out_dir, step, model, ema_vae, ema_tracker, disc, opt_ae, opt_d, generators,
-                result.scaling_factor, meta,
-            )
+            bar.write(f"step {state.step}: held-out PSNR {record['psnr']:.2f} dB, SSIM {record['ssim']:.4f}")
+        if state.step % cfg.save_every == 0 or last:
+            result.scaling_factor = finish_ema(cfg, state)
+            save(cfg, state, result.scaling_factor)
     bar.close()
     if not result.history:
-        log(f"nothing to do: the checkpoint in {out_dir} is already at step {step} (--steps {steps})")
-        result.scaling_factor = finish_ema()
+        cfg.log(f"nothing to do: the checkpoint in {out_dir} is already at step {state.step} (--steps {cfg.steps})")
+        result.scaling_factor = finish_ema(cfg, state)
     result.wall_time = time.time() - start_time
     return result
+
+
+def train(data: Union[str, Path], out_dir: Union[str, Path], **options) -> TrainResult:
+    """Train a VAE on random crops of a folder of images and save its EMA weights in diffusers layout.
+
+    `run(TrainConfig(data, out_dir, **options))`: the options are the fields of `TrainConfig` (documented there).
+    Raises TypeError for an unknown option, and what `run` raises.
+    """
+    return run(TrainConfig(data, out_dir, **options))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -683,30 +802,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run `train` from parsed `add_train_arguments` options; prints the final metrics; returns exit code 0."""
-    result = train(
-        args.data,
-        args.out,
-        vae=args.vae,
-        preset=args.preset,
-        config=args.config,
-        decoder_only=args.decoder_only,
-        steps=args.steps,
-        batch_size=args.batch,
-        crop=args.crop,
-        lr=args.lr,
-        ema=args.ema,
-        seed=args.seed,
-        resume=args.resume,
-        disc_start=args.disc_start,
-        disc_weight=args.disc_weight,
-        kl_weight=args.kl_weight,
-        val=args.val,
-        val_every=args.val_every,
-        val_max_side=args.val_max_side or None,
-        save_every=args.save_every,
-        threads=args.threads,
-    )
+    """Run training from parsed `add_train_arguments` options; prints the final metrics; returns exit code 0."""
+    result = run(TrainConfig.from_args(args))
     summary = f"saved EMA weights to {result.out_dir} (scaling_factor {result.scaling_factor:.5f})"
     if result.validation:
         summary += f"; held-out PSNR {result.validation[-1]['psnr']:.2f} dB, SSIM {result.validation[-1]['ssim']:.4f}"
