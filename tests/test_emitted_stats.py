@@ -78,9 +78,10 @@ def _run_case(n, c_in, c_out, hw, mode, num_groups, dtype, seed=0, emit=True, ta
 @pytest.mark.parametrize("case", EMIT_CASES, ids=[c[0] for c in EMIT_CASES])
 def test_emitted_stats_equal_float64_statistics_of_the_stored_output(case):
     name, n, c_in, c_out, hw, mode, num_groups, dtype = case
-    packs = derived_weights.builds["conv_pack"]
+    kind = "upsample_pack" if mode == "up" else "conv_pack"  # the upsample conv packs its folded phases
+    packs = derived_weights.builds[kind]
     y, stats = _run_case(n, c_in, c_out, hw, mode, num_groups, dtype)
-    assert derived_weights.builds["conv_pack"] == packs + 1, "the kernel path did not run"
+    assert derived_weights.builds[kind] == packs + 1, "the kernel path did not run"
     _check_stats(y, stats, num_groups, name)
     # Emitting statistics leaves the output itself bitwise unchanged.
     assert torch.equal(_run_case(n, c_in, c_out, hw, mode, num_groups, dtype, emit=False), y)
