@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, SUPPORTED_DTYPES, launch, prune_configs, require_kernels
+from ._common import INTERPRET, SUPPORTED_DTYPES, check_tensor, launch, prune_configs, require_kernels
 from ._jit import round_to_bf16
 
 _LOG2E = 1.4426950408889634
@@ -317,10 +317,7 @@ def attention_forward(
             dims, or an empty key sequence (softmax over no keys is undefined).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() not in (3, 4):
-            raise ValueError(f"{name} must be (B, N, D) or (B, H, N, D), got shape {tuple(t.shape)}")
+        check_tensor(name, t, ndim=(3, 4), layout="(B, N, D) or (B, H, N, D)")
         if t.dtype != q.dtype or t.device != q.device:
             raise TypeError(f"{name} must match q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}")
     if k.shape != v.shape or q.dim() != k.dim() or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
