@@ -18,10 +18,9 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
         mean = mean_a + delta * (count_b / count);  M2 = M2_a + M2_b + delta^2 * (count_a * count_b / count)
 
     Works elementwise on scalars or tensors of one shape (fp32), so it serves both as a running update (a loop
-    merging tile after tile) and as the combine function of `tl.reduce` over a tuple (count, mean, M2), which
-    merges many partials in a fixed tree. An empty partial (count 0, mean 0, M2 0) is an exact identity on
-    either side (the count is floored at 1 in the divisions, which changes nothing for real counts >= 1), so
-    masked lanes may hold zeros.
+    merging tile after tile) and as each level of `chan_reduce`'s pairwise tree. An empty partial (count 0,
+    mean 0, M2 0) is an exact identity on either side (the count is floored at 1 in the divisions, which changes
+    nothing for real counts >= 1), so masked lanes may hold zeros.
     """
     count = count_a + count_b
     safe = tl.maximum(count, 1.0)
