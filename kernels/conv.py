@@ -42,6 +42,12 @@ Supported: x fp16, bf16 or fp32 (CUDA, or CPU under TRITON_INTERPRET=1); square 
 cast to x's dtype when packed. `sdvae_fast.ops` falls back to the PyTorch reference for everything else (fp64,
 other kernel sizes or strides, CPU without the interpreter).
 
+Prologue (`SILU_MODE`, `EVEN_K`; kernels/gsc_prologue.py): on the GPU the SiLU is `h + h * tanh.approx(h)` with
+h = x * scale/2 + shift/2, one MUFU per element instead of `tl.sigmoid`'s two plus range checks (absolute error
+<= 2^-12 |y|, tested with an emulated tanh under the interpreter); the interpreter keeps the exact `tl.sigmoid`
+arithmetic, so CPU results are bitwise those of before. `EVEN_K` (C_in a multiple of every BLOCK_K) drops the
+channel mask. Static sm_90 counts before and after: docs/cost_model.md.
+
 Precision: fp16/bf16 operands go to the tensor cores directly, accumulating in fp32. For fp32 inputs the dot's
 `input_precision` follows PyTorch's own switch for convolutions, `torch.backends.cudnn.allow_tf32` (True by
 default): "tf32" when it is on, so the kernel matches what eager fp32 convs do on the same GPU (relative L2
@@ -79,6 +85,8 @@ from sdvae_fast.kernels._common import (
     require_kernels,
 )
 from sdvae_fast.kernels._jit import chan_reduce, round_to_bf16
+from sdvae_fast.kernels import gsc_prologue
+from sdvae_fast.kernels.gsc_prologue import normalize_silu
 
 SUPPORTED_KERNEL_SIZES = (1, 3)
 SUPPORTED_STRIDES = (1, 2)
@@ -99,7 +107,9 @@ def _config(block_m, block_n, block_k, num_warps, num_stages):
 # Each fits the sm_90 register file: for the heaviest variant (3x3 GSC + residual + emitted statistics, bf16) the
 # first spills 160 bytes per thread with triton 3.9 (224 with 3.6), the 128x128x32 one 128 (136), the rest at most
 # 32, most none (tests/test_conv.py checks <= 256). Larger tiles (128x256, 256x128, 128x128 on 4 warps) spilled
-# 1-3 KiB per thread and were dropped.
+# 1-3 KiB per thread and were dropped. (128x256x64, the static cost model's best tile for C_out >= 256 with the tanh
+# prologue, spills 184 bytes when compiled with the JIT's own specialisation of a VAE launch, but 2.6 KiB in the
+# less aligned specialisation tests/test_conv.py checks: docs/cost_model.md.)
 CONV_CONFIGS = [
     _config(128, 128, 64, 8, 3),
     _config(64, 128, 64, 8, 3),
@@ -112,6 +122,20 @@ CONV_CONFIGS = [
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONV_CONFIGS)
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in CONV_CONFIGS)
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in CONV_CONFIGS)
+_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in CONV_CONFIGS)
+assert all(_MAX_BLOCK_K % c.kwargs["BLOCK_K"] == 0 for c in CONV_CONFIGS)  # EVEN_K holds for every config
+
+#: Tests set this to a `gsc_prologue` SiLU mode (2: the GPU's tanh formula with an accurate tanh, 3: with a tanh
+#: worse than the GPU's) to run the GPU arithmetic under the interpreter; None: `silu_mode()` decides.
+SILU_MODE_OVERRIDE: Optional[int] = None
+
+
+def silu_mode() -> int:
+    """The prologue's SiLU (`kernels/gsc_prologue.py`): one MUFU.TANH per element on the GPU (mode 1), the exact
+    `tl.sigmoid` arithmetic under the interpreter (mode 0, which cannot run inline PTX), or the tests' override."""
+    if SILU_MODE_OVERRIDE is not None:
+        return SILU_MODE_OVERRIDE
+    return gsc_prologue.SILU_EXACT if INTERPRET else gsc_prologue.SILU_TANH_APPROX
 
 
 def _smem_bytes(config: triton.Config, elem_bytes: int) -> int:
@@ -171,6 +195,7 @@ def _conv_kernel(
     UPSAMPLE_2X: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ROUND_TO_BF16: tl.constexpr, EMIT_STATS: tl.constexpr, STATS_GS: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SILU_MODE: tl.constexpr = 0, EVEN_K: tl.constexpr = False,
 ):
     """Grid (tiles_m * tiles_n [* 4 phases], N). H_out, W_out: the GEMM's output grid per image and phase;
     M = H_out * W_out.
@@ -242,16 +267,17 @@ def _conv_kernel(
         pix_ok = (m_mask & (r_h + kh >= -ih0) & (r_h + kh < H - ih0)
                   & (r_w + kw >= -iw0) & (r_w + kw < W - iw0))
         ci = c0 + lane_k  # (BLOCK_K,) input channel
-        k_mask = ci < C_in
+        if EVEN_K:
+            k_mask = tl.full([BLOCK_K], 1, tl.int1)  # C_in is a multiple of BLOCK_K: no ragged channel block
+        else:
+            k_mask = ci < C_in
         a_mask = pix_ok[:, None] & k_mask[None, :]
         a_offs = (r_off + (kh * sxh + kw * sxw))[:, None] + (_index(ci, WIDE_OFFSETS) * sxc)[None, :]
         a = tl.load(x_tile + a_offs, mask=a_mask, other=0.0)  # (BLOCK_M, BLOCK_K)
         if APPLY_GN:
             sc = tl.load(scale_img + ci, mask=k_mask, other=0.0)
             sh = tl.load(shift_img + ci, mask=k_mask, other=0.0)
-            a = a.to(tl.float32) * sc[None, :] + sh[None, :]
-            if APPLY_SILU:
-                a = a * tl.sigmoid(a)
+            a = normalize_silu(a, sc, sh, APPLY_SILU, SILU_MODE)  # fp32; SILU_MODE: kernels/gsc_prologue.py
             # Padded taps are zeros of the normalised tensor: mask after the prologue.
             a = tl.where(a_mask, a, 0.0)
         k_rows = tap * C_in + ci  # (BLOCK_K,) row of the packed weight (the weight has < 2^31 elements)
@@ -485,6 +511,7 @@ def _launch(*, x, packed, out, h_out, w_out, kernel_size, bias=None, scale=None,
         UPSAMPLE_2X=upsample, DOT_FP32=INTERPRET, INPUT_PRECISION=_input_precision(x.dtype),
         ROUND_TO_BF16=INTERPRET and out.dtype == torch.bfloat16, EMIT_STATS=bool(stats_groups), STATS_GS=gs,
         WIDE_OFFSETS=_needs_wide_offsets(x, residual, out, w_out, stride, kh, upsample),
+        SILU_MODE=silu_mode(), EVEN_K=c_in % _MAX_BLOCK_K == 0,
     )
     if not stats_groups:
         return out

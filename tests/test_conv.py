@@ -427,7 +427,8 @@ _SM90_PRELUDE = textwrap.dedent("""
         def build_conv(config, k, gn, up, emit, wide=False):
             constexprs = dict(sxc=1, src=1, soc=1, KH=k, KW=k, APPLY_GN=gn, APPLY_SILU=gn, HAS_BIAS=True,
                               HAS_RESIDUAL=not up, UPSAMPLE_2X=up, DOT_FP32=False, INPUT_PRECISION="tf32",
-                              ROUND_TO_BF16=False, EMIT_STATS=emit, STATS_GS=4, WIDE_OFFSETS=wide, **config.kwargs)
+                              ROUND_TO_BF16=False, EMIT_STATS=emit, STATS_GS=4, WIDE_OFFSETS=wide,
+                              SILU_MODE=conv.silu_mode(), EVEN_K=True, **config.kwargs)  # the GPU's prologue
             return build(conv._conv_kernel.fn, pointers, constexprs, aligned, num_warps=config.num_warps,
                          num_stages=config.num_stages)
 

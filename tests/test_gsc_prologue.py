@@ -106,3 +106,64 @@ def test_without_silu_every_mode_is_the_affine_map():
         assert torch.equal(_run(_apply, x, sc, sh, APPLY_SILU=False, SILU_MODE=mode), base)
     y, _ = _silu64(x, sc, sh)
     assert math.isclose(float((base.double() - y).abs().max()), 0.0, abs_tol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The helper inside the conv kernel: the GPU's tanh formula through the whole GSC kernel under the interpreter
+# (mode 2: accurate tanh; mode 3: a tanh worse than tanh.approx.f32), against float64.
+# ---------------------------------------------------------------------------------------------------------------
+
+from test_conv import run_gsc  # noqa: E402
+from test_emitted_stats import _check_stats, _run_case  # noqa: E402
+
+from sdvae_fast.kernels import conv as conv_kernels  # noqa: E402
+
+# (n, c_in, c_out, (h, w), k, dtype, options): ragged tiles (13x7, 9x11 outputs; C_out 24/48 under BLOCK_N),
+# channels per group 1, 3, 10, 16, residual, stride 2, 1x1 without SiLU, C_in a multiple of 64 (EVEN_K) and not.
+MODE_CASES = {
+    "fp32-13x7-cpg2-residual": (2, 16, 48, (13, 7), 3, torch.float32, dict(num_groups=8, residual=True)),
+    "bf16-13x7-cpg1-channels_last": (1, 16, 48, (13, 7), 3, torch.bfloat16,
+                                     dict(num_groups=16, layout="channels_last")),
+    "fp16-9x11-cpg10-residual": (2, 40, 24, (9, 11), 3, torch.float16,
+                                 dict(num_groups=4, layout="noncontiguous", residual=True)),
+    "bf16-7x6-cpg3": (1, 48, 32, (7, 6), 3, torch.bfloat16, dict(num_groups=16)),
+    "fp16-5x6-cpg16": (1, 64, 64, (5, 6), 3, torch.float16, dict(num_groups=4, layout="channels_last")),
+    "fp32-stride2-pad0101": (1, 16, 24, (13, 7), 3, torch.float32, dict(num_groups=4, stride=2,
+                                                                         padding=(0, 1, 0, 1))),
+    "bf16-sd-128to256-even-k-residual": (1, 128, 256, (4, 4), 3, torch.bfloat16,
+                                         dict(num_groups=32, residual=True)),
+    "fp16-sd-256to256-even-k": (1, 256, 256, (3, 3), 3, torch.float16, dict(num_groups=32)),
+    "bf16-qkv-1x1-no-silu": (1, 64, 96, (7, 9), 1, torch.bfloat16, dict(silu=False, via="ops")),
+}
+
+
+@pytest.mark.parametrize("mode", [gp.SILU_TANH_EXACT, gp.SILU_TANH_EMULATED])
+@pytest.mark.parametrize("case", list(MODE_CASES), ids=list(MODE_CASES))
+def test_conv_with_the_tanh_silu_matches_float64(case, mode, monkeypatch):
+    """fp32 within 1e-5 relative (mode 2; mode 3's deliberate 2^-10.5 tanh error is for 16-bit types only),
+    bf16/fp16 within 2x PyTorch's own error in that dtype (run_gsc's check)."""
+    n, c_in, c_out, hw, k, dtype, options = MODE_CASES[case]
+    if dtype == torch.float32 and mode == gp.SILU_TANH_EMULATED:
+        pytest.skip("the emulated tanh error (2^-10.5) is meant for the 16-bit operands")
+    monkeypatch.setattr(conv_kernels, "SILU_MODE_OVERRIDE", mode)
+    run_gsc(n, c_in, c_out, hw, k, dtype, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emitted_stats_with_the_tanh_silu(dtype, monkeypatch):
+    """The statistics a GSC conv emits describe its output as stored, whatever the prologue's SiLU."""
+    monkeypatch.setattr(conv_kernels, "SILU_MODE_OVERRIDE", gp.SILU_TANH_EMULATED)
+    y, stats = _run_case(2, 24, 32, (9, 7), "gsc", 8, dtype)
+    _check_stats(y, stats, 8, f"gsc tanh {dtype}")
+
+
+def test_prologue_modes_leave_the_upsample_conv_bitwise_unchanged(monkeypatch):
+    """The upsample conv has no prologue: every SiLU mode gives the same bits."""
+    base = _run_case(1, 16, 16, (5, 6), "up", 4, torch.bfloat16, emit=False)
+    monkeypatch.setattr(conv_kernels, "SILU_MODE_OVERRIDE", gp.SILU_TANH_EMULATED)
+    assert torch.equal(_run_case(1, 16, 16, (5, 6), "up", 4, torch.bfloat16, emit=False), base)
+
+
+def test_interpreter_runs_the_exact_prologue_by_default():
+    """Under the interpreter the kernel keeps `tl.sigmoid` (mode 0): CPU results and golden outputs unchanged."""
+    assert conv_kernels.SILU_MODE_OVERRIDE is None and conv_kernels.silu_mode() == gp.SILU_EXACT
