@@ -293,3 +293,18 @@ def test_heaviest_gsc_variants_keep_the_prologue_pipes_under_the_tensor_pipe(com
         assert r["counts"]["mufu_ex2"] == 0 and r["counts"]["mufu_tanh"] > 0, key
         assert r["ratios"]["xu"] <= 0.6 and r["ratios"]["fma"] <= 0.6, (key, r["ratios"])
         assert r["tensor_fraction"] >= 0.6, (key, r["tensor_fraction"], r["config"])
+
+
+def test_cli_subcommand_runs_without_the_interpreter():
+    """`sdvae-fast kernel-report` re-runs itself without TRITON_INTERPRET (set by conftest.py); a filter that
+    matches no launch records everything and compiles nothing, printing the table header only."""
+    from sdvae_fast import cli
+
+    env_before = os.environ.get("TRITON_INTERPRET")
+    done = subprocess.run([sys.executable, "-c", "import sys; from sdvae_fast import cli; "
+                           "sys.exit(cli.main(['kernel-report', '--only', 'no such launch', '-q']))"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("| variant (launches) | dtype | config |") and done.stdout.count("\n") == 3
+    assert os.environ.get("TRITON_INTERPRET") == env_before
+    assert cli.build_parser().parse_args(["kernel-report"]).command == "kernel-report"
