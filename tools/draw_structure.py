@@ -120,7 +120,8 @@ def call_edges() -> collections.Counter:
         qual = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
         if "<" in qual:  # comprehensions, lambdas, genexprs: attribute to the enclosing function
             return None
-        return f"{module}{Path(path).stem}.{qual}"
+        stem = Path(path).parent.name if Path(path).stem == "__init__" else Path(path).stem
+        return f"{module}{stem}.{qual}"
 
     def profiler(frame, event, arg):
         if event == "call":
