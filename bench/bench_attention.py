@@ -11,7 +11,7 @@ return_mode="median")`:
 It also records which SDPA backends accept head dim 512 in bf16.
 
 FLOPs are 4 * N^2 * D per head (QK^T and PV, 2 per multiply-add); "% peak" is against 790 TFLOP/s, the dense
-bf16 matrix rate measured on an H200 (DESIGN.md section 2). Targets from issue 4: at least 1.5x faster than SDPA
+bf16 matrix rate measured on an H200 (docs/design.md, section 2). Targets from issue 4: at least 1.5x faster than SDPA
 at N >= 16384 and at least half the matrix rate.
 
 Usage: python bench/bench_attention.py --out DIR   (writes DIR/attention.csv and DIR/attention.md; ~60 s on an H200)
@@ -122,6 +122,7 @@ def main() -> int:
         return 2
     import triton.testing
 
+    from sdvae_fast import autotune_table
     from sdvae_fast.kernels.attention import _autotuned_kernel, attention_flops, attention_forward
 
     start = time.time()

@@ -13,7 +13,7 @@ return_mode="median")`:
     and against `conv_transpose2d` with a 4x4 stride-2 kernel (the best published alternative).
 TFLOP/s count 2 FLOPs per multiply-accumulate of the work each variant does; the upsample rows also give the
 "effective" rate of the 9-tap conv they replace. "% peak" is against 790 TFLOP/s, the dense bf16 matrix rate
-measured on an H200 (../shared/DESIGN.md section 2). Results go to DIR/conv_bench.csv (every measurement),
+measured on an H200 (docs/design.md, section 2). Results go to DIR/conv_bench.csv (every measurement),
 DIR/conv_bench_summary.csv (the target ratios per case) and DIR/conv_bench.md (both tables).
 Exits with status 2 and a message when no CUDA device is present.
 """

@@ -2,7 +2,7 @@
 
 Triton's interpreter (`TRITON_INTERPRET=1`) runs kernels on CPU tensors. Triton reads that variable when kernels
 are decorated, so it must be set before anything that defines kernels is imported; `INTERPRET` records the value
-seen at import time. Quirks handled here (see ../shared/DESIGN.md section 5):
+seen at import time. Quirks handled here (docs/design.md, section 9):
 
 - bf16 arithmetic, including `tl.dot` on bf16 operands, is wrong under the interpreter: kernels take the
   constexpr `DOT_FP32=INTERPRET` and upcast dot operands to fp32 when it is set.

@@ -1,6 +1,6 @@
 """Flash-style attention for head dims up to 512: `softmax(q k^T * scale) v` with O(N*D) memory.
 
-The VAE's mid-block attention has one head of dimension 512 (DESIGN.md section 1); PyTorch's flash and cuDNN
+The VAE's mid-block attention has one head of dimension 512 (docs/design.md, section 1); PyTorch's flash and cuDNN
 backends and FlashAttention-2/3 refuse that head dim, and a materialised N x N score matrix at a 4096^2 image
 (N = 262144 tokens) would need 128 GiB. This kernel streams K/V tiles past a block of query rows with the
 online softmax of FlashAttention (Dao et al., 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention
@@ -75,7 +75,7 @@ def _attention_fwd_kernel(
 
     Grid: (cdiv(n_q, BLOCK_M), B * num_heads, cdiv(HEAD_DIM, BLOCK_DV)). `qk_scale` is scale * log2(e).
     BLOCK_DK and BLOCK_DV are powers of two; columns past HEAD_DIM are masked. DOT_FP32 and ROUND_BF16 are the
-    interpreter workarounds (DESIGN.md section 5): fp32 dot operands, and round-to-nearest before bf16 casts.
+    interpreter workarounds (docs/design.md, section 9): fp32 dot operands, and round-to-nearest before bf16 casts.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)

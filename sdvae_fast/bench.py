@@ -13,7 +13,7 @@ latents z (batch, C, res/8, res/8), random inputs, in the chosen dtype on one CU
 Each time is the median of repeated runs after two warm-up calls, timed with CUDA events. FLOPs are the
 reference arithmetic counted by `torch.utils.flop_counter.FlopCounterMode` on a meta-device copy (2 FLOPs per
 multiply-add; convs, linears and attention), so TFLOP/s compare implementations on the same work; the floor is
-the H200's dense bf16 matrix rate measured at about 790 TFLOP/s (../shared/DESIGN.md section 2). Peak memory is
+the H200's dense bf16 matrix rate measured at about 790 TFLOP/s (docs/design.md, section 2). Peak memory is
 `torch.cuda.max_memory_allocated` during one call minus what was allocated before it (weights and inputs).
 
 Also here, for bench/gpu_check.sh: `env_info()` (GPU, driver, versions, commit, date) and `results_stem()` (the
@@ -41,7 +41,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-FLOOR_TFLOPS = 790.0  # dense bf16 matrix rate of one H200, TFLOP/s (DESIGN.md section 2)
+FLOOR_TFLOPS = 790.0  # dense bf16 matrix rate of one H200, TFLOP/s (docs/design.md, section 2)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("sdvae-fast", "diffusers eager", "diffusers compile", "sdvae-fast, stats pass")
 STATS_PASS = IMPLS[3]

@@ -109,7 +109,7 @@ def test_encode_matches_diffusers_fp32_batch3_odd_images(encode_batch3):
 
 def test_one_image_decodes_and_encodes_bitwise_as_in_its_batch(decode_batch3, encode_batch3, decode_single,
                                                                 encode_single):
-    """Determinism across the batch (DESIGN.md section 4): no reduction or tiling choice depends on N."""
+    """Determinism across the batch (docs/design.md, section 8): no reduction or tiling choice depends on N."""
     assert torch.equal(decode_single[0], decode_batch3[0][1:2])
     assert torch.equal(encode_single[0], encode_batch3[0][1:2])
 
