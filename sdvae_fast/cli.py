@@ -571,7 +571,7 @@ def _common_options() -> argparse.ArgumentParser:
     group = common.add_argument_group("device")
     group.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda when available)")
     group.add_argument("--dtype", choices=DTYPE_NAMES,
-                       help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+                       help="compute dtype (default: bf16 on CUDA, fp32 on CPU; parity: bf16 everywhere)")
     group.add_argument("--backend", choices=BACKENDS,
                        help="auto: Triton kernels on CUDA, PyTorch elsewhere; triton: kernels everywhere (the "
                             "interpreter on CPU, slow); torch: the PyTorch reference (default: the environment "
@@ -634,7 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Then the whole encode and decode, with the decoded image's PSNR against the reference image.\n\n"
             "A check passes when rel_l2 <= TOL_FACTOR * torch_rel_l2 + TOL_FLOOR, and the image PSNR is at least "
             "PyTorch's PSNR minus PSNR_MARGIN dB (or 50 dB). Exit code 1 when any check fails. parity runs in "
-            "bf16 unless --dtype says otherwise, on CPU too; there it takes a few minutes per image.")
+            "bf16 unless --dtype says otherwise, on CPU too; there the interpreter takes several minutes per "
+            "image for encode and decode (--decode or --encode halves that).")
     p.add_argument("--res", type=int, help="image side in pixels (default 512 on CUDA, 64 on CPU)")
     p.add_argument("--batch", type=int, default=1, help="images per batch (default 1)")
     p.add_argument("--image", nargs="+", metavar="IMAGE",

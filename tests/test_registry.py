@@ -199,3 +199,15 @@ def test_kernel_dtypes_and_backend_names_have_one_owner():
         assert dtypes is _common.SUPPORTED_DTYPES, module.__name__
     assert model.BACKENDS is backends.BACKENDS and fast.VALID_BACKENDS is backends.BACKENDS
     assert patching.check_backend is backends.check_backend
+
+
+def test_a_block_registration_that_leaves_out_a_child_falls_back_and_names_it():
+    model = golden.make_vae()
+    block = model.decoder.up_blocks[0]
+    block.__class__ = type("MyUpBlock", (type(block),), {})
+    try:
+        fast.register_block("MyUpBlock")(lambda b: [(f"resnets.{i}", r) for i, r in enumerate(b.resnets)])
+        assert dict(fast.unsupported_units(model)) == {
+            "decoder.up_blocks.0": "the children registered for class MyUpBlock leave out ['upsamplers.0']"}
+    finally:
+        units.BLOCK_TYPES.pop("MyUpBlock", None)

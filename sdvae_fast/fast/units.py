@@ -250,12 +250,30 @@ def make_unit(name: str, module: nn.Module) -> Unit:
     return Unit(name, kind, (module,), run, module, input_norm=unit_type.input_norm(module))
 
 
+def _parameterised_children(block: nn.Module) -> List[str]:
+    """Relative names of a block's children that hold parameters (the elements of a ModuleList one by one)."""
+    names = []
+    for name, child in block.named_children():
+        parts = child.named_children() if isinstance(child, nn.ModuleList) else [(None, child)]
+        for index, part in parts:
+            if part is not None and any(True for _ in part.parameters()):
+                names.append(name if index is None else f"{name}.{index}")
+    return names
+
+
 def block_units(name: str, block: nn.Module) -> List[Unit]:
-    """The units of a container block in run order, or one module unit when its class is not registered."""
-    children = BLOCK_TYPES.get(type(block).__name__)
+    """The units of a container block in run order, or one module unit when its class is not registered or its
+    registered children leave out a child that holds parameters (so a registration that forgets, say, the
+    upsamplers falls back to the block's own forward instead of silently skipping them)."""
+    kind = type(block).__name__
+    children = BLOCK_TYPES.get(kind)
     if children is None:
-        return [module_unit(name, block, f"no block is registered for class {type(block).__name__}")]
-    return [make_unit(f"{name}.{child_name}", child) for child_name, child in children(block)]
+        return [module_unit(name, block, f"no block is registered for class {kind}")]
+    listed = list(children(block))
+    missing = sorted(set(_parameterised_children(block)) - {child_name for child_name, _ in listed})
+    if missing:
+        return [module_unit(name, block, f"the children registered for class {kind} leave out {missing}")]
+    return [make_unit(f"{name}.{child_name}", child) for child_name, child in listed]
 
 
 def norm_key(norm: Optional[nn.Module]) -> Optional[tuple]:
