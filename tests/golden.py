@@ -1,7 +1,8 @@
 """Golden outputs that pin the fast path's behaviour across refactors (issue: one owner per decision).
 
-A seeded narrow VAE (our `AutoencoderKL`, widths 32/32/64/64, 8 groups, full depth with the mid-block attention)
-encodes 2 images of 25x16 pixels and decodes 2 latents of 3x2, on both backends ("torch": the reference modules,
+A seeded narrow, two-level VAE (our `AutoencoderKL`, widths 32/64, 8 groups: every unit type once, a shortcut conv,
+a downsample, an upsample and the mid-block attention) encodes 2 images of 25x16 pixels and decodes 2 latents of
+5x3, on both backends ("torch": the reference modules,
 "triton": the kernels under the interpreter), in fp32 and bf16, with the conv epilogues emitting GroupNorm
 statistics and without. `record()` computes every case; `python -m tests.golden` writes them to
 `tests/data/golden_outputs.safetensors` (with the SHA-256 of each tensor's bytes in the metadata), which
@@ -17,8 +18,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 GOLDEN_PATH = Path(__file__).parent / "data" / "golden_outputs.safetensors"
-CONFIG = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, layers_per_block=1, latent_channels=4,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+CONFIG = dict(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1, latent_channels=4,
+              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -38,10 +39,10 @@ def make_vae():
 
 
 def inputs():
-    """(images (2, 3, 25, 16) in [-0.8, 1.2], latents (2, 4, 3, 2) with mean 0.5), fp32, seeded."""
+    """(images (2, 3, 25, 16) in [-0.8, 1.2], latents (2, 4, 5, 3) with mean 0.5), fp32, seeded."""
     g = torch.Generator().manual_seed(7)
     images = torch.rand(2, 3, 25, 16, generator=g) * 2 - 0.8
-    latents = torch.randn(2, 4, 3, 2, generator=g) + 0.5
+    latents = torch.randn(2, 4, 5, 3, generator=g) + 0.5
     return images, latents
 
 
@@ -53,7 +54,7 @@ def cases():
 
 
 def record() -> dict:
-    """{'<case>.moments': (2, 8, 4, 2), '<case>.images': (2, 3, 24, 16)} for every case, in the case's dtype."""
+    """{'<case>.moments': (2, 8, 12, 8), '<case>.images': (2, 3, 10, 6)} for every case, in the case's dtype."""
     from sdvae_fast import fast
 
     images, latents = inputs()
