@@ -105,6 +105,20 @@ def _gn_partial_kernel(
 
 
 @triton.jit
+def _store_stats(pid, count, mean, m2, eps, mean_ptr, rstd_ptr, count_out_ptr, mean_out_ptr, m2_out_ptr,
+                 STORE_PARTIALS: tl.constexpr):
+    """Store one (sample, group)'s merged statistics at index pid: mean and rstd = 1 / sqrt(M2 / count + eps), and
+    with STORE_PARTIALS the raw (count, mean, M2) too. Each argument tensor is (1,) fp32."""
+    out = pid + tl.arange(0, 1)  # (1,): this program's (sample, group)
+    tl.store(mean_ptr + out, mean)
+    tl.store(rstd_ptr + out, 1.0 / tl.sqrt(m2 / count + eps))
+    if STORE_PARTIALS:
+        tl.store(count_out_ptr + out, count)
+        tl.store(mean_out_ptr + out, mean)
+        tl.store(m2_out_ptr + out, m2)
+
+
+@triton.jit
 def _gn_combine_kernel(
     x_ptr, part_ptr, mean_ptr, rstd_ptr, count_out_ptr, mean_out_ptr, m2_out_ptr,
     G, CPG, sxn, sxc, num_splits, eps, BLOCK_S: tl.constexpr, STORE_PARTIALS: tl.constexpr,
@@ -124,13 +138,8 @@ def _gn_combine_kernel(
     m2 = tl.load(base + 2, mask=s_mask, other=0.0)
     total, mean, m2_total = chan_reduce(cnt[None, :], mu[None, :], m2[None, :])  # each (1,)
     mean = shift + mean
-    out = pid + tl.arange(0, 1)  # (1,): this program's (sample, group)
-    tl.store(mean_ptr + out, mean)
-    tl.store(rstd_ptr + out, 1.0 / tl.sqrt(m2_total / total + eps))
-    if STORE_PARTIALS:
-        tl.store(count_out_ptr + out, total)
-        tl.store(mean_out_ptr + out, mean)
-        tl.store(m2_out_ptr + out, m2_total)
+    _store_stats(pid, total, mean, m2_total, eps, mean_ptr, rstd_ptr, count_out_ptr, mean_out_ptr, m2_out_ptr,
+                 STORE_PARTIALS)
 
 
 @triton.jit
@@ -159,13 +168,8 @@ def _gn_merge_partials_kernel(
         m2_s = tl.load(base + s * 3 + 2, mask=s_mask, other=0.0)[None, :]
         count_b, mean_b, m2_b = chan_reduce(cnt, mu, m2_s)  # each (1,)
         count, mean, m2 = chan_merge(count, mean, m2, count_b, mean_b, m2_b)
-    out = pid + tl.arange(0, 1)  # (1,): this program's (sample, group)
-    tl.store(mean_ptr + out, mean)
-    tl.store(rstd_ptr + out, 1.0 / tl.sqrt(m2 / count + eps))
-    if STORE_PARTIALS:
-        tl.store(count_out_ptr + out, count)
-        tl.store(mean_out_ptr + out, mean)
-        tl.store(m2_out_ptr + out, m2)
+    _store_stats(pid, count, mean, m2, eps, mean_ptr, rstd_ptr, count_out_ptr, mean_out_ptr, m2_out_ptr,
+                 STORE_PARTIALS)
 
 
 class GroupNormPartials(NamedTuple):

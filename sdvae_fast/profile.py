@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from sdvae_fast.bench import median_ms, peak_extra_gib
-from sdvae_fast.parity import record_units, run_unit, units_by_name
+from sdvae_fast.parity import record_units, units_by_name
 
 
 def matmul_tflops(device, dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
@@ -65,9 +65,8 @@ def _nbytes(value) -> int:
     return 0
 
 
-def _unit_param_bytes(model: torch.nn.Module, name: str) -> int:
-    """Bytes of the parameters of unit `name` (all the modules it covers)."""
-    unit = units_by_name(model)[name]
+def _unit_param_bytes(unit) -> int:
+    """Bytes of the parameters of a unit (all the modules it covers)."""
     return sum(_nbytes(list(m.parameters())) for m in unit.modules)
 
 
@@ -94,12 +93,15 @@ def profile_part(vae, part: str, x: torch.Tensor, budget_s: float = 0.3) -> list
     with record_units(reference, captures):
         getattr(reference, part)(x)  # records every unit's inputs and output
     rows = []
+    units, reference_units = units_by_name(vae), units_by_name(reference)  # once: not inside the timed calls
     for cap in captures:
-        def call(_cap=cap):
-            return run_unit(vae, _cap.name, _cap.args, _cap.kwargs, fast_path)
+        unit = units[cap.name]
 
-        gflop = _gflop(lambda: run_unit(reference, cap.name, cap.args, cap.kwargs, False))
-        traffic = _nbytes(cap.args) + _nbytes(cap.output) + _unit_param_bytes(vae, cap.name)
+        def call(_cap=cap, _unit=unit):
+            return _unit.run_alone(_cap.args[0]) if fast_path else _unit.reference(*_cap.args, **_cap.kwargs)
+
+        gflop = _gflop(lambda: reference_units[cap.name].reference(*cap.args, **cap.kwargs))
+        traffic = _nbytes(cap.args) + _nbytes(cap.output) + _unit_param_bytes(unit)
         peak = peak_extra_gib(call, x.device)
         rows.append(UnitProfile(cap.name, tuple(cap.output.shape), median_ms(call, device=x.device, budget_s=budget_s),
                                 gflop, traffic, peak))

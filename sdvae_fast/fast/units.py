@@ -87,6 +87,12 @@ class RunContext:
     latents: Optional[Tensor] = None
     parallel: Optional[ParallelHooks] = None
 
+    @property
+    def emits(self) -> bool:
+        """Whether convs emit statistics now: asked for, and not under patch parallelism (whose statistics are
+        band partials merged across ranks instead)."""
+        return self.emit_stats and self.parallel is None
+
     def cast(self, t: Optional[Tensor]) -> Optional[Tensor]:
         """A parameter as the unit uses it: unchanged, or cast to `dtype` while recomputing an fp16 overflow."""
         if t is None or self.dtype is None or t.dtype == self.dtype:
@@ -190,7 +196,7 @@ class Unit:
         self._run, self._reference = run, reference
 
     def __call__(self, carry: Carry, ctx: RunContext) -> tuple:
-        emit = self.emit if ctx.emit_stats and ctx.parallel is None else None
+        emit = self.emit if ctx.emits else None
         return self._run(carry, ctx, emit)
 
     def run_alone(self, x: Tensor, ctx: Optional[RunContext] = None) -> Tensor:
@@ -498,7 +504,7 @@ def _run_resnet(block, carry, ctx, emit):
 
     The first op emits the statistics of its output for norm2, the second those for the next unit."""
     x, stats = carry.take()
-    inner_emit = norm_key(block.norm2) if ctx.emit_stats and ctx.parallel is None else None
+    inner_emit = norm_key(block.norm2) if ctx.emits else None
     h, h_stats = gsc(x, block.conv1, ctx, block.norm1, stats=stats, emit=inner_emit)
     residual = x if block.conv_shortcut is None else gsc(x, block.conv_shortcut, ctx)[0]
     del x  # the input is no longer needed unless it is the residual itself
