@@ -1,8 +1,9 @@
 """The `sdvae-fast` command line: reconstruct, encode, decode, info, parity, profile, bench and train.
 
-Every subcommand that runs a VAE takes the model options `--vae`, `--preset`, `--seed`, `--scaling-factor`,
-`--shift-factor`, `--unsafe-pickle` and the run options `--device`, `--dtype fp32|fp16|bf16`, `--backend`, `-q`;
-`info` takes the model options that describe a checkpoint (`--preset`, the scaling options, `--unsafe-pickle`).
+Every subcommand that runs a VAE takes the model options `--vae`, `--preset`, `--config`, `--seed`,
+`--scaling-factor`, `--shift-factor`, `--norm-num-groups`, `--unsafe-pickle` and the run options `--device`,
+`--dtype fp32|fp16|bf16`, `--backend`, `-q`; `info` takes the model options that describe a checkpoint
+(`--preset`, `--config`, the scaling options, `--norm-num-groups`, `--unsafe-pickle`).
 Errors meant for users (a missing file, a wrong shape, no GPU) are printed as one line starting with
 `sdvae-fast CMD: error:` and exit with code 2; with `SDVAE_FAST_DEBUG=1` the traceback is printed too (still exit
 code 2). The loader's warnings are printed as one `sdvae-fast: warning:` line each, in the CLI's option names. Each
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -108,15 +110,38 @@ def resolve_backend(name: Optional[str]) -> str:
 
 
 def _overrides(args) -> dict:
-    """The config fields that `--scaling-factor` / `--shift-factor` set (only those given)."""
-    fields = {"scaling_factor": args.scaling_factor, "shift_factor": args.shift_factor}
+    """The config fields that `--scaling-factor` / `--shift-factor` / `--norm-num-groups` set (only those given)."""
+    fields = {"scaling_factor": args.scaling_factor, "shift_factor": args.shift_factor,
+              "norm_num_groups": getattr(args, "norm_num_groups", None)}
     return {key: value for key, value in fields.items() if value is not None}
+
+
+def _config_argument(args) -> Optional[str]:
+    """The `config=` a single file is read with: `--preset NAME` or `--config PATH|PRESET` (at most one), or None.
+
+    Raises:
+        CLIError: both were given, or `--config` names neither a preset nor an existing file or folder.
+    """
+    from sdvae_fast.configs import PRESETS
+
+    config = getattr(args, "config", None)
+    if config is None:
+        return args.preset
+    if args.preset:
+        raise CLIError(f"give --preset or --config, not both (got --preset {args.preset} --config {config})")
+    if config not in PRESETS and not Path(config).exists():
+        raise CLIError(f"--config {config}: no such file or folder, and not a preset "
+                       f"(presets: {', '.join(PUBLIC_PRESETS)})")
+    return config
 
 
 # The loader's messages name Python arguments; the CLI prints its own options instead. Applied only to the advice
 # after "Pass"/"pass", so that descriptions such as "Using FLUX.1 (scaling_factor=0.3611)" stay as they are.
 _CLI_WORDING = (
     (re.compile(r"config=(['\"])(\w+)\1"), r"--preset \2"),
+    (re.compile(r"config=(['\"])([^'\"]+)\1"), r"--config \2"),
+    (re.compile(r"\bnorm_num_groups=N\b"), "--norm-num-groups N"),
+    (re.compile(r"\bnorm_num_groups=(\d+)"), r"--norm-num-groups \1"),
     (re.compile(r"\bunsafe_pickle=True"), "--unsafe-pickle"),
     (re.compile(r"\bscaling_factor=([-+.\deE]+), shift_factor=([-+.\deE]+)"),
      r"--scaling-factor \1 --shift-factor \2"),
@@ -127,7 +152,8 @@ _CLI_WORDING = (
 
 def cli_wording(message: str) -> str:
     """`message` (a loader warning or error) on one line, its advice in CLI options: `config='sd3'` becomes
-    `--preset sd3`, `scaling_factor=X` `--scaling-factor X`, `unsafe_pickle=True` `--unsafe-pickle`."""
+    `--preset sd3`, `config='path/config.json'` `--config path/config.json`, `scaling_factor=X`
+    `--scaling-factor X`, `norm_num_groups=N` `--norm-num-groups N`, `unsafe_pickle=True` `--unsafe-pickle`."""
     message = " ".join(message.split())
     match = re.search(r"\b[Pp]ass ", message)
     if match is None:
@@ -143,19 +169,22 @@ def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def preset_mismatch(path, preset: str, unsafe_pickle: bool = False) -> Optional[str]:
-    """A short message when `--preset`'s architecture differs from the one the weights of `path` imply, else None.
+def preset_mismatch(path, preset: str, unsafe_pickle: bool = False, option: str = "--preset") -> Optional[str]:
+    """A short message when `--preset`'s (or `--config`'s) architecture differs from the one the weights of `path`
+    imply, else None.
 
-    Compares ARCHITECTURE_FIELDS of `sdvae_fast.configs.PRESETS[preset]` with what `inspect_checkpoint` infers
-    from the weight shapes, and names the public presets that would fit (or says to omit `--preset`).
+    `preset`: a preset name or a config.json path (as `sdvae_fast.configs.resolve_config` takes it); `option`:
+    the flag to name in the message ("--preset" or "--config"). Compares ARCHITECTURE_FIELDS with what
+    `inspect_checkpoint` infers from the weight shapes, and names the public presets that would fit (or says to
+    omit the option).
     """
-    from sdvae_fast.configs import PRESETS
+    from sdvae_fast.configs import PRESETS, resolve_config
     from sdvae_fast.loading import inspect_checkpoint
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the family guess is not the point here
         inferred = inspect_checkpoint(str(path), unsafe_pickle=unsafe_pickle)["config"]
-    wanted = PRESETS[preset]
+    wanted = resolve_config(preset)
     differs = [k for k in ARCHITECTURE_FIELDS if _plain(inferred.get(k)) != _plain(wanted.get(k))]
     if not differs:
         return None
@@ -164,11 +193,12 @@ def preset_mismatch(path, preset: str, unsafe_pickle: bool = False) -> Optional[
     fitting = [name for name in PUBLIC_PRESETS
                if all(_plain(PRESETS[name].get(k)) == _plain(inferred.get(k)) for k in ARCHITECTURE_FIELDS)]
     if fitting:
-        advice = f"Use --preset {' or --preset '.join(fitting)}, or omit --preset"
+        advice = f"Use --preset {' or --preset '.join(fitting)}, or omit {option}"
     else:
-        advice = ("Omit --preset (the architecture is then read from the weights) and give --scaling-factor / "
+        advice = (f"Omit {option} (the architecture is then read from the weights) and give --scaling-factor / "
                   "--shift-factor if the family guess is wrong")
-    return f"--preset {preset} does not fit {path}: the weights have {has}; the preset says {says}. {advice}."
+    what = "the preset" if option == "--preset" else "the config"
+    return f"{option} {preset} does not fit {path}: the weights have {has}; {what} says {says}. {advice}."
 
 
 def _build_vae(args):
@@ -183,20 +213,25 @@ def _build_vae(args):
             path = TINY_FOLDER  # the shipped VAE by name, as from_pretrained("sdvae-fast/tiny") takes it
         if not path.exists():
             raise CLIError(f"--vae {path}: no such file or folder")
+        config = _config_argument(args)
+        option = "--config" if getattr(args, "config", None) else "--preset"
         if path.is_dir():
-            if args.preset:
-                raise CLIError(f"--preset {args.preset} applies to single files and seeded weights; "
+            if config:
+                raise CLIError(f"{option} {config} applies to single files and seeded weights; "
                                f"the diffusers folder {path} carries its own config.json")
             return AutoencoderKL.from_pretrained(str(path), unsafe_pickle=args.unsafe_pickle, **overrides)
         try:
-            return AutoencoderKL.from_single_file(str(path), config=args.preset, unsafe_pickle=args.unsafe_pickle,
+            return AutoencoderKL.from_single_file(str(path), config=config, unsafe_pickle=args.unsafe_pickle,
                                                   **overrides)
         except CheckpointError as exc:
             # The loader lists every key that does not fit; the CLI says which architecture fields differ.
-            mismatch = preset_mismatch(path, args.preset, args.unsafe_pickle) if args.preset else None
+            mismatch = preset_mismatch(path, config, args.unsafe_pickle, option) if config else None
             if mismatch:
                 raise CLIError(mismatch) from exc
             raise
+    if getattr(args, "config", None):
+        raise CLIError(f"--config {args.config} describes how to read a single checkpoint file; give it with "
+                       f"--vae FILE (for seeded random weights use --preset)")
     if args.preset:
         vae = AutoencoderKL.from_preset(args.preset, seed=args.seed, **overrides)
         _warn(f"no --vae given: preset {args.preset!r} with seeded random weights (seed {args.seed}); "
@@ -220,13 +255,14 @@ def load_vae(args, *, device=None, dtype=None, backend: Optional[str] = None):
     `AutoencoderKL.from_single_file` detects (`--preset` then names the config family to use; its architecture
     must fit the weights). `--preset NAME` alone: that architecture with seeded random weights (`--seed`), whose
     output is not a meaningful image. Neither: the small VAE shipped with the package (`sdvae-fast/tiny`), or,
-    when it is not installed, the sd15 preset with seeded weights. `--scaling-factor` / `--shift-factor` override
-    the config in every case; `--unsafe-pickle` lets pickled checkpoints build arbitrary Python objects.
+    when it is not installed, the sd15 preset with seeded weights. `--config PATH|PRESET` (single files only)
+    is a diffusers config.json (or preset) to read the file with, instead of `--preset`. `--scaling-factor` /
+    `--shift-factor` / `--norm-num-groups` override the config in every case; `--unsafe-pickle` lets pickled checkpoints build arbitrary Python objects.
     Warnings (meaningless output, a guessed model family) go to stderr as one `sdvae-fast: warning:` line each.
 
     Raises:
-        CLIError: the path does not exist, `--preset` is combined with a diffusers folder, or `--preset`'s
-        architecture does not fit the file's weights. The loader's CheckpointError (a ValueError) for files it
+        CLIError: the path does not exist, `--preset`/`--config` is combined with a diffusers folder (or both are
+        given, or `--config` without `--vae`), or their architecture does not fit the file's weights. The loader's CheckpointError (a ValueError) for files it
         cannot read.
     """
     device = resolve_device(args.device) if device is None else device
@@ -258,15 +294,20 @@ def _unique_names(sources: Sequence[str]) -> list[str]:
 
 
 def _load_images(sources: Sequence[str]):
-    """Load every image first, so that a bad path fails before the model is built."""
+    """Load every image first, so that a bad path fails before the model is built; the loader's warnings (an
+    alpha channel composited over white) are printed as `sdvae-fast: warning:` lines."""
     from sdvae_fast.images import load_image
 
     images = []
     for src in sources:
         try:
-            images.append(load_image(src))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                images.append(load_image(src))
         except FileNotFoundError as exc:
             raise CLIError(str(exc)) from exc
+        for warning in caught:  # e.g. transparent pixels composited over white
+            _warn(" ".join(str(warning.message).split()))
     return images
 
 
@@ -276,7 +317,12 @@ def _load_images(sources: Sequence[str]):
 
 
 def cmd_reconstruct(args) -> int:
-    """Encode and decode each image; write `OUT/NAME.png` (input size) and print PSNR, SSIM and ms per image."""
+    """Encode and decode each image; write `OUT/NAME.png` (input size) and print PSNR, SSIM and ms per image.
+
+    Timing excludes warm-up: the first time an image size (after padding) is seen, one untimed encode + decode
+    of that image runs first (on a GPU that is where kernels compile and autotune), so each printed time is a
+    steady-state run. The summary's median is over the timed runs, one per image, and says how many.
+    """
     torch = _torch()
     from tqdm import tqdm
 
@@ -289,17 +335,23 @@ def cmd_reconstruct(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     vae = load_vae(args, device=device, dtype=dtype)
 
-    rows = []
+    def run(padded, h, w):
+        z = vae.encode(padded).latent_dist.mode()  # (1, C, H8/8, W8/8), unscaled
+        return vae.decode(z).sample[..., :h, :w]  # (1, 3, H, W), cropped back
+
+    rows, warmed = [], set()
     with torch.no_grad():
         bar = tqdm(list(zip(_unique_names(args.images), images)), desc="reconstruct", unit="img",
                    file=sys.stderr, disable=args.quiet)
         for name, x in bar:
             padded, (h, w) = pad_to_multiple(x, 8)  # (1, 3, H8, W8), edge-replicated
             padded = padded.to(device=device, dtype=dtype)
+            if tuple(padded.shape) not in warmed:  # untimed warm-up at each new size
+                run(padded, h, w)
+                warmed.add(tuple(padded.shape))
             _sync(device)
             start = time.perf_counter()
-            z = vae.encode(padded).latent_dist.mode()  # (1, C, H8/8, W8/8), unscaled
-            y = vae.decode(z).sample[..., :h, :w]  # (1, 3, H, W), cropped back
+            y = run(padded, h, w)
             _sync(device)
             ms = (time.perf_counter() - start) * 1e3
             psnr, ssim = image_metrics(to_uint8(x)[0], to_uint8(y)[0])
@@ -310,11 +362,12 @@ def cmd_reconstruct(args) -> int:
                        file=sys.stdout)
     if len(rows) > 1:
         psnrs, ssims, times = zip(*rows)
-        times = sorted(times)
+        median = statistics.median(times)
         ssims = [v for v in ssims if v is not None]  # images under 7 px on a side have no SSIM
         mean_ssim = sum(ssims) / len(ssims) if ssims else None
         print(f"mean PSNR {sum(psnrs) / len(psnrs):.2f} dB  mean SSIM {format_ssim(mean_ssim)}  "
-              f"median {times[len(times) // 2]:.1f} ms per image ({len(rows)} images; the first includes warm-up)")
+              f"median {median:.1f} ms per image over {len(times)} timed runs (one per image; warm-up excluded: "
+              f"one untimed run at each of {len(warmed)} image size(s))")
     return 0
 
 
@@ -418,8 +471,11 @@ def cmd_decode(args) -> int:
 def cmd_info(args) -> int:
     """Print what `inspect_checkpoint` detects: layout, model family, config, parameter count and dtype.
 
-    `--preset` (single files only; its architecture must fit the weights), `--scaling-factor` and `--shift-factor`
-    change the family and config shown, as they change what `reconstruct` loads.
+    `--preset` or `--config` (single files only; the architecture must fit the weights), `--scaling-factor`,
+    `--shift-factor` and `--norm-num-groups` change the family and config shown, as they change what
+    `reconstruct` loads. Each config value that nothing stated (not the file's metadata, a config.json beside it
+    or an option) is marked "(assumed: ...)", and `config sources` says where norm_num_groups and scaling_factor
+    came from.
     """
     from sdvae_fast.loading import TINY_FOLDER, TINY_NAMES, inspect_checkpoint
 
@@ -428,23 +484,45 @@ def cmd_info(args) -> int:
         path = TINY_FOLDER
     if not path.exists():
         raise CLIError(f"checkpoint not found: {path}")
-    if args.preset:
+    config = _config_argument(args)
+    option = "--config" if args.config else "--preset"
+    if config:
         if path.is_dir():
-            raise CLIError(f"--preset {args.preset} applies to single files; the diffusers folder {path} carries "
+            raise CLIError(f"{option} {config} applies to single files; the diffusers folder {path} carries "
                            f"its own config.json")
-        mismatch = preset_mismatch(path, args.preset, args.unsafe_pickle)
+        mismatch = preset_mismatch(path, config, args.unsafe_pickle, option)
         if mismatch:
             raise CLIError(mismatch)
-    info = inspect_checkpoint(str(path), config=args.preset, unsafe_pickle=args.unsafe_pickle, **_overrides(args))
+    info = inspect_checkpoint(str(path), config=config, unsafe_pickle=args.unsafe_pickle, **_overrides(args))
     if args.preset:
         info["family"], info["family_certain"], info["family_reason"] = args.preset, True, f"--preset {args.preset}"
+    sources = info.get("config_sources", {})
+    for field_name, source in sources.items():  # the loader says "argument"; the CLI names its flag
+        if source == "argument":
+            flag = "--" + field_name.replace("_", "-")
+            sources[field_name] = flag if field_name in _overrides(args) else option
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
     print(f"{path}")
     for key, value in info.items():
         label = key.replace("_", " ")
-        if isinstance(value, dict):
+        if key == "notes":
+            for note in value:
+                print(f"  note: {note}")
+        elif key == "config":
+            print(f"  {label}:")
+            for field_name, field_value in value.items():
+                source = sources.get(field_name, "")
+                # Values nothing stated are marked, with the option that sets them.
+                mark = (f"  (assumed: {source.removeprefix('assumed').strip(' :')}; set with "
+                        f"--{field_name.replace('_', '-')})") if source.startswith("assumed") else ""
+                print(f"    {field_name}: {json.dumps(field_value, default=str)}{mark}")
+        elif key == "config_sources":
+            print(f"  {label}:")
+            for field_name, source in value.items():
+                print(f"    {field_name}: {source}")
+        elif isinstance(value, dict):
             print(f"  {label}:")
             for field_name, field_value in value.items():
                 print(f"    {field_name}: {json.dumps(field_value, default=str)}")
@@ -556,6 +634,15 @@ def _checkpoint_options(parser: argparse.ArgumentParser, *, with_vae: bool) -> N
                             "default: the checkpoint's or preset's")
     group.add_argument("--shift-factor", type=float, metavar="X",
                        help="the config's shift_factor (default: the checkpoint's or preset's; none for SD 1.x/SDXL)")
+    group.add_argument("--config", metavar="CONFIG",
+                       help="a diffusers config.json (or a folder holding one, or a preset name) to read a single "
+                            "checkpoint file with, instead of --preset: its architecture must fit the weights, and "
+                            "it supplies what the weights cannot tell (norm_num_groups, scaling_factor, ...). "
+                            "Default: the file's metadata, a config.json beside the file, else the family guess")
+    group.add_argument("--norm-num-groups", type=int, metavar="N",
+                       help="GroupNorm groups of the VAE (cannot be read from the weights). Default: the file's "
+                            "metadata or a config.json beside it, else 32 (every public SD VAE), which info marks "
+                            "as assumed")
     group.add_argument("--unsafe-pickle", action="store_true",
                        help="let a pickled checkpoint (.ckpt/.pt/.bin) build arbitrary Python objects, which can "
                             "run code from the file: only for files you trust (by default only tensors are "
@@ -597,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("reconstruct", cmd_reconstruct, "encode and decode images; print PSNR, SSIM and ms per image",
             "Encode and decode each IMAGE through the VAE, write OUT/NAME.png at the input's size, and print PSNR "
             "and SSIM (skimage.metrics, on the 8-bit images) and milliseconds per image. SSIM uses a 7x7 window, "
-            "so it is n/a for images smaller than 7 pixels on a side.\n\n"
+            "so it is n/a for images smaller than 7 pixels on a side. Times exclude warm-up: each new image size "
+            "is first run once untimed; the summary gives the median over the timed runs (one per image).\n\n"
             f"{_PAD_NOTE}\n{_IMAGE_NOTE}")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the PNGs (created)")
@@ -634,8 +722,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Then the whole encode and decode, with the decoded image's PSNR against the reference image.\n\n"
             "A check passes when rel_l2 <= TOL_FACTOR * torch_rel_l2 + TOL_FLOOR, and the image PSNR is at least "
             "PyTorch's PSNR minus PSNR_MARGIN dB (or 50 dB). Exit code 1 when any check fails. parity runs in "
-            "bf16 unless --dtype says otherwise, on CPU too; there the interpreter takes several minutes per "
-            "image for encode and decode (--decode or --encode halves that).")
+            "bf16 unless --dtype says otherwise, on CPU too. On CPU it is slow: the Triton interpreter took "
+            "about 11 minutes for one 64x64 sd15 image (the CPU default; encode and decode, 2-core machine), and "
+            "a smaller --res saves far less than its pixel count, since the cost is mostly per kernel launch "
+            "and channel count (at --res 16 the encoder alone took about 4.5 CPU-minutes). --encode or "
+            "--decode runs only one half; a narrow --vae is much faster.")
     p.add_argument("--res", type=int, help="image side in pixels (default 512 on CUDA, 64 on CPU)")
     p.add_argument("--batch", type=int, default=1, help="images per batch (default 1)")
     p.add_argument("--image", nargs="+", metavar="IMAGE",

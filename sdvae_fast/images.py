@@ -3,9 +3,17 @@
 The VAE takes and returns images as (N, 3, H, W) tensors in [-1, 1] (diffusers' `VaeImageProcessor`
 convention: `x = 2 * pixel / 255 - 1`). Sides that are not multiples of 8 are padded by edge replication before
 encoding and cropped back after decoding, so the output has the input's size.
+
+Transparency: the VAE has three input channels, so an image with an alpha channel (RGBA, LA, PA, or a palette /
+grayscale / RGB file with a transparent colour) that has any pixel not fully opaque is composited over a white
+background (`rgb * a + 255 * (1 - a)`, a = alpha / 255), as image viewers show it, and an `AlphaCompositedWarning`
+says so (the CLI prints it as one warning line). Simply dropping alpha, as Pillow's `convert("RGB")` does, would
+expose whatever colour the transparent pixels happen to store (often black), silently. A fully opaque alpha
+channel changes nothing and gives no warning.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -22,11 +30,44 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 SIXTEEN_TO_EIGHT_BIT = 257.0
 
 
+# Pillow modes that carry an alpha channel; palette, grayscale and RGB images may instead name a transparent colour.
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# The background transparent pixels are composited over (white, 8-bit).
+ALPHA_BACKGROUND = 255.0
+
+
+class AlphaCompositedWarning(UserWarning):
+    """An image with transparent pixels was composited over white to give the VAE its three RGB channels."""
+
+
+def rgb_array(img: Image.Image, name: str = "image") -> np.ndarray:
+    """The (H, W, 3) float32 RGB samples in [0, 255] of an 8-bit Pillow image, alpha composited over white.
+
+    Grayscale and palette images are expanded to RGB (Pillow's `convert`). When the image has an alpha channel
+    or a transparent colour and any pixel is not fully opaque, the result is `rgb * a + 255 * (1 - a)` with
+    a = alpha / 255 (not rounded), and an `AlphaCompositedWarning` naming `name` and the count of transparent
+    pixels is issued. 16-bit grayscale modes are not handled here (see `load_image`).
+    """
+    has_alpha = img.mode in ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
+    if not has_alpha:
+        return np.asarray(img.convert("RGB"), dtype=np.float32)
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)  # (H, W, 4)
+    alpha = rgba[..., 3:] / 255.0  # (H, W, 1) in [0, 1]
+    transparent = int((alpha[..., 0] < 1.0).sum())
+    if transparent == 0:
+        return np.ascontiguousarray(rgba[..., :3])
+    warnings.warn(
+        f"{name} has an alpha channel with {transparent} of {alpha.size} pixels not fully opaque: composited over "
+        f"a white background (the VAE takes RGB only; the output has no alpha)", AlphaCompositedWarning,
+        stacklevel=3)
+    return rgba[..., :3] * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
+
+
 def load_image(source: Union[str, Path, Image.Image]) -> torch.Tensor:
     """Load an RGB image as a (1, 3, H, W) float32 tensor in [-1, 1].
 
-    Grayscale and palette images are repeated over the three channels and alpha is dropped (Pillow's
-    `convert("RGB")`). 16-bit grayscale images (Pillow modes I;16* and I, whose samples are 0..65535) are scaled
+    Grayscale and palette images are repeated over the three channels. Transparent pixels are composited over
+    white with an `AlphaCompositedWarning` (see `rgb_array` and the module docstring). 16-bit grayscale images (Pillow modes I;16* and I, whose samples are 0..65535) are scaled
     by 1/257 to the 8-bit range, keeping their fractional values (Pillow's own conversion would clip them to
     white); 16-bit RGB files are already reduced to 8 bits by Pillow when opened.
 
@@ -54,7 +95,7 @@ def load_image(source: Union[str, Path, Image.Image]) -> torch.Tensor:
         gray = np.asarray(img, dtype=np.float64) / SIXTEEN_TO_EIGHT_BIT  # (H, W) in [0, 255]
         arr = np.repeat(np.clip(gray, 0.0, 255.0)[..., None], 3, axis=-1).astype(np.float32)  # (H, W, 3)
     else:
-        arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
+        arr = rgb_array(img, str(source) if not isinstance(source, Image.Image) else "image")  # (H, W, 3), [0, 255]
     x = torch.from_numpy(arr).permute(2, 0, 1)[None]  # (1, 3, H, W)
     return x / 127.5 - 1.0
 

@@ -10,8 +10,10 @@ Public functions (the `AutoencoderKL` classmethods `from_pretrained` / `from_sin
 - `load_single_file(cls, path, config=None, torch_dtype=None, **overrides)`: one `.safetensors` / `.ckpt` / `.pt` /
   `.bin` file in any layout below; the architecture is inferred from the weight shapes and the scaling factor from
   the model family.
-- `inspect_checkpoint(path)`: what `load_single_file` would detect, as a dict (the CLI's `info` command).
+- `inspect_checkpoint(path)`: what `load_single_file` would detect, as a dict (the CLI's `info` command), with
+  where each value that weights cannot tell came from.
 - `infer_architecture(shapes)`: the architecture config fields that diffusers-named weight shapes imply.
+- `safetensors_metadata(config)`: the metadata our writers store in safetensors files (the config, as JSON).
 
 All loaders take `unsafe_pickle=False` (see Pickles below) and return the model in eval mode, on CPU, in float32
 unless `torch_dtype` says otherwise. Local paths only: Hub repository ids are not downloaded.
@@ -55,9 +57,23 @@ told apart; the warning names the override (`scaling_factor=`, or `config="sdxl"
 `scaling_factor=` (directly, or through a preset, a folder's config.json or a dict given as `config=`) always wins,
 and no warning is given then; a value equal to a candidate family's also selects that family's `shift_factor`.
 
-`norm_num_groups` cannot be read from weight shapes (GroupNorm stores one weight per channel): it is 32 (every
-public SD VAE) unless `config=` or `norm_num_groups=` says otherwise. A checkpoint trained with other groups loads
-without error but computes a different function, so pass the value for such files.
+What weight shapes cannot tell (`norm_num_groups`: GroupNorm stores one weight per channel; `scaling_factor`,
+`shift_factor`, `latents_mean/std`, `force_upcast`, `sample_size`, `act_fn`) is taken, in increasing precedence,
+from: the detected family's preset (diffusers' default `norm_num_groups=32`, the value of every public SD VAE);
+a diffusers `config.json` in the same folder as the file (when its `_class_name` is AutoencoderKL); the file's
+own safetensors metadata (a JSON `config` entry, and entries named like fields, e.g. `norm_num_groups` = "8";
+`save_pretrained` and the trainer write both); then `config=`; then keyword overrides. A file-side config whose
+architecture contradicts the weights describes another model: it is ignored with a warning.
+`inspect_checkpoint` reports in `config_sources` where `norm_num_groups` and `scaling_factor` came from, and says
+"assumed" when nothing stated them (the CLI's `info` prints that word).
+
+A checkpoint trained with other groups but loaded with an assumed 32 computes a different function without any
+error. When 32 does not divide the widths, loading fails with a `CheckpointError` that lists the counts that
+would and names `norm_num_groups=` / `config=` (the CLI says `--norm-num-groups N` / `--config config.json`).
+When 32 does divide them, an `AssumedNormGroupsWarning` naming the override is given, except for the published
+SD architectures (widths 128/256/512/512 as in the `sd15`/`sdxl`/`sd3`/`flux1` presets): every public SD VAE
+file lacks the metadata and uses 32 groups, and a warning on each of them would be noise that teaches users to
+ignore it; for those `inspect_checkpoint` (and `info`) still report the value as assumed.
 
 Pickles (`.ckpt`, `.pt`, `.bin`) are opened with `torch.load(weights_only=True)`: only tensors and plain
 containers are built. A file that needs other Python objects is refused with a `CheckpointError` naming them;
@@ -207,9 +223,11 @@ class _Checkpoint:
             try:
                 with safe_open(path, framework="pt") as f:
                     self.keys = list(f.keys())
+                    self.metadata: dict[str, str] = dict(f.metadata() or {})
             except Exception as e:  # SafetensorError: bad header, truncated data section, ...
                 raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
         else:
+            self.metadata = {}
             dicts = _tensor_dicts(_load_pickle(path, unsafe_pickle))
             # Prefer the dict that holds a VAE (a `state_dict` entry), else the largest.
             with_vae = [d for d in dicts if _vae_prefixes(d.keys())]
@@ -497,14 +515,19 @@ def _resolve_dtype(torch_dtype) -> Optional[torch.dtype]:
     raise ValueError(f"torch_dtype must be a torch.dtype or one of {sorted(aliases)}, got {torch_dtype!r}")
 
 
-def _check_groups(config: dict, path: Path) -> None:
+def _check_groups(config: dict, path: Path, assumed: bool = False) -> None:
+    """Raise CheckpointError when norm_num_groups does not divide every width; the message lists the counts
+    that would, says whether the value was assumed, and names `norm_num_groups=` and `config=`."""
     groups = config.get("norm_num_groups", 32)
-    bad = [c for c in config.get("block_out_channels", ()) if c % groups]
+    widths = list(config.get("block_out_channels", ()))
+    bad = [c for c in widths if c % groups]
     if bad:
+        how = (" (assumed: GroupNorm groups cannot be read from the weights, and neither the file's metadata nor "
+               "a config.json beside it states them)") if assumed else ""
         raise CheckpointError(
-            f"{path}: norm_num_groups={groups} does not divide the widths {bad} of block_out_channels="
-            f"{list(config['block_out_channels'])}; pass norm_num_groups= (GroupNorm groups cannot be read "
-            f"from the weights)"
+            f"{path}: norm_num_groups={groups}{how} does not divide the widths {bad} of block_out_channels="
+            f"{widths}. Pass norm_num_groups=N with the value the VAE was trained with (one of "
+            f"{allowed_group_counts(widths)}), or config='path/to/config.json'"
         )
 
 
@@ -695,7 +718,8 @@ def save_pretrained(model, folder: PathLike, safe_serialization: bool = True, va
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights_path = folder / _weights_name(safe_serialization, variant)
     if safe_serialization:
-        save_file(weights, str(weights_path), metadata={"format": "pt"})
+        # The config also goes into the file's metadata, so the weights file alone loads exactly (from_single_file).
+        save_file(weights, str(weights_path), metadata=safetensors_metadata(config))
     else:
         torch.save(weights, weights_path)
     return folder
@@ -713,8 +737,124 @@ def _playground_statistics(checkpoint: _Checkpoint, latent_channels: Optional[in
     return {"latents_mean": tuple(mean), "latents_std": tuple(std), "scaling_factor": 0.5}
 
 
+# Config fields that weight shapes cannot tell; a file's metadata or a config.json beside it may supply them.
+NON_ARCHITECTURE_FIELDS = tuple(k for k in CONFIG_FIELDS if k not in ARCHITECTURE_FIELDS)
+# Where a config value came from, as `inspect_checkpoint` reports it in `config_sources`.
+SOURCE_METADATA = "file metadata"
+SOURCE_BESIDE = "config.json beside the file"
+SOURCE_ARGUMENT = "argument"
+SOURCE_FOLDER = "config.json"
+ASSUMED = "assumed"
+
+
+class AssumedNormGroupsWarning(UserWarning):
+    """`norm_num_groups` of a single file was assumed (32) although its widths allow other group counts."""
+
+
+def safetensors_metadata(config: Mapping[str, Any]) -> dict[str, str]:
+    """The safetensors metadata our writers store beside VAE weights: {"format": "pt", "config": JSON of every
+    public config field, "norm_num_groups": str(int)}, so `load_single_file` reads back what shapes cannot tell.
+
+    `config`: a model's config (mapping of diffusers field names; "_"-prefixed keys are left out). Returns a
+    str -> str dict (safetensors metadata holds strings only). Raises TypeError for values JSON cannot hold.
+    """
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()
+              if not str(k).startswith("_") and k in CONFIG_FIELDS}
+    metadata = {"format": "pt", "config": json.dumps(fields, sort_keys=True)}
+    if fields.get("norm_num_groups") is not None:
+        metadata["norm_num_groups"] = str(int(fields["norm_num_groups"]))
+    return metadata
+
+
+def _metadata_config(checkpoint: "_Checkpoint") -> dict:
+    """Config fields a safetensors file's `__metadata__` states: a JSON `config` entry (a dict of diffusers
+    fields) and entries named like config fields (`norm_num_groups`, `scaling_factor`, ... as JSON values);
+    a named entry wins over the same field inside `config`. Unknown names are ignored; {} for pickles.
+
+    Raises CheckpointError naming the file and the entry when a known entry is not valid JSON of the right kind.
+    """
+    metadata = checkpoint.metadata
+    fields: dict[str, Any] = {}
+    if "config" in metadata:
+        try:
+            value = json.loads(metadata["config"])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{checkpoint.path}: metadata entry 'config' is not JSON ({e})") from e
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{checkpoint.path}: metadata entry 'config' must be a JSON object of config "
+                                  f"fields, got {type(value).__name__}")
+        fields.update({k: v for k, v in value.items() if k in CONFIG_FIELDS})
+    for name in CONFIG_FIELDS:
+        if name in metadata and name != "config":
+            try:
+                fields[name] = json.loads(metadata[name])
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{checkpoint.path}: metadata entry {name!r}={metadata[name]!r} is not a "
+                                      f"JSON value ({e})") from e
+    groups = fields.get("norm_num_groups")
+    if groups is not None and (not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0):
+        raise CheckpointError(f"{checkpoint.path}: metadata says norm_num_groups={groups!r}; expected a positive "
+                              f"integer")
+    return fields
+
+
+def _beside_config(path: Path) -> tuple[dict, Optional[Path]]:
+    """The fields of a diffusers `config.json` in the file's folder when it describes an AutoencoderKL
+    (`_class_name` "AutoencoderKL", or no class name but `latent_channels`), else ({}, None)."""
+    candidate = path.parent / CONFIG_NAME
+    if not candidate.is_file():
+        return {}, None
+    try:
+        with open(candidate, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}, None  # not ours to judge: some other tool's file
+    if not isinstance(data, dict):
+        return {}, None
+    if data.get("_class_name", "AutoencoderKL") != "AutoencoderKL" or "latent_channels" not in data:
+        return {}, None
+    return {k: v for k, v in data.items() if k in CONFIG_FIELDS}, candidate
+
+
+def _contradiction(fields: Mapping, inferred: Mapping) -> list[str]:
+    """Architecture fields of `fields` that differ from what the weights imply, as "name=value (weights: v)"."""
+    return [f"{k}={_plain(fields[k])} (weights: {_plain(v)})" for k, v in inferred.items()
+            if k in fields and _frozen(fields[k]) != _frozen(v)]
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def allowed_group_counts(widths) -> list[int]:
+    """Every GroupNorm group count that divides all of `widths` (a sequence of positive ints), ascending."""
+    widths = [int(w) for w in widths]
+    return [g for g in range(1, min(widths) + 1) if all(w % g == 0 for w in widths)] if widths else []
+
+
+def _is_public_architecture(config: Mapping) -> bool:
+    """Whether the architecture fields equal those of a published SD VAE preset (all of which use 32 groups)."""
+    return any(all(_frozen(config.get(k)) == _frozen(PRESETS[name].get(k)) for k in ARCHITECTURE_FIELDS)
+               for name in ("sd15", "sdxl", "sd3", "flux1"))
+
+
+def _groups_message(path: Path, config: Mapping) -> str:
+    groups = config.get("norm_num_groups", 32)
+    others = [g for g in allowed_group_counts(config.get("block_out_channels", ())) if g != groups]
+    return (f"{path}: norm_num_groups={groups} is assumed (GroupNorm groups cannot be read from the weights, and "
+            f"neither the file's metadata nor a config.json beside it states them); the widths "
+            f"{list(config.get('block_out_channels', ()))} also allow {others}. A VAE trained with another count "
+            f"loads without error but computes a different function. Pass norm_num_groups=N (or "
+            f"config='path/to/config.json') if this VAE was trained with other groups.")
+
+
+
 def _read_single_file(path: PathLike, config, overrides: Mapping, unsafe_pickle: bool) -> tuple[dict, dict, dict]:
-    """Shared by load_single_file and inspect_checkpoint: (diffusers-named state, full config, report)."""
+    """Shared by load_single_file and inspect_checkpoint: (diffusers-named state, full config, report).
+
+    The report holds `config_sources` ({"norm_num_groups": source, "scaling_factor": source}) and `notes`
+    (messages about a file-side config that was ignored because it contradicts the weights).
+    """
     path = Path(path)
     checkpoint = _Checkpoint(path, unsafe_pickle)
     prefix = _choose_prefix(checkpoint.keys, path)
@@ -724,23 +864,68 @@ def _read_single_file(path: PathLike, config, overrides: Mapping, unsafe_pickle:
     state, unmapped = _to_diffusers_names(tensors, layout)
     inferred = infer_architecture({k: v.shape for k, v in state.items()})
 
+    # What the file side states (its own metadata, then a diffusers config.json in the same folder). Only the
+    # fields shapes cannot tell are taken; a source whose architecture contradicts the weights describes another
+    # model and is ignored, with a note.
+    notes: list[str] = []
+    file_sources: list[tuple[str, dict]] = []
+    beside, beside_path = _beside_config(path)
+    for label, fields in ((SOURCE_BESIDE, beside), (SOURCE_METADATA, _metadata_config(checkpoint))):
+        if not fields:
+            continue
+        differs = _contradiction(fields, inferred)
+        where = f"{beside_path}" if label == SOURCE_BESIDE else f"the metadata of {path}"
+        if differs:
+            notes.append(f"{where} was ignored: it describes another architecture ({', '.join(differs)})")
+            continue
+        file_sources.append((label, {k: v for k, v in fields.items() if k in NON_ARCHITECTURE_FIELDS}))
+    stated: dict[str, Any] = {}
+    for _, fields in file_sources:
+        stated.update(fields)
+
     given = {**_config_from_argument(config), **overrides}
     latent_channels = given.get("latent_channels", inferred.get("latent_channels"))
-    family, certain, reason = _detect_family(checkpoint.keys, latent_channels, given.get("scaling_factor"))
+    known_scaling = given.get("scaling_factor", stated.get("scaling_factor"))
+    family, certain, reason = _detect_family(checkpoint.keys, latent_channels, known_scaling)
+    if "scaling_factor" in stated and "scaling_factor" not in given:
+        certain = True
+        reason = f"scaling_factor={stated['scaling_factor']} from " + next(
+            label for label, fields in reversed(file_sources) if "scaling_factor" in fields)
     latent_statistics = _playground_statistics(checkpoint, latent_channels)
     if latent_statistics:
         family, certain = "sdxl", True
         reason = "Playground v2.5 checkpoint (SDXL architecture; edm_mean/edm_std keys give latents_mean/latents_std)"
     # Precedence: the family preset (or diffusers' defaults), then the weights' architecture and latent statistics,
-    # then config=, then keyword overrides.
+    # then a config.json beside the file, then the file's metadata, then config=, then keyword overrides.
     merged = _preset(family) if family else _preset("sd15")
     merged.update(inferred)
     merged.update(latent_statistics)
+    merged.update(stated)
     merged.update(given)
+
+    def source(name: str, fallback: str) -> str:
+        if name in given:
+            return SOURCE_ARGUMENT
+        for label, fields in reversed(file_sources):
+            if name in fields:
+                return label
+        return fallback
+
+    if latent_statistics:
+        scaling_fallback = "model family (Playground v2.5 statistics in the file)"
+    elif certain:
+        scaling_fallback = f"model family ({reason})"
+    else:
+        scaling_fallback = f"{ASSUMED} (model family guessed: {reason})"
+    sources = {
+        "norm_num_groups": source("norm_num_groups", f"{ASSUMED} default (weights cannot tell)"),
+        "scaling_factor": source("scaling_factor", scaling_fallback),
+    }
     report = {
         "path": str(path), "format": checkpoint.format, "layout": layout, "prefix": prefix, "family": family,
         "family_certain": certain or "scaling_factor" in given, "family_reason": reason,
         "ignored_keys": len(checkpoint.keys) - len(vae_keys) + len(unmapped), "inferred": inferred,
+        "config_sources": sources, "notes": notes,
     }
     return state, merged, report
 
@@ -758,10 +943,15 @@ def load_single_file(cls, path: PathLike, config=None, torch_dtype=None, unsafe_
         unsafe_pickle: unpickle a file that needs arbitrary Python objects (only for files you trust).
         **overrides: config fields that win over everything (`scaling_factor=`, `norm_num_groups=`, ...).
 
-    Returns the model in eval mode on CPU. Warns (AmbiguousFamilyWarning) when the family of a VAE-only file is
-    guessed and neither config= nor scaling_factor= was given. Raises FileNotFoundError (no file), CheckpointError
-    (unreadable/truncated/corrupt file, refused pickle, no VAE in the file, missing or mis-shaped keys: all listed
-    in one message naming the file), TypeError (unknown override names).
+    Returns the model in eval mode on CPU. Fields the weights cannot tell are also read from the file's
+    safetensors metadata and a diffusers config.json beside the file (module docstring). Warns
+    (AmbiguousFamilyWarning) when the family of a VAE-only file is guessed and nothing states scaling_factor;
+    (AssumedNormGroupsWarning) when norm_num_groups=32 is assumed for a non-public architecture whose widths
+    allow other counts; (UserWarning) when a file-side config contradicts the weights and is ignored.
+    Raises FileNotFoundError (no file), CheckpointError (unreadable/truncated/corrupt file, refused pickle, no VAE
+    in the file, a malformed metadata entry, a norm_num_groups that does not divide the widths (listing those
+    that would), missing or mis-shaped keys: all listed in one message naming the file), TypeError (unknown
+    override names).
     """
     _check_overrides(cls, overrides)
     if Path(path).is_dir():
@@ -769,6 +959,8 @@ def load_single_file(cls, path: PathLike, config=None, torch_dtype=None, unsafe_
             raise ValueError(f"config= given but {str(path)!r} is a folder; its config.json is used")
         return load_pretrained(cls, path, torch_dtype=torch_dtype, unsafe_pickle=unsafe_pickle, **overrides)
     state, merged, report = _read_single_file(path, config, overrides, unsafe_pickle)
+    for note in report["notes"]:
+        warnings.warn(note, UserWarning, stacklevel=3)
     if not report["family_certain"] and report["family"] is not None:
         warnings.warn(_ambiguity_message(Path(path), report["family"], report["family_reason"],
                                          merged["latent_channels"]), AmbiguousFamilyWarning, stacklevel=3)
@@ -780,6 +972,13 @@ def load_single_file(cls, path: PathLike, config=None, torch_dtype=None, unsafe_
     differs = [f"{k}={v!r} (config has {merged.get(k)!r})" for k, v in report["inferred"].items()
                if _frozen(merged.get(k)) != _frozen(v)]
     hint = f"The weights imply {', '.join(differs)}; omit config= / the override to infer them." if differs else ""
+    groups_assumed = report["config_sources"]["norm_num_groups"].startswith(ASSUMED)
+    _check_groups(merged, Path(path), assumed=groups_assumed)
+    # Quiet for the published SD architectures (every public SD VAE uses 32 groups; a warning on each of them
+    # would teach users to ignore it); `inspect_checkpoint` / `info` still say "assumed" for those.
+    if (groups_assumed and not _is_public_architecture(merged)
+            and len(allowed_group_counts(merged.get("block_out_channels", ()))) > 1):
+        warnings.warn(_groups_message(Path(path), merged), AssumedNormGroupsWarning, stacklevel=3)
     return _build_and_load(cls, merged, state, Path(path), torch_dtype, hint)
 
 
@@ -790,8 +989,12 @@ def inspect_checkpoint(path: PathLike, config=None, unsafe_pickle: bool = False,
     "diffusers-old-attention", "ldm"); `prefix` of the VAE keys ("" for a VAE-only file); `family` ("sd15",
     "sdxl", "sd3", "flux1" or None); `family_certain` (False when guessed) and `family_reason`; `config` (every
     config field `load_single_file` would use); `parameter_count` (VAE parameters); `dtypes` (sorted dtype names
-    of the VAE tensors, e.g. ["float16"]); `ignored_keys` (tensors in the file outside the VAE). Raises as
-    `load_single_file` does for unreadable files.
+    of the VAE tensors, e.g. ["float16"]); `ignored_keys` (tensors in the file outside the VAE);
+    `config_sources`: where `norm_num_groups` and `scaling_factor` came from, one of "file metadata",
+    "config.json beside the file", "argument" (config= or an override), "config.json" (a folder's),
+    "model family (...)" (decided by the checkpoint's other components), or a text starting with "assumed" (the
+    documented default, or the guessed family's value); `notes`: file-side configs that were ignored because
+    they contradict the weights. Raises as `load_single_file` does for unreadable files.
     """
     path = Path(path)
     if path.is_dir() or str(path) in TINY_NAMES:
@@ -804,9 +1007,13 @@ def inspect_checkpoint(path: PathLike, config=None, unsafe_pickle: bool = False,
         merged = {**_read_config_json(folder / CONFIG_NAME), **_config_from_argument(config), **overrides}
         family = next((f for f in FAMILY_NAMES if _preset(f)["scaling_factor"] == merged.get("scaling_factor")
                        and _preset(f)["latent_channels"] == merged.get("latent_channels")), None)
+        given = {**_config_from_argument(config), **overrides}
         report = {"path": str(folder), "format": "diffusers-folder", "layout": layout, "prefix": "",
                   "family": family, "family_certain": True, "family_reason": f"scaling_factor in {CONFIG_NAME}",
-                  "ignored_keys": len(unmapped)}
+                  "ignored_keys": len(unmapped),
+                  "config_sources": {k: SOURCE_ARGUMENT if k in given else SOURCE_FOLDER
+                                     for k in ("norm_num_groups", "scaling_factor")},
+                  "notes": []}
     else:
         state, merged, report = _read_single_file(path, config, overrides, unsafe_pickle)
         report.pop("inferred")

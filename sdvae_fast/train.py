@@ -50,8 +50,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .configs import PRESETS as CONFIG_PRESETS
+from .configs import PUBLIC_PRESETS, config_dict
 from .images import image_metrics as pixel_metrics
-from .images import load_image, pad_to_multiple, to_uint8
+from .images import load_image, pad_to_multiple, rgb_array, to_uint8
+from .loading import safetensors_metadata
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 STATE_DIR = "trainer_state"
@@ -177,7 +179,8 @@ class CropDataset:
         for path in paths:
             try:
                 with Image.open(path) as img:
-                    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+                    # (H, W, 3); transparent pixels composited over white, with a warning (sdvae_fast.images)
+                    arr = np.round(rgb_array(img, str(path))).astype(np.uint8)
             except Exception as exc:  # Pillow raises several types for broken files
                 unreadable.append(f"{path.name} ({type(exc).__name__}: {exc})")
                 continue
@@ -365,7 +368,9 @@ def _save_checkpoint(
     tmp = out_dir / (STATE_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp / "model.safetensors")
+    # The config goes into the metadata too, so this file alone loads exactly with from_single_file.
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp / "model.safetensors",
+              metadata=safetensors_metadata(config_dict(vae)))
     save_file({k: v.contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
     save_file({k: v.contiguous() for k, v in disc.state_dict().items()}, tmp / "discriminator.safetensors")
     torch.save(
@@ -425,7 +430,8 @@ class TrainConfig:
     kl_weight: weight of the KL term (per-pixel normalised as described in the module docstring).
     perceptual_weight: LPIPS weight when LPIPS is available locally (otherwise it is off and a message says so).
     val: held-out images (paths or `skimage:NAME`); default: every 10th image of `data` (at least one) is held out
-        of training when there are at least 2 images.
+        of training when there are at least 2 images. The split is stored with the checkpoint; `resume` keeps it
+        (None then means "as stored"; a different list is refused).
     val_every: validate (and log PSNR / SSIM of the EMA model) every this many steps and at the end.
     val_max_side: centre-crop validation images to at most this size (None: full resolution).
     save_every: checkpoint every this many steps and at the end.
@@ -472,6 +478,7 @@ class TrainConfig:
             ema=args.ema, seed=args.seed, resume=args.resume, disc_start=args.disc_start,
             disc_weight=args.disc_weight, kl_weight=args.kl_weight, val=args.val, val_every=args.val_every,
             val_max_side=args.val_max_side or None, save_every=args.save_every, threads=args.threads,
+            progress=not getattr(args, "quiet", False),
         )
 
     def check(self) -> None:
@@ -522,24 +529,58 @@ class TrainState:
     step: int = 0
 
 
-def load_data(cfg: TrainConfig) -> tuple[CropDataset, list[tuple[str, torch.Tensor]]]:
+def load_data(cfg: TrainConfig, saved_split: Optional[dict] = None
+              ) -> tuple[CropDataset, list[tuple[str, torch.Tensor]], dict]:
     """The data phase: the training crops and the held-out images, every problem reported before any model.
 
-    Returns (dataset, [(name, (1, 3, H, W) image in [-1, 1])]); without `cfg.val`, every 10th image of the
-    folder is held out (and removed from the dataset) when it has at least 2 images.
+    Returns (dataset, [(name, (1, 3, H, W) image in [-1, 1])], split); without `cfg.val`, every 10th image of the
+    folder is held out (and removed from the dataset) when it has at least 2 images. `split` is what a checkpoint
+    stores to keep the held-out set on resume: {"val": the --val sources or None, "held_out": names of the data
+    files held out}.
+
+    `saved_split` (a resumed run: the split stored with the checkpoint) wins: without `cfg.val` the stored --val
+    images, or the same data files, are held out again, so a resume never trains on an image held out before.
+    Raises ValueError naming --val when `cfg.val` differs from the stored split, or when a held-out data file
+    is no longer in the folder.
     """
     dataset = CropDataset(cfg.data, cfg.crop)
+    val_sources = None if cfg.val is None else [str(src) for src in cfg.val]
+    held_names: Optional[list[str]] = None
+    if saved_split is not None:
+        stored = saved_split.get("val")
+        if val_sources is not None and val_sources != stored:
+            before = f"--val {' '.join(stored)}" if stored else (
+                f"every 10th data image held out ({', '.join(saved_split.get('held_out', [])) or 'none'})")
+            raise ValueError(
+                f"--resume: this checkpoint was trained with the held-out split {before}; --val "
+                f"{' '.join(val_sources)} would change it (and could train on images held out before). Omit --val "
+                f"to keep the stored split, or train into a new --out")
+        if stored is not None:
+            val_sources = list(stored)
+        else:
+            held_names = list(saved_split.get("held_out", []))
     val_images: list[tuple[str, torch.Tensor]] = []
-    if cfg.val is None and len(dataset) >= 2:
-        held = list(range(0, len(dataset), 10))
+    if val_sources is None and (held_names is not None or len(dataset) >= 2):
+        names = [p.name for p in dataset.paths]
+        if held_names is None:
+            held = list(range(0, len(dataset), 10))
+        else:
+            missing = [n for n in held_names if n not in names]
+            if missing:
+                raise ValueError(f"--resume: the held-out image(s) {missing} of this checkpoint are no longer in "
+                                 f"--data {cfg.data}; restore them or train into a new --out")
+            held = [names.index(n) for n in held_names]
         val_images = [(dataset.paths[i].name, dataset.images[i].float()[None] / 127.5 - 1.0) for i in held]
         dataset.images = [img for i, img in enumerate(dataset.images) if i not in held]
         dataset.paths = [p for i, p in enumerate(dataset.paths) if i not in held]
-    elif cfg.val:
-        val_images = [(str(src), load_image(src)) for src in cfg.val]
+    elif val_sources:
+        val_images = [(src, load_image(src)) for src in val_sources]
     if not val_images:
         cfg.log("validation: off (no --val images and only one training image)")
-    return dataset, val_images
+    elif saved_split is not None:
+        cfg.log(f"held out (as stored with the checkpoint): {', '.join(name for name, _ in val_images)}")
+    split = {"val": val_sources, "held_out": [] if val_sources is not None else [n for n, _ in val_images]}
+    return dataset, val_images, split
 
 
 def build_models(cfg: TrainConfig, dataset: CropDataset) -> TrainState:
@@ -698,7 +739,8 @@ def run(cfg: TrainConfig) -> TrainResult:
 
     Raises:
         ValueError: bad options (named), an empty data folder, unreadable files, crops larger than an image,
-            `resume` without a checkpoint or with a different model. FileNotFoundError: missing folder or image.
+            `resume` without a checkpoint, with a different model, or with a --val that differs from the
+            held-out split stored with the checkpoint. FileNotFoundError: missing folder or image.
     """
     start_time = time.time()
     cfg.check()
@@ -707,10 +749,14 @@ def run(cfg: TrainConfig) -> TrainResult:
     cfg.model_cls = cfg.model_cls or default_model_class()
     out_dir = Path(cfg.out_dir)
 
-    dataset, val_images = load_data(cfg)
     if cfg.resume and not (cfg.state_dir / "state.json").exists():
         raise ValueError(f"--resume: no checkpoint in {cfg.state_dir}")
+    # A resumed run keeps the held-out split stored with its checkpoint (checkpoints older than that field
+    # have none: their split is recomputed as before).
+    saved_split = json.loads((cfg.state_dir / "state.json").read_text()).get("val_split") if cfg.resume else None
+    dataset, val_images, split = load_data(cfg, saved_split)
     state = build_models(cfg, dataset)
+    state.meta["val_split"] = split
     if cfg.resume:
         resume_from_checkpoint(cfg, state)
 
@@ -776,7 +822,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--data", required=True, help="folder of PNG/JPEG training images (any sizes)")
     parser.add_argument("--out", required=True, help="output folder (diffusers layout + trainer_state/)")
     src.add_argument("--vae", help="start from this pretrained VAE (folder or name) and keep its scaling_factor")
-    src.add_argument("--preset", choices=sorted(PRESETS), help="start a new VAE from this architecture (default: tiny)")
+    src.add_argument("--preset", choices=PUBLIC_PRESETS,
+                     help=f"start a new VAE from this architecture ({', '.join(PUBLIC_PRESETS)}; default: tiny)")
     src.add_argument("--config", help="start a new VAE from a JSON file (or JSON text) of AutoencoderKL kwargs")
     parser.add_argument("--decoder-only", action="store_true", help="freeze encoder and quant_conv")
     parser.add_argument("--steps", type=int, default=1000, help="total optimiser steps (default 1000)")
@@ -791,13 +838,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--disc-weight", type=float, default=0.5, help="PatchGAN loss weight (default 0.5)")
     parser.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight (default 1e-6)")
-    parser.add_argument("--val", nargs="+", metavar="IMAGE", help="held-out images (paths or skimage:NAME)")
+    parser.add_argument("--val", nargs="+", metavar="IMAGE",
+                        help="held-out images (paths or skimage:NAME); default: every 10th image of --data. "
+                             "--resume keeps the split stored with the checkpoint (a different --val is refused)")
     parser.add_argument("--val-every", type=int, default=500, help="validate every K steps (default 500)")
     parser.add_argument(
         "--val-max-side", type=int, default=512, help="centre-crop held-out images to this size, 0: full (default 512)"
     )
     parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default 500)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: PyTorch's choice)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
 

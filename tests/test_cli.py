@@ -67,7 +67,9 @@ def single_files(tmp_path_factory):
     for name, preset in (("flux_like", "flux1"), ("sd_like", "sd15")):
         state = AutoencoderKL.from_preset(preset, seed=3, **SMALL_32).state_dict()
         files[name] = folder / f"{name}.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(files[name]))
+        # The group count is stated (as our writers store it), so only the family is left to guess.
+        save_file({k: v.contiguous() for k, v in state.items()}, str(files[name]),
+                  metadata={"norm_num_groups": "32"})
     files["pickle"] = folder / "sd_like.ckpt"
     torch.save({"state_dict": state, "hparams": Namespace(lr=1e-4)}, files["pickle"])
     tiny = folder / "tiny.png"
@@ -612,3 +614,151 @@ def test_the_shipped_vae_is_accepted_by_name_in_info_and_vae(tmp_path, capsys):
     Image.fromarray(np.full((16, 24, 3), 90, np.uint8)).save(small)
     code, stdout, _ = _run(["reconstruct", small, "--vae", "sdvae-fast/tiny", "--out", tmp_path / "o", "-q"], capsys)
     assert code == 0 and (tmp_path / "o" / "small.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 15: group counts on the command line, warm-up-free timing, alpha, presets, train -q, parity's cost
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def four_group_file(tmp_path_factory):
+    """A VAE-only file of a VAE trained with 4 GroupNorm groups (widths 8/16: 32 groups cannot apply), without
+    metadata, and its diffusers config.json in another folder."""
+    folder = tmp_path_factory.mktemp("groups")
+    vae = AutoencoderKL.from_preset("sd15", seed=5, **TWO_LEVEL)
+    (folder / "file").mkdir()
+    path = folder / "file" / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    vae.save_pretrained(folder / "folder")
+    return path, folder / "folder" / "config.json"
+
+
+def test_group_count_options_load_a_single_file_and_info_marks_assumed_values(four_group_file, single_files,
+                                                                              tmp_path, capsys):
+    path, config_json = four_group_file
+    code, _, err = _run(["reconstruct", single_files["one_pixel_png"], "--vae", path, "--out", tmp_path,
+                         "--backend", "torch", "-q"], capsys)
+    _assert_one_line_error(code, err, "norm_num_groups=32 (assumed", "Pass --norm-num-groups N", "[1, 2, 4, 8]",
+                           "--config path/to/config.json")
+    for option in (["--norm-num-groups", 4], ["--config", config_json]):
+        code, stdout, err = _run(["reconstruct", single_files["one_pixel_png"], "--vae", path, "--out", tmp_path,
+                                  "--backend", "torch", "-q", *option], capsys)
+        assert code == 0, err
+    code, stdout, _ = _run(["info", path, "--norm-num-groups", 4, "--json"], capsys)
+    info = json.loads(stdout)
+    assert info["config"]["norm_num_groups"] == 4 and info["config_sources"]["norm_num_groups"] == "--norm-num-groups"
+    code, stdout, _ = _run(["info", path, "--config", config_json, "--json"], capsys)
+    info = json.loads(stdout)
+    assert info["config"]["norm_num_groups"] == 4 and info["config_sources"]["scaling_factor"] == "--config"
+    # A file whose group count nothing states: info says "assumed" beside the value and names the option.
+    code, stdout, _ = _run(["info", single_files["pickle"], "--unsafe-pickle"], capsys)
+    line = next(line for line in stdout.splitlines() if line.strip().startswith("norm_num_groups: 32"))
+    assert code == 0 and "32  (assumed" in line and "--norm-num-groups" in line, line
+    assert "config sources:" in stdout
+    # The metadata-carrying file is not assumed.
+    code, stdout, _ = _run(["info", single_files["sd_like"]], capsys)
+    line = next(line for line in stdout.splitlines() if line.strip().startswith("norm_num_groups: 32"))
+    assert "assumed" not in line and "norm_num_groups: file metadata" in stdout
+
+
+def test_reconstruct_times_exclude_warm_up_and_say_how_many_runs_the_median_is_over(narrow_dir, photos, tmp_path,
+                                                                                  monkeypatch, capsys):
+    # A fake clock that only encode advances: the first encode costs 5 s (as kernel compilation would), every
+    # later one 2 ms. Printed times then show exactly which encodes were timed.
+    clock = [0.0]
+    monkeypatch.setattr(cli, "time", argparse.Namespace(perf_counter=lambda: clock[0]))
+    load = cli.load_vae
+    calls = []
+
+    def slow_first_call(*args, **kwargs):
+        vae = load(*args, **kwargs)
+        encode = vae.encode
+
+        def timed_encode(x):
+            calls.append(tuple(x.shape))
+            clock[0] += 5.0 if len(calls) == 1 else 0.002
+            return encode(x)
+
+        vae.encode = timed_encode
+        return vae
+
+    monkeypatch.setattr(cli, "load_vae", slow_first_call)
+    images = [photos[0], photos[0], photos[1]]  # two sizes: 96x64 twice, then 99x67 (padded to 104x72)
+    code, stdout, err = _run(["reconstruct", *images, "--vae", narrow_dir, "--out", tmp_path, "--backend",
+                              "torch", "-q"], capsys)
+    assert code == 0, err
+    times = [float(m) for m in re.findall(r"([\d.]+) ms$", stdout, flags=re.M)]
+    assert times == [2.0, 2.0, 2.0], stdout  # the 5 s first call was the untimed warm-up
+    assert len(calls) == 5  # a warm-up run at each of the two sizes, and one timed run per image
+    assert "median 2.0 ms per image over 3 timed runs" in stdout and "warm-up excluded" in stdout, stdout
+    help_text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["reconstruct"].format_help()
+                         .split())
+    assert "Times exclude warm-up" in help_text
+
+
+def test_rgba_images_are_composited_over_white_with_a_warning(tmp_path, capsys):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200  # red, stored under transparent pixels too
+    rgba[:4, :, 3] = 255  # top half opaque
+    rgba[4:, :, 3] = 0  # bottom half fully transparent
+    path = tmp_path / "rgba.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    from sdvae_fast.images import AlphaCompositedWarning
+
+    with pytest.warns(AlphaCompositedWarning, match=r"32 of 64 pixels not fully opaque: composited over a white"):
+        x = load_image(path)
+    pixels = (x[0].permute(1, 2, 0) + 1) * 127.5  # (H, W, 3) in [0, 255]
+    assert torch.allclose(pixels[0, 0], torch.tensor([200.0, 0.0, 0.0]), atol=1e-3)
+    assert torch.allclose(pixels[7, 7], torch.tensor([255.0, 255.0, 255.0]), atol=1e-3)
+    # Fully opaque alpha: nothing to composite, no warning.
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, "RGBA").save(path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(path)
+    # The command line prints the warning as one line.
+    rgba[4:, :, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(path)
+    cli._load_images([str(path)])
+    err = capsys.readouterr().err
+    assert err.startswith("sdvae-fast: warning: ") and "composited over a white background" in err
+    assert err.count("\n") == 1
+
+
+def test_readme_and_help_list_exactly_the_public_presets():
+    from sdvae_fast.configs import PUBLIC_PRESETS, TEST_PRESETS
+
+    assert set(PUBLIC_PRESETS) | set(TEST_PRESETS) == set(PRESETS)
+    readme = (REPO / "README.md").read_text()
+    lists = re.findall(r"`(?:--preset )?((?:\w+\|)+\w+)`", readme)
+    preset_lists = [found for found in lists if "sd15" in found]
+    assert len(preset_lists) >= 2, lists
+    for found in preset_lists:
+        assert found.split("|") == list(PUBLIC_PRESETS), found
+    preset_action = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["reconstruct"]._actions
+                         if "--preset" in a.option_strings)
+    assert tuple(preset_action.choices) == PUBLIC_PRESETS
+    from sdvae_fast.train import add_train_arguments
+
+    train_action = next(a for a in add_train_arguments(argparse.ArgumentParser())._actions
+                        if "--preset" in a.option_strings)
+    assert tuple(train_action.choices) == PUBLIC_PRESETS
+
+
+def test_train_accepts_quiet_like_the_other_commands():
+    from sdvae_fast.train import TrainConfig, add_train_arguments
+
+    parser = add_train_arguments(argparse.ArgumentParser())
+    for flag in ("-q", "--quiet"):
+        args = parser.parse_args(["--data", "d", "--out", "o", flag])
+        assert TrainConfig.from_args(args).progress is False
+    assert TrainConfig.from_args(parser.parse_args(["--data", "d", "--out", "o"])).progress is True
+
+
+def test_parity_help_states_the_measured_cpu_cost():
+    text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["parity"].format_help().split())
+    assert "several minutes per image" not in text and "a few minutes" not in text
+    assert "about 11 minutes" in text

@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 
 from sdvae_fast import loading
 from sdvae_fast.configs import CONFIG_FIELDS, PRESETS
-from sdvae_fast.loading import (AmbiguousFamilyWarning, CheckpointError, inspect_checkpoint, load_pretrained,
-                                load_single_file, save_pretrained)
+from sdvae_fast.loading import (AmbiguousFamilyWarning, AssumedNormGroupsWarning, CheckpointError,
+                                inspect_checkpoint, load_pretrained, load_single_file, safetensors_metadata,
+                                save_pretrained)
 from sdvae_fast.model import AutoencoderKL
 from tests.helpers import assert_close
 
@@ -427,7 +428,8 @@ def test_norm_num_groups_defaults_to_32_and_is_taken_from_an_override(tmp_path, 
     narrow = seeded_vae(dict(SMALL_16, block_out_channels=(24, 48), norm_num_groups=8), seed=8)
     narrow_path = tmp_path / "narrow.safetensors"
     save_file(narrow.state_dict(), narrow_path)
-    with pytest.raises(CheckpointError, match=r"norm_num_groups=32 does not divide the widths \[24, 48\]"):
+    with pytest.raises(CheckpointError, match=r"norm_num_groups=32 \(assumed.*does not divide the widths \[24, 48\]"
+                                              r".*Pass norm_num_groups=N .*one of \[1, 2, 3, 4, 6, 8, 12, 24\]"):
         load_quietly(narrow_path)
     assert_same_parameters(load_quietly(narrow_path, norm_num_groups=8), narrow)
 
@@ -439,3 +441,112 @@ def test_tiny_name_resolves_to_the_package_folder_or_says_it_is_absent(source, t
     monkeypatch.setattr(loading, "TINY_FOLDER", save_pretrained(source, tmp_path / "tiny_data"))
     for name in ("sdvae-fast/tiny", "tiny"):
         assert_same_parameters(load_pretrained(AutoencoderKL, name), source)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 15 item 1: what the weights cannot tell (norm_num_groups, scaling_factor) comes from the file side, and
+# an assumed value is reported as assumed.
+# ---------------------------------------------------------------------------------------------------------------
+
+# Two levels, 8 groups: widths 32/64, which 32 also divides, so an assumed 32 would load silently wrong.
+GROUPS_8 = dict(SMALL_16, latent_channels=4, use_quant_conv=True, use_post_quant_conv=True, norm_num_groups=8,
+                scaling_factor=0.5)
+
+
+def _eight_group_vae():
+    torch.manual_seed(11)
+    return AutoencoderKL.from_config(GROUPS_8).eval()
+
+
+def _record(fn, *args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn(*args, **kwargs)
+    return result, caught
+
+
+def test_assumed_group_count_is_reported_as_assumed_and_warned_with_the_override(tmp_path):
+    vae = _eight_group_vae()
+    path = tmp_path / "plain.safetensors"
+    save_file(vae.state_dict(), path)
+    sources = inspect_checkpoint(path)["config_sources"]
+    assert sources["norm_num_groups"].startswith("assumed") and sources["scaling_factor"].startswith("assumed")
+    model, caught = _record(load_single_file, AutoencoderKL, path)
+    assert model.config.norm_num_groups == 32
+    groups = [w for w in caught if issubclass(w.category, AssumedNormGroupsWarning)]
+    assert len(groups) == 1, [str(w.message) for w in caught]
+    message = str(groups[0].message)
+    assert str(path) in message and "norm_num_groups=32 is assumed" in message and "norm_num_groups=N" in message
+    assert "[1, 2, 4, 8, 16]" in message  # the other counts the widths allow
+    # An argument settles it: no warning, and the source says so.
+    model, caught = _record(load_single_file, AutoencoderKL, path, norm_num_groups=8)
+    assert model.config.norm_num_groups == 8 and not [w for w in caught if w.category is AssumedNormGroupsWarning]
+    assert inspect_checkpoint(path, norm_num_groups=8)["config_sources"]["norm_num_groups"] == "argument"
+
+
+def test_group_count_and_scaling_come_from_file_metadata_or_a_config_beside_the_file(tmp_path, latents):
+    vae = _eight_group_vae()
+    with torch.no_grad():
+        expected = vae.decode(latents).sample
+    state = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    cases = {
+        "file metadata": (tmp_path / "meta" / "vae.safetensors", safetensors_metadata(vae.config)),
+        "config.json beside the file": (tmp_path / "beside" / "vae.safetensors", None),
+    }
+    save_pretrained(vae, tmp_path / "beside")  # writes config.json into the same folder
+    (tmp_path / "meta").mkdir()
+    for source, (path, metadata) in cases.items():
+        save_file(state, path, metadata=metadata)
+        model, caught = _record(load_single_file, AutoencoderKL, path)
+        assert not caught, [str(w.message) for w in caught]  # nothing assumed, nothing guessed
+        assert (model.config.norm_num_groups, model.config.scaling_factor) == (8, 0.5)
+        with torch.no_grad():
+            assert_close(model.decode(latents).sample, expected, rel_l2=0.0, name=source)
+        assert inspect_checkpoint(path)["config_sources"] == {"norm_num_groups": source, "scaling_factor": source}
+    # A bare `norm_num_groups` metadata entry is enough for the groups; an argument still wins over the file.
+    bare = tmp_path / "bare.safetensors"
+    save_file(state, bare, metadata={"norm_num_groups": "8"})
+    assert load_quietly(bare).config.norm_num_groups == 8
+    assert load_quietly(bare, norm_num_groups=4).config.norm_num_groups == 4
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, bad, metadata={"norm_num_groups": "eight"})
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: metadata entry 'norm_num_groups'='eight'"):
+        load_quietly(bad)
+
+
+def test_a_config_beside_the_file_that_contradicts_the_weights_is_ignored_with_a_warning(tmp_path):
+    vae = _eight_group_vae()
+    save_pretrained(AutoencoderKL.from_config(dict(GROUPS_8, block_out_channels=(32, 32))), tmp_path)
+    path = tmp_path / "other.safetensors"
+    save_file(vae.state_dict(), path)
+    model, caught = _record(load_single_file, AutoencoderKL, path)
+    assert model.config.block_out_channels == (32, 64) and model.config.norm_num_groups == 32
+    assert any("config.json was ignored" in str(w.message) and "block_out_channels=[32, 32]" in str(w.message)
+               for w in caught), [str(w.message) for w in caught]
+    assert inspect_checkpoint(path)["config_sources"]["norm_num_groups"].startswith("assumed")
+
+
+def test_save_pretrained_stores_the_config_in_the_weights_metadata_for_an_exact_round_trip(tmp_path):
+    vae = _eight_group_vae()
+    save_pretrained(vae, tmp_path / "folder")
+    alone = tmp_path / "alone" / "vae.safetensors"  # the weights file without its config.json
+    alone.parent.mkdir()
+    alone.write_bytes((tmp_path / "folder" / "diffusion_pytorch_model.safetensors").read_bytes())
+    model, caught = _record(load_single_file, AutoencoderKL, alone)
+    assert not caught, [str(w.message) for w in caught]
+    def fields(config):  # every diffusers field, sequences as lists (the classes may hold tuples or lists)
+        return {k: list(config[k]) if isinstance(config[k], (list, tuple)) else config[k] for k in CONFIG_FIELDS}
+
+    assert fields(model.config) == fields(vae.config)
+    assert_same_parameters(model, vae)
+
+
+def test_published_sd_architectures_load_quietly_but_are_still_reported_as_assumed(tmp_path, monkeypatch):
+    # Stand-in for a public SD VAE file (no metadata, 32 groups): the sd15 preset narrowed to this small model.
+    monkeypatch.setitem(PRESETS, "sd15", dict(PRESETS["sd15"], **{k: v for k, v in GROUPS_8.items()
+                                                                   if k in loading.ARCHITECTURE_FIELDS}))
+    path = tmp_path / "public_like.safetensors"
+    save_file(AutoencoderKL.from_config(dict(GROUPS_8, norm_num_groups=32)).state_dict(), path)
+    _, caught = _record(load_single_file, AutoencoderKL, path)
+    assert not [w for w in caught if w.category is AssumedNormGroupsWarning]
+    assert inspect_checkpoint(path)["config_sources"]["norm_num_groups"].startswith("assumed")

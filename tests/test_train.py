@@ -212,6 +212,34 @@ def test_cli_arguments_reach_train(data_dir, tmp_path, capsys):
         parser.parse_args(["--data", "x", "--out", "y", "--vae", "a", "--preset", "tiny"])
 
 
+def test_resume_keeps_the_held_out_split_stored_with_the_checkpoint(data_dir, tmp_path):
+    """Issue 15 item 2: a resume without --val holds out what the first run held out; another --val is refused."""
+    common = dict(FAST, val_every=1, save_every=100)
+    # First run with an explicit held-out image from outside the data folder: every data image trains.
+    held = _write_images(tmp_path / "held", sizes=((40, 40),), seed=9) / "img0.png"
+    first = trainer.train(data_dir, tmp_path / "explicit", steps=1, val=[str(held)], **common)
+    resumed = trainer.train(data_dir, tmp_path / "explicit", steps=2, resume=True, **common)
+    assert list(resumed.validation[-1]["images"]) == list(first.validation[-1]["images"]) == [str(held)]
+    with pytest.raises(ValueError, match=r"--resume: this checkpoint was trained with the held-out split --val "
+                                         r".*held.*img0\.png; --val .* would change it.*Omit --val"):
+        trainer.train(data_dir, tmp_path / "explicit", steps=3, resume=True, **dict(common, val=[str(held.parent)]))
+    # First run with the default split (img0.png of the data folder held out): the resume keeps it out of
+    # training even when the folder gains images that would move the every-10th rule, and refuses a --val.
+    data = _write_images(tmp_path / "data", seed=1)
+    trainer.train(data, tmp_path / "default", steps=1, **common)
+    state = json.loads((tmp_path / "default" / trainer.STATE_DIR / "state.json").read_text())
+    assert state["val_split"] == {"val": None, "held_out": ["img0.png"]}
+    (data / "img0.png").rename(data / "zz_img0.png")  # sorted last now: every 10th would no longer pick it
+    with pytest.raises(ValueError, match=r"held-out image\(s\) \['img0.png'\] of this checkpoint are no longer"):
+        trainer.train(data, tmp_path / "default", steps=2, resume=True, **common)
+    (data / "zz_img0.png").rename(data / "img0.png")
+    (data / "a_extra.png").write_bytes((data / "img2.png").read_bytes())  # sorted first: every 10th would pick it
+    resumed = trainer.train(data, tmp_path / "default", steps=2, resume=True, **common)
+    assert list(resumed.validation[-1]["images"]) == ["img0.png"]
+    with pytest.raises(ValueError, match=r"held-out split every 10th data image held out \(img0.png\); --val"):
+        trainer.train(data, tmp_path / "default", steps=3, resume=True, **dict(common, val=[str(held)]))
+
+
 @pytest.mark.skipif(not (TINY_FOLDER / "metrics.json").exists(), reason="the shipped VAE is not built yet")
 def test_shipped_tiny_vae_reconstructs_heldout_photos_at_recorded_psnr():
     recorded = json.loads((TINY_FOLDER / "metrics.json").read_text())["heldout"]
