@@ -391,21 +391,45 @@ def randn_like_diffusers(shape: Sequence[int], generator: GeneratorArg, device: 
                          dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise of `shape`, drawn the way diffusers' `randn_tensor` draws it.
 
-    With a CPU generator and a non-CPU `device` the noise is drawn on the CPU and moved, so a seed gives the same
-    latents on every device; a list of generators draws sample i of the batch from generator i (the list length must
-    equal shape[0], else ValueError).
+    Args:
+        shape: the noise's shape, e.g. (N, c, h, w); sizes may be symbolic under `torch.compile`.
+        generator: None (the global RNG of `device`), a torch.Generator, or a list of N generators (sample i of
+            the batch is drawn from generator i).
+        device, dtype: where and in which float dtype the noise is returned.
+    Returns:
+        A `shape` tensor of `dtype` on `device`. With a CPU generator and a non-CPU `device` the noise is drawn on
+        the CPU and moved, so a seed gives the same latents on every device; with a generator the numbers are
+        bitwise those of diffusers' `randn_tensor` for the same generator state.
+    Raises:
+        ValueError: a list whose length is not shape[0], or a non-CPU generator for another device type.
+
+    Under `torch.compile`: without a generator the draw is `torch.randn(shape)` traced into the graph (dynamic
+    sizes allowed; the numbers come from the compiled graph's RNG, which for inductor is its own Philox stream
+    unless `torch._inductor.config.fallback_random` is set, as for any `torch.randn` under inductor). With a
+    generator the draw runs eagerly (`torch.compiler.disable`): one graph break, exactly here, because a
+    torch.Generator cannot be traced; the numbers stay diffusers'.
     """
     shape = tuple(shape)
+    if generator is None:
+        # No `generator=None` keyword: torch.randn's generator overload rejects symbolic sizes under compile.
+        return torch.randn(shape, device=device, dtype=dtype)
+    return _randn_with_generators(shape, generator, device, dtype)
+
+
+@torch.compiler.disable
+def _randn_with_generators(shape: tuple, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """randn_like_diffusers for a generator or a list of them, always eager (see there); shape is concrete."""
+    shape = tuple(int(s) for s in shape)
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"generator: got a list of {len(generator)} generators for a batch of {shape[0]}")
         if len(generator) == 1:
             generator = generator[0]
         else:
-            parts = [randn_like_diffusers((1,) + shape[1:], g, device, dtype) for g in generator]
+            parts = [_randn_with_generators((1,) + shape[1:], g, device, dtype) for g in generator]
             return torch.cat(parts, dim=0)
     rand_device = torch.device(device)
-    if generator is not None and generator.device.type != rand_device.type:
+    if generator.device.type != rand_device.type:
         if generator.device.type != "cpu":
             raise ValueError(f"generator: a {generator.device} generator cannot draw noise for {device}")
         rand_device = torch.device("cpu")
@@ -440,7 +464,13 @@ class DiagonalGaussianDistribution:
             self.var = torch.exp(self.logvar)
 
     def sample(self, generator: GeneratorArg = None) -> torch.Tensor:
-        """A draw `mean + std * eps`, eps ~ N(0, I) from `generator` (drawn as diffusers draws it): (N, c, h, w)."""
+        """A draw `mean + std * eps`, eps ~ N(0, I) from `generator` (drawn as diffusers draws it): (N, c, h, w) in
+        the parameters' dtype and device.
+
+        `generator`: None, a torch.Generator, or a list of N generators (one per sample); ValueError for a list of
+        another length. Bitwise diffusers' draw for the same generator state, also under `torch.compile` (where a
+        generator costs one graph break at the draw; without one the draw is traced: `randn_like_diffusers`).
+        """
         noise = randn_like_diffusers(self.mean.shape, generator, self.parameters.device, self.parameters.dtype)
         return self.mean + self.std * noise
 

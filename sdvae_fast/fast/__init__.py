@@ -68,6 +68,16 @@ cannot be traced; there the fp16 pass runs whole, and `torch.cond` on the finite
 it or runs the whole forward at the wider dtype (one check, no sync inside the graph; an overflow costs a full
 extra pass). Measure the cost on a GPU by timing `decode_sample` on fp16 latents with `FP16_GUARD` True and False
 (CUDA events, same latents, eager and compiled), and on a VAE whose weights overflow fp16 (the recompute path).
+
+Precision policy (autocast). Under `torch.autocast(device_type, dtype=float16 or bfloat16)` an fp32 model's
+fast path follows autocast like the reference does: the input is cast to the autocast dtype, every unit runs in
+it (the ops convert the fp32 parameters themselves: conv weights are packed into the autocast dtype once per
+parameter and cached in `derived_weights`, so repeated calls neither rebuild nor keep anything extra; bias and
+GroupNorm affine terms are read in fp32), and the result is in the autocast dtype. An fp16 autocast run gets the
+fp16 overflow guard above (the reference's would return NaN/Inf). Autocast is switched off inside the walker, so
+fallback units run their module forwards in the autocast dtype with parameters cast per call (`RunContext.cast`).
+fp16/bf16/fp64 models ignore autocast here and run in their own dtype. docs/design.md, section 6, has the table
+of both backends.
 """
 from __future__ import annotations
 
@@ -98,9 +108,9 @@ Tensor = torch.Tensor
 
 __all__ = [
     "EMIT_GN_STATS", "FP16_GUARD", "FP16_OVERFLOW_DTYPE", "VALID_BACKENDS", "ParallelHooks", "RunContext", "Unit",
-    "decode_sample", "encode_moments", "folded_quant_conv", "fused_qkv_weights", "iter_units", "needs_autograd",
-    "register_block", "register_unit", "run_decoder", "run_encoder", "unsupported_units", "use_fast_path",
-    "vae_attention_block",
+    "autocast_dtype", "decode_sample", "encode_moments", "folded_quant_conv", "fused_qkv_weights", "iter_units",
+    "needs_autograd", "register_block", "register_unit", "run_decoder", "run_encoder", "unsupported_units",
+    "use_fast_path", "vae_attention_block",
 ]
 
 #: Check each stage of an fp16 forward for overflow and recompute it wider (see the module docstring).
@@ -218,19 +228,60 @@ def needs_autograd(module: nn.Module, x: Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype the fast path runs an input `x` in under `torch.autocast`, or None to run it in x's own dtype.
+
+    The autocast dtype when autocast is enabled for x's device type with a float16/bfloat16 dtype and x (hence
+    the model, which the entry points have checked) is float32; None otherwise: no autocast, another autocast
+    dtype, or an fp16/bf16/fp64 model (run in its own dtype, as autocast leaves fp64 alone).
+    """
+    device_type = x.device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+    except RuntimeError:  # a device type autocast does not know
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    if x.dtype != torch.float32 or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return dtype
+
+
+def _run_fast(stages: Stages, x: Tensor) -> Tensor:
+    """Run the stages on x with the precision policy: under `torch.autocast` (fp16/bf16, fp32 model) the
+    activations run in the autocast dtype, parameters are converted by the ops (packed weights cached per dtype)
+    and the result is in the autocast dtype, as the reference's last conv returns it; an fp16 autocast run is
+    guarded against overflow like an fp16 model. Autocast itself is switched off inside, so that module-forward
+    fallback units and the ops' PyTorch fallbacks compute in the dtypes given to them. Returns contiguous NCHW."""
+    dtype = autocast_dtype(x)
+    ctx = RunContext(emit_stats=EMIT_GN_STATS)
+    if dtype is not None:
+        x = x.to(dtype)
+        ctx = RunContext(dtype=dtype, emit_stats=EMIT_GN_STATS)
+    device_type = x.device.type
+    try:
+        autocast_on = torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        autocast_on = False
+    if not autocast_on:
+        return run_stages(stages, x, ctx).contiguous()
+    with torch.autocast(device_type, enabled=False):
+        return run_stages(stages, x, ctx).contiguous()
+
+
 def _encode(encoder: nn.Module, sample: Tensor, quant_conv: Optional[nn.Module]) -> Tensor:
     """run_encoder without validation (the caller has validated `sample`)."""
     if needs_autograd(encoder, sample) or (quant_conv is not None and needs_autograd(quant_conv, sample)):
         moments = encoder(sample)
         return moments if quant_conv is None else quant_conv(moments)
-    return run_stages(encoder_units(encoder, quant_conv), sample).contiguous()
+    return _run_fast(encoder_units(encoder, quant_conv), sample)
 
 
 def _decode(decoder: nn.Module, sample: Tensor, post_quant_conv: Optional[nn.Module]) -> Tensor:
     """run_decoder without validation (the caller has validated `sample`)."""
     if needs_autograd(decoder, sample) or (post_quant_conv is not None and needs_autograd(post_quant_conv, sample)):
         return decoder(sample if post_quant_conv is None else post_quant_conv(sample))
-    return run_stages(decoder_units(decoder, post_quant_conv), sample).contiguous()
+    return _run_fast(decoder_units(decoder, post_quant_conv), sample)
 
 
 def run_encoder(encoder: nn.Module, sample: Tensor, quant_conv: Optional[nn.Module] = None) -> Tensor:
@@ -242,8 +293,9 @@ def run_encoder(encoder: nn.Module, sample: Tensor, quant_conv: Optional[nn.Modu
         sample: images (N, C_in, H, W) in [-1, 1], the encoder's dtype and device, any memory format.
         quant_conv: the VAE's 1x1 quant_conv, or None.
     Returns:
-        (N, 2*latent_channels, ceil-halved H and W per downsample) moments, contiguous NCHW, sample's dtype.
-        Falls back to `encoder(sample)` (+ quant_conv) when autograd is needed.
+        (N, 2*latent_channels, ceil-halved H and W per downsample) moments, contiguous NCHW, sample's dtype
+        (under `torch.autocast` with an fp32 model: the autocast dtype, see `autocast_dtype`). Falls back to
+        `encoder(sample)` (+ quant_conv) when autograd is needed.
     Raises:
         ValueError / TypeError on a wrong shape, channel count, dtype or device (naming the expected shape).
     """
@@ -261,8 +313,9 @@ def run_decoder(decoder: nn.Module, sample: Tensor, post_quant_conv: Optional[nn
             decoder's dtype and device, any memory format.
         post_quant_conv: the VAE's 1x1 post_quant_conv, or None.
     Returns:
-        (N, 3, 8h, 8w) images (for the usual 4-block VAE), contiguous NCHW, sample's dtype.
-        Falls back to the modules' own forwards when autograd is needed.
+        (N, 3, 8h, 8w) images (for the usual 4-block VAE), contiguous NCHW, sample's dtype (under
+        `torch.autocast` with an fp32 model: the autocast dtype, see `autocast_dtype`). Falls back to the
+        modules' own forwards when autograd is needed.
     Raises:
         ValueError / TypeError on a wrong shape, channel count, dtype or device (naming the expected shape).
     """
@@ -280,7 +333,8 @@ def encode_moments(vae, x: Tensor, *, validate: bool = True) -> Tensor:
         x: images (N, 3, H, W) in [-1, 1], the VAE's dtype and device, NCHW or channels_last.
         validate: False when the caller has validated x already (our AutoencoderKL does, once, at its boundary).
     Returns:
-        moments (N, 2*latent_channels, h, w), contiguous NCHW, x's dtype: mean then logvar (unclamped; the
+        moments (N, 2*latent_channels, h, w), contiguous NCHW, x's dtype (the autocast dtype under
+        `torch.autocast` with an fp32 model, see `autocast_dtype`): mean then logvar (unclamped; the
         latent distribution clamps logvar to [-30, 20]), h = H/8 rounded as diffusers' Downsample2D does.
     Raises:
         ValueError / TypeError on a wrong shape, channel count, dtype or device.
@@ -300,7 +354,8 @@ def decode_sample(vae, z: Tensor, *, validate: bool = True) -> Tensor:
             and device, NCHW or channels_last.
         validate: False when the caller has validated z already (our AutoencoderKL does, once, at its boundary).
     Returns:
-        images (N, 3, 8h, 8w) in about [-1, 1], contiguous NCHW, z's dtype.
+        images (N, 3, 8h, 8w) in about [-1, 1], contiguous NCHW, z's dtype (the autocast dtype under
+        `torch.autocast` with an fp32 model, see `autocast_dtype`).
     Raises:
         ValueError / TypeError on a wrong shape, channel count, dtype or device.
     """

@@ -72,7 +72,9 @@ class RunContext:
     """What units read besides their input activation (see the module docstring).
 
     Attributes:
-        dtype: None, or the wider dtype parameters are cast to while recomputing an fp16 overflow (`cast`).
+        dtype: None, or the dtype the activations run in when it differs from the parameters' (`cast`): the
+            wider dtype of an fp16 overflow recompute, or the autocast dtype (fp16/bf16) of an fp32 model run
+            under `torch.autocast` (docs/design.md, section 6).
         emit_stats: whether convs emit the GroupNorm statistics of their outputs for the next unit.
         temb: per-sample time embedding (N, C_temb) for units with a time-dependent scale/shift, or None.
         skips: stack of skip tensors (N, C, H, W) that UNet down blocks push and up blocks pop.
@@ -94,7 +96,14 @@ class RunContext:
         return self.emit_stats and self.parallel is None
 
     def cast(self, t: Optional[Tensor]) -> Optional[Tensor]:
-        """A parameter as the unit uses it: unchanged, or cast to `dtype` while recomputing an fp16 overflow."""
+        """A tensor as a module forward (a fallback unit), `temb` or `latents` uses it: unchanged, or a copy in
+        `dtype` (made on every call; None stays None).
+
+        The fused ops do not need it: they take parameters in any float dtype and convert them themselves (conv
+        weights are packed into the activation's dtype once per parameter and dtype in `derived_weights`; bias
+        and GroupNorm affine terms are read in fp32), so the units hand them the live parameters. A cast copy
+        there would be a new tensor on every call and defeat that cache (a rebuild per call).
+        """
         if t is None or self.dtype is None or t.dtype == self.dtype:
             return t
         return t.to(self.dtype)
@@ -213,7 +222,7 @@ class Unit:
 
 
 def _call_module(module: nn.Module, x: Tensor, ctx: "RunContext", *args) -> Tensor:
-    """The module's own forward on x (the per-unit fallback), with its parameters cast by `ctx` if widening."""
+    """The module's own forward on x (the per-unit fallback), its parameters cast to `ctx.dtype` when that is set."""
     if ctx.dtype is None:
         return module(x, *args)
     cast = ctx.cast
@@ -461,7 +470,8 @@ def gsc(x: Tensor, conv: Optional[nn.Conv2d], ctx: RunContext, norm: Optional[nn
     Returns:
         (y (N, C_out, H_out, W_out) channels_last, y's statistics or None).
     """
-    cast = ctx.cast
+    # Parameters go to the op uncast, whatever ctx.dtype is: the op packs the weight into x's dtype (cached per
+    # parameter and dtype) and reads bias and norm affine terms in fp32 (see RunContext.cast).
     if weight is None:
         weight, bias = conv.weight, conv.bias
     if padding is None:
@@ -472,7 +482,7 @@ def gsc(x: Tensor, conv: Optional[nn.Conv2d], ctx: RunContext, norm: Optional[nn
         num_groups, eps = norm.num_groups, norm.eps
         stats = input_stats(x, norm, stats, ctx)
         if norm.affine:
-            norm_weight, norm_bias = cast(norm.weight), cast(norm.bias)
+            norm_weight, norm_bias = norm.weight, norm.bias
         else:
             norm_weight = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
             norm_bias = torch.zeros_like(norm_weight)
@@ -480,7 +490,7 @@ def gsc(x: Tensor, conv: Optional[nn.Conv2d], ctx: RunContext, norm: Optional[nn
         pad = [padding] * 4 if isinstance(padding, int) else list(padding)
         x, padding = ctx.parallel.conv_input(x, pad, weight.shape[-1], stride)
     return _with_stats(ops.gn_silu_conv2d(
-        x, cast(weight), cast(bias), norm_weight=norm_weight, norm_bias=norm_bias, num_groups=num_groups,
+        x, weight, bias, norm_weight=norm_weight, norm_bias=norm_bias, num_groups=num_groups,
         eps=eps, silu=silu and norm is not None, stride=stride, padding=padding, residual=residual,
         stats=stats if norm is not None else None, emit_stats=emit,
     ))
@@ -523,7 +533,8 @@ def _run_upsample(up, carry, ctx, emit):
     """Upsample2D: nearest 2x + 3x3 conv as `ops.upsample_conv2d` (the 4x tensor is never written)."""
     x, _ = carry.take()
     conv = upsample_conv(up)[0]
-    return _with_stats(ops.upsample_conv2d(x, ctx.cast(conv.weight), ctx.cast(conv.bias), emit_stats=emit))
+    # Uncast parameters: the op folds and packs the weight into x's dtype once per parameter and dtype.
+    return _with_stats(ops.upsample_conv2d(x, conv.weight, conv.bias, emit_stats=emit))
 
 
 @register_unit("Attention", why_not=attention_why_not, input_norm=lambda attn: attn.group_norm)
@@ -532,7 +543,7 @@ def _run_attention(attn, carry, ctx, emit):
     x, stats = carry.take()
     if attn.group_norm is not None:
         stats = input_stats(x, attn.group_norm, stats, ctx)
-    # vae_attention_block casts the module's weights to x's dtype itself (the fused QKV is a cached derived weight).
+    # vae_attention_block casts the module's weights to x's dtype itself (cached derived weights).
     return _with_stats(vae_attention_block(x, attn, stats=stats, emit_stats=emit))
 
 
@@ -588,6 +599,23 @@ def fused_qkv_weights(module: nn.Module, dtype: torch.dtype, device) -> Tuple[Te
     return derived_weights.get(sources, ("fused_qkv", dtype, torch.device(device)), build)
 
 
+def out_projection_weight(linear: nn.Linear, dtype: torch.dtype, device) -> Tensor:
+    """The attention's output projection (an nn.Linear (C, inner)) as a 1x1 conv weight, a cached derived weight.
+
+    One tensor object per (parameter, dtype, device) while the parameter is unchanged, so the conv op's packed
+    weight (cached under this tensor) is reused across calls instead of being rebuilt for a fresh view each
+    time. A copy, not a view: a view would keep the parameter alive through the cache (an entry dies with its
+    source only if its value does not reference it).
+
+    Returns:
+        weight (C, inner, 1, 1) in `dtype` on `device`, contiguous.
+    """
+    def build():
+        return linear.weight.detach().to(device=device, dtype=dtype, copy=True)[:, :, None, None].contiguous()
+
+    return derived_weights.get((linear.weight,), ("out_proj_1x1", dtype, torch.device(device)), build)
+
+
 def vae_attention_block(x: Tensor, module: nn.Module, *, stats: Optional[Stats] = None,
                         emit_stats: Optional[Tuple[int, float]] = None):
     """The VAE mid-block attention unit, fused: `x + out_proj(attention(qkv(group_norm(x))))`.
@@ -605,7 +633,7 @@ def vae_attention_block(x: Tensor, module: nn.Module, *, stats: Optional[Stats] 
 
     Args:
         x: hidden_states (N, C, H, W), fp16/bf16/fp32/fp64, any strides. The module's weights are cast to x's
-            dtype and device (the cast of the fused q/k/v weights is cached).
+            dtype and device (the fused q/k/v and the output projection weights are cached derived weights).
         module: a diffusers-named mid-block attention (`diffusers.models.attention_processor.Attention` or ours):
             group_norm (nn.GroupNorm over C, or None), to_q/to_k/to_v nn.Linear(C, inner), to_out[0]
             nn.Linear(inner, C), heads; spatial_norm, norm_q and norm_k None (`attention_why_not` lists the rules).
@@ -647,7 +675,7 @@ def vae_attention_block(x: Tensor, module: nn.Module, *, stats: Optional[Stats] 
         attn = attn.transpose(1, 2).reshape(n, h * w, inner)  # (N, H*W, inner)
     attn = attn.view(n, h, w, inner).permute(0, 3, 1, 2)  # (N, inner, H, W) channels_last view
     out_proj = module.to_out[0]
-    w_out = out_proj.weight.to(device=x.device, dtype=x.dtype)[:, :, None, None]  # (C, inner, 1, 1)
+    w_out = out_projection_weight(out_proj, x.dtype, x.device)  # (C, inner, 1, 1)
     b_out = None if out_proj.bias is None else out_proj.bias.to(device=x.device, dtype=x.dtype)
     residual = x if getattr(module, "residual_connection", False) else None
     rescale = float(getattr(module, "rescale_output_factor", 1.0))
