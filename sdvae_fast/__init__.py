@@ -5,15 +5,15 @@
     z = vae.encode(images).latent_dist.sample()               # images (N, 3, H, W) in [-1, 1]
     images = vae.decode(z).sample                             # (N, 3, 8h, 8w)
 
-`patch` / `unpatch` (switch diffusers' own AutoencoderKL to the fast path) are imported on first use, so
-`import sdvae_fast` stays light (no diffusers, no Triton kernels).
+With diffusers installed, `AutoencoderKL` is a subclass of `diffusers.AutoencoderKL` and `DecoderOutput` /
+`AutoencoderKLOutput` are diffusers' classes; without it, the standalone implementation (`sdvae_fast.model`).
+Every public name is imported on first use, so `import sdvae_fast` stays light (no diffusers, no Triton).
 """
-from sdvae_fast.configs import PRESETS, resolve_config
-from sdvae_fast.model import AutoencoderKL, AutoencoderKLOutput, DecoderOutput
-from sdvae_fast.reference import DiagonalGaussianDistribution
+import importlib
 
 __all__ = [
     "AutoencoderKL",
+    "StandaloneAutoencoderKL",
     "AutoencoderKLOutput",
     "DecoderOutput",
     "DiagonalGaussianDistribution",
@@ -24,15 +24,30 @@ __all__ = [
     "is_patched",
 ]
 
-_LAZY = {"patch": "sdvae_fast.patching", "unpatch": "sdvae_fast.patching", "is_patched": "sdvae_fast.patching"}
+# Public name -> the module that defines it.
+_LAZY = {
+    "AutoencoderKL": "sdvae_fast.model",
+    "StandaloneAutoencoderKL": "sdvae_fast.model",
+    "AutoencoderKLOutput": "sdvae_fast.model",
+    "DecoderOutput": "sdvae_fast.model",
+    "HAS_DIFFUSERS": "sdvae_fast.model",
+    "DiagonalGaussianDistribution": "sdvae_fast.reference",
+    "PRESETS": "sdvae_fast.configs",
+    "resolve_config": "sdvae_fast.configs",
+    "patch": "sdvae_fast.patching",
+    "unpatch": "sdvae_fast.patching",
+    "is_patched": "sdvae_fast.patching",
+}
 
 
 def __getattr__(name: str):
-    """Import `patch` / `unpatch` (and `is_patched`) from `sdvae_fast.patching` on first access."""
+    """Import a public name from its module (`_LAZY`) on first access."""
     if name in _LAZY:
-        import importlib
-
-        module = importlib.import_module(_LAZY[name])
-        globals().update({attr: getattr(module, attr) for attr in _LAZY})
-        return globals()[name]
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'sdvae_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

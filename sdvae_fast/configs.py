@@ -90,7 +90,8 @@ def _freeze(value):
     return value
 
 
-def normalize_config(fields: Mapping[str, Any], *, source: str = "config", strict: bool = True) -> dict[str, Any]:
+def normalize_config(fields: Mapping[str, Any], *, source: str = "config", strict: bool = True,
+                     check_block_types: bool = True) -> dict[str, Any]:
     """A complete, validated config: diffusers' defaults updated with `fields`.
 
     Keys starting with "_" (`_class_name`, `_diffusers_version`, `_name_or_path`, ...) are ignored. Unknown public
@@ -100,6 +101,8 @@ def normalize_config(fields: Mapping[str, Any], *, source: str = "config", stric
     Raises ValueError (naming `source` and the field) for values that cannot describe an AutoencoderKL: block
     types other than DownEncoderBlock2D/UpDecoderBlock2D, block type lists whose length differs from
     block_out_channels, widths not divisible by norm_num_groups, non-positive sizes, an unknown act_fn.
+    `check_block_types=False` accepts any block type names (diffusers' own class builds more kinds; the fast path
+    runs the ones it knows and falls back per unit for the others).
     """
     unknown = sorted(k for k in fields if not str(k).startswith("_") and k not in DEFAULTS)
     if unknown:
@@ -109,11 +112,11 @@ def normalize_config(fields: Mapping[str, Any], *, source: str = "config", stric
         warnings.warn(message + " (ignored)", stacklevel=3)
     config = dict(DEFAULTS)
     config.update({k: _freeze(v) for k, v in fields.items() if k in DEFAULTS})
-    _validate(config, source)
+    _validate(config, source, check_block_types)
     return config
 
 
-def _validate(config: dict[str, Any], source: str) -> None:
+def _validate(config: dict[str, Any], source: str, check_block_types: bool = True) -> None:
     widths = config["block_out_channels"]
     if isinstance(widths, int):
         widths = config["block_out_channels"] = (widths,)
@@ -134,7 +137,7 @@ def _validate(config: dict[str, Any], source: str) -> None:
         types = config[name]
         if isinstance(types, str):
             types = config[name] = (types,)
-        if len(types) != len(widths) or any(t != block for t in types):
+        if len(types) != len(widths) or (check_block_types and any(t != block for t in types)):
             raise ValueError(
                 f"{source}: {name} must be {len(widths)} x {block!r} (one per block_out_channels entry), "
                 f"got {list(types)}"

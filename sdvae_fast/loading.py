@@ -102,7 +102,6 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from sdvae_fast.configs import CONFIG_FIELDS, PRESETS, resolve_config
 
@@ -609,81 +608,122 @@ def _model_config(model) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _resolve_folder(path: PathLike, subfolder: Optional[str]) -> Path:
-    folder = Path(path)
-    if not folder.exists() and str(path) in TINY_NAMES:
-        folder = TINY_FOLDER
+def _resolve_folder(path: PathLike, subfolder: Optional[str], **hub_options) -> Path:
+    """The local folder of a model: the bundled tiny VAE for its names (unless a local path of that name exists),
+    a local folder, or a Hub repository id through `sdvae_fast.hub.resolve_folder` (cache first)."""
+    if not Path(path).exists() and str(path) in TINY_NAMES:
+        folder = TINY_FOLDER / subfolder if subfolder else TINY_FOLDER
         if not (folder / CONFIG_NAME).is_file():
             raise FileNotFoundError(
                 f"the bundled VAE {str(path)!r} is not installed: {folder} has no {CONFIG_NAME} (the package was "
                 f"installed without its data files; reinstall sdvae-fast, or pass a local folder)"
             )
-    if subfolder:
-        folder = folder / subfolder
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"no such folder: {folder} (from_pretrained reads a local diffusers folder with {CONFIG_NAME} and "
-            f"{SAFETENSORS_WEIGHTS_NAME}; Hub repository ids are not downloaded)"
-        )
-    return folder
+        return folder
+    from sdvae_fast import hub
+
+    return hub.resolve_folder(path, subfolder=subfolder, **hub_options)
 
 
-def _find_weights(folder: Path, variant: Optional[str]) -> Path:
-    """The weights file of a diffusers folder: safetensors preferred over the .bin pickle."""
-    names = [_weights_name(safe, variant) for safe in (True, False)]
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    present = sorted(p.name for p in folder.iterdir() if p.name.startswith("diffusion_pytorch_model"))
-    raise CheckpointError(f"{folder}: no weights file {' or '.join(names)}"
-                          + (f" (found {present}; pass variant=?)" if present else ""))
+def _find_weights(folder: Path, variant: Optional[str], use_safetensors: Optional[bool] = None) -> list[Path]:
+    """The weight files of a diffusers folder (one file, or the shards of an index); see `hub.find_weights`."""
+    from sdvae_fast import hub
+
+    return hub.find_weights(folder, variant, use_safetensors)
+
+
+def _read_weights(paths: list[Path], unsafe_pickle: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of one weights file or of all shards, renamed to diffusers' current names."""
+    tensors: dict[str, torch.Tensor] = {}
+    for weights_path in paths:
+        checkpoint = _Checkpoint(weights_path, unsafe_pickle)
+        tensors.update(checkpoint.read(checkpoint.keys))
+    state, _ = _to_diffusers_names(tensors, _detect_layout(list(tensors), paths[0]))
+    return state
+
+
+def _placement(device_map) -> Optional[torch.device]:
+    """The one device a `device_map` names (None, a device string or index, torch.device, or {"": device}).
+    Raises ValueError for maps that split the model ("auto", "balanced", per-module dicts): those need
+    diffusers and accelerate."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if isinstance(device_map, (str, int, torch.device)) and device_map not in ("auto", "balanced", "sequential"):
+        try:
+            return torch.device(device_map)
+        except (RuntimeError, TypeError):
+            pass
+    raise ValueError(f"device_map={device_map!r}: the standalone loader places the whole model on one device "
+                     f"(a device such as 'cpu' or 'cuda:0'); splitting a model across devices needs diffusers")
 
 
 def load_pretrained(cls, path: PathLike, subfolder: Optional[str] = None, torch_dtype=None,
-                    variant: Optional[str] = None, unsafe_pickle: bool = False, **overrides):
-    """Build `cls` (an AutoencoderKL class) from a diffusers folder: `config.json` + weights.
+                    variant: Optional[str] = None, unsafe_pickle: bool = False, *, dtype=None,
+                    use_safetensors: Optional[bool] = None, local_files_only: bool = False, cache_dir=None,
+                    revision: Optional[str] = None, token=None, force_download: bool = False,
+                    low_cpu_mem_usage: bool = True, device_map=None, output_loading_info: bool = False,
+                    **overrides):
+    """Build `cls` (an AutoencoderKL class) from a diffusers model folder or Hub repository: `config.json` + weights.
 
     Args:
         cls: the model class; `cls(**config_fields)` must build it with diffusers' parameter names.
-        path: a folder holding `config.json` and `diffusion_pytorch_model.safetensors` (or the pickle
-            `diffusion_pytorch_model.bin`, read with `weights_only=True`), or the bundled name "sdvae-fast/tiny"
-            ("tiny"); an existing local path of that name wins. A single file is passed to `load_single_file`.
-        subfolder: folder inside `path`, e.g. "vae" for a pipeline folder.
-        variant: read `diffusion_pytorch_model.{variant}.safetensors` (or `.bin`), e.g. "fp16", as diffusers does.
-        torch_dtype: dtype of the returned parameters (torch.dtype or "fp16"/"bf16"/"fp32"/"fp64"); float32 if None.
+        path: a local folder holding `config.json` and `diffusion_pytorch_model.safetensors` (or the pickle
+            `diffusion_pytorch_model.bin`, read with `weights_only=True`, or shards listed by
+            `diffusion_pytorch_model.safetensors.index.json`); a Hub repository id "org/name" (read from the local
+            Hugging Face cache, downloaded when missing and allowed: `sdvae_fast.hub.resolve_folder`); or the
+            bundled name "sdvae-fast/tiny" ("tiny"; an existing local path of that name wins). A single file is
+            passed to `load_single_file`.
+        subfolder: folder inside `path`, e.g. "vae" for a pipeline folder or repository.
+        variant: read `diffusion_pytorch_model.{variant}.safetensors` (or `.bin`, or its shards), e.g. "fp16".
+        torch_dtype (or its alias `dtype`): dtype of the returned parameters (torch.dtype or "fp16"/"bf16"/"fp32"/
+            "fp64"); float32 if None.
         unsafe_pickle: allow a `.bin` that needs arbitrary Python objects (runs code from the file).
+        use_safetensors: True reads only safetensors, False only `.bin`, None prefers safetensors (diffusers').
+        local_files_only, cache_dir, revision, token, force_download: Hub options (`huggingface_hub`).
+        low_cpu_mem_usage: accepted for diffusers compatibility; the weights are assigned once either way.
+        device_map: one device for the whole model ("cpu", "cuda:0", {"": "cuda:0"}); None keeps it on the CPU.
+        output_loading_info: also return {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}
+            (always empty lists: anything missing or mis-shaped raises instead).
         **overrides: config fields that win over config.json (e.g. `scaling_factor=0.13025`).
 
-    Returns the model in eval mode on CPU. Old diffusers attention names (query/key/value/proj_attn) are renamed.
-    Raises FileNotFoundError (no such folder, bundled VAE absent), CheckpointError (unreadable config or
-    weights, missing or mis-shaped keys: all listed), TypeError (unknown override names).
+    Returns the model in eval mode (or `(model, loading_info)`). Old diffusers attention names
+    (query/key/value/proj_attn) are renamed.
+    Raises OSError (no such folder, repository or cached snapshot; no weights file, e.g. only a variant: the
+    message names it), FileNotFoundError (bundled VAE absent), CheckpointError (unreadable config or weights,
+    missing or mis-shaped keys: all listed), TypeError (unknown override names), ValueError (`torch_dtype` and
+    `dtype` disagree, a device_map that splits the model).
     """
+    if dtype is not None:
+        if torch_dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"torch_dtype={torch_dtype} and dtype={dtype} disagree; pass one of them")
+        torch_dtype = dtype
+    device = _placement(device_map)
     _check_overrides(cls, overrides)
     if Path(path).is_file():
         if subfolder:
             raise ValueError(f"subfolder={subfolder!r} given but path {str(path)!r} is a file, not a folder")
-        return load_single_file(cls, path, torch_dtype=torch_dtype, unsafe_pickle=unsafe_pickle, **overrides)
-    folder = _resolve_folder(path, subfolder)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder}: no {CONFIG_NAME} (a diffusers model folder holds {CONFIG_NAME} and "
-                              f"{SAFETENSORS_WEIGHTS_NAME}; for a pipeline folder pass subfolder='vae')")
-    config = {**_read_config_json(config_path), **overrides}
-    weights_path = _find_weights(folder, variant)
-    checkpoint = _Checkpoint(weights_path, unsafe_pickle)
-    tensors = checkpoint.read(checkpoint.keys)
-    state, _ = _to_diffusers_names(tensors, _detect_layout(list(tensors), weights_path))
-    return _build_and_load(cls, config, state, weights_path, torch_dtype)
-
-
-def _weights_name(safe_serialization: bool, variant: Optional[str]) -> str:
-    """diffusers' weights file name: diffusion_pytorch_model[.{variant}].safetensors (or .bin)."""
-    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
-    return stem + (".safetensors" if safe_serialization else ".bin")
+        model = load_single_file(cls, path, torch_dtype=torch_dtype, unsafe_pickle=unsafe_pickle, **overrides)
+    else:
+        folder = _resolve_folder(path, subfolder, revision=revision, cache_dir=cache_dir,
+                                 local_files_only=local_files_only, token=token, force_download=force_download)
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise CheckpointError(f"{folder}: no {CONFIG_NAME} (a diffusers model folder holds {CONFIG_NAME} and "
+                                  f"{SAFETENSORS_WEIGHTS_NAME}; for a pipeline folder pass subfolder='vae')")
+        config = {**_read_config_json(config_path), **overrides}
+        paths = _find_weights(folder, variant, use_safetensors)
+        model = _build_and_load(cls, config, _read_weights(paths, unsafe_pickle), paths[0], torch_dtype)
+    if device is not None:
+        model = model.to(device)
+    if output_loading_info:
+        return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    return model
 
 
 def save_pretrained(model, folder: PathLike, safe_serialization: bool = True, variant: Optional[str] = None,
-                    is_main_process: bool = True, max_shard_size=None, push_to_hub: bool = False) -> Path:
+                    is_main_process: bool = True, max_shard_size=None, push_to_hub: bool = False,
+                    **kwargs) -> Path:
     """Write `model` as a diffusers folder: `config.json` and `diffusion_pytorch_model.safetensors`.
 
     config.json holds `_class_name: "AutoencoderKL"`, `_diffusers_version` (the installed diffusers', else
@@ -694,7 +734,9 @@ def save_pretrained(model, folder: PathLike, safe_serialization: bool = True, va
     The keyword arguments are those diffusers' `save_pretrained` takes (pipelines pass them to every component):
     `safe_serialization=False` writes the pickle `diffusion_pytorch_model.bin` instead; `variant="fp16"` names the
     file `diffusion_pytorch_model.fp16.safetensors`; `is_main_process=False` writes nothing (distributed
-    training); `max_shard_size` is accepted and unused (a VAE is far below any shard size).
+    training); weights larger than `max_shard_size` (bytes or "10GB"-style, default diffusers' "10GB") are split
+    into shards with an index file, as diffusers names them (`sdvae_fast.hub.write_weights`). Other keyword
+    arguments diffusers' pipelines pass (`save_function`, `use_flashpack`, ...) are accepted and ignored.
     Raises ValueError when the model's config lacks an architecture field, NotImplementedError for push_to_hub.
     """
     if push_to_hub:
@@ -716,12 +758,11 @@ def save_pretrained(model, folder: PathLike, safe_serialization: bool = True, va
         json.dump(config_json, f, indent=2, sort_keys=True)  # tuples are written as JSON lists
         f.write("\n")
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    weights_path = folder / _weights_name(safe_serialization, variant)
-    if safe_serialization:
-        # The config also goes into the file's metadata, so the weights file alone loads exactly (from_single_file).
-        save_file(weights, str(weights_path), metadata=safetensors_metadata(config))
-    else:
-        torch.save(weights, weights_path)
+    from sdvae_fast import hub
+
+    # The config also goes into the file's metadata, so the weights file alone loads exactly (from_single_file).
+    hub.write_weights(weights, folder, variant=variant, safe_serialization=safe_serialization,
+                      max_shard_size=max_shard_size, metadata=safetensors_metadata(config))
     return folder
 
 
@@ -999,7 +1040,7 @@ def inspect_checkpoint(path: PathLike, config=None, unsafe_pickle: bool = False,
     path = Path(path)
     if path.is_dir() or str(path) in TINY_NAMES:
         folder = _resolve_folder(path, None)
-        weights_path = _find_weights(folder, None)
+        weights_path = _find_weights(folder, None)[0]
         checkpoint = _Checkpoint(weights_path, unsafe_pickle)
         tensors = checkpoint.read(checkpoint.keys)
         layout = _detect_layout(list(tensors), weights_path)

@@ -1,16 +1,30 @@
 """`sdvae_fast.AutoencoderKL`: a drop-in for `diffusers.AutoencoderKL` (the kl-f8 Stable Diffusion VAE).
 
-Same constructor fields, config, module tree and `state_dict()` keys as diffusers, and the API that pipelines use:
-`encode(x).latent_dist`, `decode(z).sample`, `forward`, slicing, tiling, `quant_conv` / `post_quant_conv`,
-`.dtype`, `.device`, `from_pretrained` / `save_pretrained` / `from_single_file` (in `sdvae_fast.loading`).
+Two forwards share one module tree, chosen per call by `backend` (docs/design.md, section 3):
+- "auto" (default, or env `SDVAE_FAST_BACKEND`): the fast path of `sdvae_fast.fast` (Triton kernels) on CUDA when
+  `backends.use_fast_path` agrees, the PyTorch modules elsewhere (on CPU `sdvae_fast.fast` is never imported);
+- "triton": always the fast path (errors come from `backends.use_fast_path`, e.g. no CUDA and no interpreter);
+- "torch": always the PyTorch modules.
+The fast path is inference-only: under autograd, with parameters on another device or dtype than the input
+(offloading and layerwise-casting hooks), a call runs the PyTorch modules instead.
 
-Two forwards share one module tree: the reference modules of `sdvae_fast.reference` (plain PyTorch, the oracle)
-and the fast path of `sdvae_fast.fast` (Triton kernels, CUDA), chosen per call by `backend`:
-
-- "auto" (default, or env `SDVAE_FAST_BACKEND`): the fast path on CUDA when `fast.use_fast_path` agrees,
-  the reference modules elsewhere (on CPU `sdvae_fast.fast` is never imported);
-- "triton": always the fast path (errors come from `fast.use_fast_path`, e.g. no CUDA and no interpreter);
-- "torch": always the reference modules.
+Which class `AutoencoderKL` is depends on whether diffusers is installed (`HAS_DIFFUSERS`):
+- with diffusers: a subclass of `diffusers.AutoencoderKL`. Its modules, config (`FrozenDict`, `register_to_config`),
+  constructor signature, `from_pretrained` (Hub ids through huggingface_hub, variants, shards, `device_map`, ...),
+  `save_pretrained`, gradient checkpointing, attention processors, layerwise casting, group offload and pipeline
+  integration are diffusers' own; the torch backend is diffusers' forward, bit for bit. `DecoderOutput` and
+  `AutoencoderKLOutput` are diffusers' classes. In a pipeline's `model_index.json` the VAE is entered as
+  ("diffusers", "AutoencoderKL"): the saved `vae/` folder is diffusers' format, so diffusers alone loads the
+  pipeline back; ask for ours with `vae=sdvae_fast.AutoencoderKL.from_pretrained(folder, subfolder="vae")` or
+  `sdvae_fast.patch(pipe)`.
+- without diffusers: `StandaloneAutoencoderKL`, the same API on the reference modules of `sdvae_fast.reference`
+  (which compute diffusers' numbers), loading through `sdvae_fast.loading` (Hub ids through huggingface_hub).
+  Features only diffusers provides (group offload, layerwise casting, attention processors) raise ImportError
+  naming diffusers.
+Both add, identically: `backend` / `set_backend`, validation of every input (errors name the argument and the
+expected shape), `from_preset`, `from_single_file` (every checkpoint layout, `sdvae_fast.loading`), the bundled
+"sdvae-fast/tiny", and tiling that keeps output shapes exact (`enable_tiling`). `StandaloneAutoencoderKL` is
+importable (and tested) with diffusers installed too.
 
 Tensors: images (N, in_channels, H, W) in [-1, 1]; latents (N, latent_channels, H // f, W // f) with
 f = 2 ** (len(block_out_channels) - 1) (8 for every public VAE), unscaled: pipelines multiply by
@@ -18,6 +32,9 @@ f = 2 ** (len(block_out_channels) - 1) (8 for every public VAE), unscaled: pipel
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
@@ -25,93 +42,110 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from sdvae_fast.backends import BACKEND_ENV, BACKENDS, check_backend
-from sdvae_fast.configs import PRESETS, ConfigLike, normalize_config, resolve_config
+from sdvae_fast.backends import BACKEND_ENV, check_backend
+from sdvae_fast.configs import DEFAULTS, PRESETS, ConfigLike, normalize_config, resolve_config
 from sdvae_fast.reference import Decoder, DiagonalGaussianDistribution, Encoder, GeneratorArg
+
+#: Whether diffusers is installed: `AutoencoderKL` is then a subclass of `diffusers.AutoencoderKL`.
+HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Outputs and config
 # ---------------------------------------------------------------------------------------------------------------
 
+if HAS_DIFFUSERS:
+    from diffusers.models.autoencoders.vae import DecoderOutput
+    from diffusers.models.modeling_outputs import AutoencoderKLOutput
+else:
 
-class _ModelOutput:
-    """Dataclass output readable like diffusers' `BaseOutput`: `out.sample`, `out["sample"]`, `out[0]`."""
+    class _ModelOutput:
+        """Dataclass output readable like diffusers' `BaseOutput`: `out.sample`, `out["sample"]`, `out[0]`."""
 
-    def to_tuple(self) -> tuple:
-        """The fields that are not None, in declaration order."""
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+        def to_tuple(self) -> tuple:
+            """The fields that are not None, in declaration order."""
+            return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
 
-    def __getitem__(self, key: Union[int, str, slice]):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
+        def __getitem__(self, key: Union[int, str, slice]):
+            if isinstance(key, str):
+                return getattr(self, key)
+            return self.to_tuple()[key]
 
-    def __iter__(self) -> Iterator:
-        return iter(self.to_tuple())
+        def __iter__(self) -> Iterator:
+            return iter(self.to_tuple())
 
-    def __len__(self) -> int:
-        return len(self.to_tuple())
+        def __len__(self) -> int:
+            return len(self.to_tuple())
+
+        def keys(self):
+            """Names of the fields that are not None (dict access as on diffusers' `BaseOutput`)."""
+            return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+        def values(self):
+            """Values of the fields that are not None."""
+            return list(self.to_tuple())
+
+        def items(self):
+            """(name, value) of the fields that are not None."""
+            return list(zip(self.keys(), self.values()))
+
+    @dataclass
+    class DecoderOutput(_ModelOutput):
+        """Output of `AutoencoderKL.decode`: `sample`, the decoded images (N, out_channels, H, W) in the model's
+        dtype, nominally in [-1, 1] (not clamped). `commit_loss` exists for diffusers compatibility (None here)."""
+
+        sample: torch.Tensor
+        commit_loss: Optional[torch.Tensor] = None
+
+    @dataclass
+    class AutoencoderKLOutput(_ModelOutput):
+        """Output of `AutoencoderKL.encode`: `latent_dist`, the posterior `DiagonalGaussianDistribution` over
+        (N, latent_channels, h, w) latents."""
+
+        latent_dist: DiagonalGaussianDistribution
 
 
-@dataclass
-class DecoderOutput(_ModelOutput):
-    """Output of `AutoencoderKL.decode`: `sample`, the decoded images (N, out_channels, H, W) in the model's dtype,
-    nominally in [-1, 1] (not clamped). `commit_loss` exists for diffusers compatibility and is always None."""
+class VAEConfig(dict):
+    """The standalone model's config: a read-only dict with diffusers' field names, also readable as attributes.
 
-    sample: torch.Tensor
-    commit_loss: Optional[torch.Tensor] = None
-
-
-@dataclass
-class AutoencoderKLOutput(_ModelOutput):
-    """Output of `AutoencoderKL.encode`: `latent_dist`, the posterior `DiagonalGaussianDistribution` over
-    (N, latent_channels, h, w) latents."""
-
-    latent_dist: DiagonalGaussianDistribution
-
-
-class VAEConfig(Mapping):
-    """Read-only config with diffusers' field names, readable as attributes and as a mapping.
-
-    `config.scaling_factor`, `config["latent_channels"]`, `dict(config)`, `config.get("shift_factor")` all work;
-    `AutoencoderKL(**dict(config))` rebuilds the same architecture. Assigning raises AttributeError (build a new
-    model, or pass overrides to the constructor / loader, instead).
+    `config.scaling_factor`, `config["latent_channels"]`, `dict(config)` and `diffusers.AutoencoderKL.from_config
+    (config)` all work. Assigning or mutating raises TypeError (build a new model, or pass overrides to
+    `from_config` / the loaders, instead).
     """
 
-    __slots__ = ("_data",)
-
-    def __init__(self, data: Mapping[str, Any]):
-        object.__setattr__(self, "_data", dict(data))
-
     def __getattr__(self, name: str):
-        if name.startswith("_"):
+        if name.startswith("__"):
             raise AttributeError(name)
         try:
-            return self._data[name]
+            return self[name]
         except KeyError:
-            raise AttributeError(f"AutoencoderKL config has no field {name!r}; fields: {list(self._data)}") from None
+            raise AttributeError(f"AutoencoderKL config has no field {name!r}; fields: {list(self)}") from None
 
-    def __setattr__(self, name: str, value) -> None:
-        raise AttributeError(f"AutoencoderKL config is read-only (tried to set {name!r})")
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("AutoencoderKL config is read-only; build a new model with from_config(config, field=...)")
 
-    def __getitem__(self, key: str):
-        try:
-            return self._data[key]
-        except KeyError:
-            raise KeyError(f"AutoencoderKL config has no field {key!r}; fields: {list(self._data)}") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
+    __setattr__ = __setitem__ = __delitem__ = _read_only
+    update = pop = popitem = clear = setdefault = _read_only
 
     def __reduce__(self):
-        return (VAEConfig, (self._data,))
+        return (VAEConfig, (dict(self),))
 
     def __repr__(self) -> str:
-        return f"VAEConfig({self._data!r})"
+        return f"VAEConfig({dict.__repr__(self)})"
+
+
+def _bind_fields(signature: inspect.Signature, args: tuple, kwargs: dict, source: str) -> dict[str, Any]:
+    """The config fields given to a constructor with `signature` (self excluded): positional and keyword arguments
+    by name, "_"-prefixed keys dropped. Raises TypeError naming the valid fields for unknown or extra arguments."""
+    public = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+    unknown = sorted(k for k in public if k not in signature.parameters or k == "self")
+    if unknown:
+        raise TypeError(f"{source}: unknown AutoencoderKL config field(s) {unknown}; valid fields: {list(DEFAULTS)}")
+    try:
+        bound = signature.bind(None, *args, **public)
+    except TypeError as e:
+        raise TypeError(f"{source}: {e}; valid fields: {list(DEFAULTS)}") from None
+    return {k: v for k, v in bound.arguments.items() if k != "self"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,91 +181,56 @@ def _blend_weights(spans: list[tuple[int, int]], dtype: torch.dtype, device) -> 
     return weights
 
 
+
 # ---------------------------------------------------------------------------------------------------------------
-# The model
+# What sdvae-fast adds to the AutoencoderKL API (both classes)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class AutoencoderKL(nn.Module):
-    """The Stable Diffusion VAE with diffusers' `AutoencoderKL` API, weights layout and config.
+class FastVAEMixin:
+    """Backends, validation, exact-shape tiling, presets and single-file loading on an AutoencoderKL-structured
+    module (`encoder`, `decoder`, `quant_conv`, `post_quant_conv`, `config`, `use_slicing`, `use_tiling`,
+    `tile_sample_min_size`, `tile_latent_min_size`, `tile_overlap_factor`). Listed first among the bases, so
+    these methods take precedence over diffusers' of the same name."""
 
-    Construction (fields are diffusers' `AutoencoderKL.__init__` arguments, see `sdvae_fast.configs.DEFAULTS`):
+    backend: str = "auto"
 
-        AutoencoderKL(**diffusers_vae.config)         # same architecture; load_state_dict(diffusers sd) works
-        AutoencoderKL(config="sdxl")                   # a preset ("sd15", "sdxl", "sd3", "flux1", "diffusers_test")
-        AutoencoderKL(config="path/to/vae", scaling_factor=0.13025)   # a diffusers folder, fields overridden
-        AutoencoderKL.from_preset("sd15", seed=0)      # preset with seeded random weights (deterministic)
-
-    Keys starting with "_" (`_class_name`, `_diffusers_version`) are ignored; unknown fields raise TypeError.
-    Like diffusers' constructor this builds randomly initialised weights (PyTorch's default init).
-
-    Attributes: `encoder`, `decoder` (`sdvae_fast.reference`), `quant_conv` (1x1 conv 2c -> 2c, or None when
-    `use_quant_conv` is false), `post_quant_conv` (1x1 c -> c, or None), `config` (`VAEConfig`), `use_slicing`,
-    `use_tiling`, `tile_sample_min_size` (pixels), `tile_latent_min_size` (latents), `tile_overlap_factor`,
-    `backend` ("auto" | "triton" | "torch").
-    """
-
-    def __init__(self, config: Optional[ConfigLike] = None, **kwargs):
-        super().__init__()
-        base = resolve_config(config) if config is not None else {}
-        cfg = normalize_config({**base, **kwargs}, source="AutoencoderKL()")
-        self.config = VAEConfig(cfg)
-        common = dict(block_out_channels=cfg["block_out_channels"], layers_per_block=cfg["layers_per_block"],
-                      norm_num_groups=cfg["norm_num_groups"], act_fn=cfg["act_fn"],
-                      mid_block_add_attention=cfg["mid_block_add_attention"])
-        self.encoder = Encoder(cfg["in_channels"], cfg["latent_channels"], double_z=True, **common)
-        self.decoder = Decoder(cfg["latent_channels"], cfg["out_channels"], **common)
-        c = cfg["latent_channels"]
-        self.quant_conv = nn.Conv2d(2 * c, 2 * c, kernel_size=1) if cfg["use_quant_conv"] else None
-        self.post_quant_conv = nn.Conv2d(c, c, kernel_size=1) if cfg["use_post_quant_conv"] else None
-
-        self.use_slicing = False
-        self.use_tiling = False
-        # Tile sizes as diffusers sets them: the config's sample_size in pixels, divided by f in latents.
-        sample_size = cfg["sample_size"]
-        sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-        self.tile_sample_min_size = int(sample_size)
-        self.tile_latent_min_size = int(sample_size / self.downsample_factor)
-        self.tile_overlap_factor = 0.25
-
-        self.backend = "auto"
-        self.set_backend(os.environ.get(BACKEND_ENV) or "auto", _source=f"environment variable {BACKEND_ENV}")
+    def _init_backend(self) -> None:
+        self.backend = check_backend(os.environ.get(BACKEND_ENV) or "auto", f"environment variable {BACKEND_ENV}")
 
     # -- construction helpers ------------------------------------------------------------------------------------
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, *, dtype: Optional[torch.dtype] = None,
-                    device: Union[str, torch.device, None] = None, **overrides) -> "AutoencoderKL":
-        """A preset's architecture with deterministic random weights: PyTorch's default init drawn from
-        `torch.manual_seed(seed)` in a forked RNG state (the global RNG is left untouched). Same seed, same torch
-        version: bitwise the same weights. `overrides` replace config fields (e.g. narrow `block_out_channels`
-        for tests). The model is returned in eval mode, moved to `dtype` / `device` when given.
+                    device: Union[str, torch.device, None] = None, **overrides):
+        """A preset's architecture with deterministic random weights.
 
-        Such weights decode to no meaningful image: they exist for tests, benchmarks and demos.
-        Raises ValueError listing the presets for an unknown name.
+        The weights are PyTorch's default init of the reference module tree (`StandaloneAutoencoderKL`) drawn
+        from `torch.manual_seed(seed)` in a forked RNG state (the global RNG is left untouched), then loaded into
+        `cls`: same seed and torch version, bitwise the same weights, with or without diffusers installed.
+        `overrides` replace config fields (e.g. narrow `block_out_channels` for tests). Returned in eval mode,
+        moved to `dtype` / `device` when given. Such weights decode to no meaningful image: they exist for tests,
+        benchmarks and demos.
+
+        Raises ValueError listing the presets for an unknown name; TypeError / ValueError for bad overrides.
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid preset names: {sorted(PRESETS)}")
+        config = normalize_config({**PRESETS[name], **overrides}, source=f"from_preset({name!r})")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = cls(config=name, **overrides)
-        return model.eval().to(device=device, dtype=dtype)
+            source = StandaloneAutoencoderKL(**config)
+        if cls is StandaloneAutoencoderKL:
+            model = source
+        else:
+            with torch.device("meta"):
+                model = cls.from_config(config)
+            model.load_state_dict(source.state_dict(), assign=True)
+        model.eval()
+        return model if device is None and dtype is None else model.to(device=device, dtype=dtype)
 
     @classmethod
-    def from_config(cls, config: ConfigLike, **overrides) -> "AutoencoderKL":
-        """Build from a config (preset name, dict such as another model's `.config`, or folder) with random
-        weights, as diffusers' `from_config` does; `overrides` replace fields."""
-        return cls(config=config, **overrides)
-
-    @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "AutoencoderKL":
-        """Load a diffusers-layout folder (config.json + safetensors); see `sdvae_fast.loading.load_pretrained`."""
-        from sdvae_fast import loading
-
-        return loading.load_pretrained(cls, path, **kwargs)
-
-    @classmethod
-    def from_single_file(cls, path, config: Optional[ConfigLike] = None, **overrides) -> "AutoencoderKL":
+    def from_single_file(cls, path, config: Optional[ConfigLike] = None, **overrides):
         """Load one checkpoint file of any known layout (diffusers or LDM names, whole-model checkpoints, pickles);
         see `sdvae_fast.loading.load_single_file`. `config` (preset, folder or dict) and `overrides` win over the
         architecture and scaling factor inferred from the file."""
@@ -239,33 +238,17 @@ class AutoencoderKL(nn.Module):
 
         return loading.load_single_file(cls, path, config=config, **overrides)
 
-    def save_pretrained(self, folder, **kwargs) -> None:
-        """Write `folder` in diffusers' layout (config.json + safetensors); see `sdvae_fast.loading.save_pretrained`."""
-        from sdvae_fast import loading
-
-        loading.save_pretrained(self, folder, **kwargs)
-
     # -- properties and switches -----------------------------------------------------------------------------
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """dtype of the parameters (of the first one; `.to(dtype)` keeps them uniform)."""
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the parameters."""
-        return next(self.parameters()).device
 
     @property
     def downsample_factor(self) -> int:
         """Pixels per latent along each side: f = 2 ** (len(block_out_channels) - 1) (8 for every public VAE)."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
-    def set_backend(self, name: str, *, _source: str = "backend") -> None:
+    def set_backend(self, name: str) -> None:
         """Choose the forward: "auto" (fast path on CUDA when available, else PyTorch), "triton" (always the fast
-        path), or "torch" (always the reference modules). Raises ValueError for any other name."""
-        self.backend = check_backend(name, _source)
+        path), or "torch" (always the PyTorch modules). Raises ValueError for any other name."""
+        self.backend = check_backend(name, "backend")
 
     def enable_slicing(self) -> None:
         """Encode / decode a batch one sample at a time (lower peak memory; results equal the batched call)."""
@@ -312,29 +295,38 @@ class AutoencoderKL(nn.Module):
                 f"float in [-1, 1] first"
             )
         device = self.device
-        if tensor.device != device:
-            raise ValueError(
-                f"{name} is on {tensor.device} but the model is on {device}; move one of them with .to()"
-            )
+        if tensor.device != device and not _offloaded(self):
+            raise ValueError(f"{name} is on {tensor.device} but the model is on {device}; move one of them with .to()")
         return tensor.to(self.dtype)
+
+    def _check_image(self, x) -> torch.Tensor:
+        return self._check_input(x, "x", self.config.in_channels, self.downsample_factor, "images")
+
+    def _check_latents(self, z) -> torch.Tensor:
+        return self._check_input(z, "z", self.config.latent_channels, 1, "latents")
 
     # -- core: untiled encode / decode with the backend hook --------------------------------------------------
 
-    def _fast(self, device: torch.device):
-        """The `sdvae_fast.fast` module when the fast path should run on `device`, else None."""
-        if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda"):
+    def _fast(self, x: torch.Tensor, modules: tuple):
+        """The `sdvae_fast.fast` module when the fast path should run `modules` on `x`, else None: not for
+        backend "torch", nor "auto" off CUDA, nor when a parameter's device or dtype differs from x's (offloading
+        and layerwise-casting hooks keep the modules' own forwards, which know how to run them)."""
+        if self.backend == "torch" or (self.backend == "auto" and x.device.type != "cuda"):
             return None
+        for module in modules:
+            if module is not None and any(p.device != x.device or p.dtype != x.dtype for p in module.parameters()):
+                return None
         try:
             from sdvae_fast import fast
         except ModuleNotFoundError as e:
             if e.name == "sdvae_fast.fast" and self.backend == "auto":
                 return None
             raise
-        return fast if fast.use_fast_path(self.backend, device) else None
+        return fast if fast.use_fast_path(self.backend, x.device) else None
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode_untiled(self, x: torch.Tensor) -> torch.Tensor:
         """Moments `quant_conv(encoder(x))`, (N, 2c, H // f, W // f), without tiling. x is validated already."""
-        fast = self._fast(x.device)
+        fast = self._fast(x, (self.encoder, self.quant_conv))
         if fast is not None:
             return fast.encode_moments(self, x, validate=False)
         moments = self.encoder(x)
@@ -342,10 +334,9 @@ class AutoencoderKL(nn.Module):
             moments = self.quant_conv(moments)
         return moments
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images `decoder(post_quant_conv(z))`, (N, out_channels, f*h, f*w), without tiling (a tensor, not a
-        DecoderOutput as in diffusers). z is validated already."""
-        fast = self._fast(z.device)
+    def _decode_untiled(self, z: torch.Tensor) -> torch.Tensor:
+        """Images `decoder(post_quant_conv(z))`, (N, out_channels, f*h, f*w), without tiling. z is validated."""
+        fast = self._fast(z, (self.decoder, self.post_quant_conv))
         if fast is not None:
             return fast.decode_sample(self, z, validate=False)
         if self.post_quant_conv is not None:
@@ -402,33 +393,33 @@ class AutoencoderKL(nn.Module):
         f = self.downsample_factor
         tile = max(f, int(self.tile_sample_min_size) // f * f)
         overlap = int(tile * self._check_tile_overlap()) // f * f
-        return self._run_tiled(x, self._encode, tile, overlap, align=f, scale=1.0 / f)
+        return self._run_tiled(x, self._encode_untiled, tile, overlap, align=f, scale=1.0 / f)
 
     def _tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images (N, out_channels, f*h, f*w) from tiles of `tile_latent_min_size` latents (approximate)."""
         tile = max(1, int(self.tile_latent_min_size))
         overlap = min(tile - 1, int(tile * self._check_tile_overlap()))
-        return self._run_tiled(z, self._decode, tile, overlap, align=1, scale=self.downsample_factor)
+        return self._run_tiled(z, self._decode_untiled, tile, overlap, align=1, scale=self.downsample_factor)
 
-    def _encode_one(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Moments (N, 2c, H // f, W // f) of one validated batch, tiled when tiling is on and x is larger than a
+        tile (diffusers' `_encode` contract)."""
         size = self.tile_sample_min_size
         if self.use_tiling and (x.shape[-1] > size or x.shape[-2] > size):
             return self._tiled_encode(x)
-        return self._encode(x)
+        return self._encode_untiled(x)
 
-    def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor, return_dict: bool = True):
+        """Images of one validated batch as `DecoderOutput` (or `(sample,)`), tiled when tiling is on and z is
+        larger than a tile (diffusers' `_decode` contract)."""
         size = self.tile_latent_min_size
         if self.use_tiling and (z.shape[-1] > size or z.shape[-2] > size):
-            return self._tiled_decode(z)
-        return self._decode(z)
+            sample = self._tiled_decode(z)
+        else:
+            sample = self._decode_untiled(z)
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     # -- public API ----------------------------------------------------------------------------------------
-
-    def _check_image(self, x) -> torch.Tensor:
-        return self._check_input(x, "x", self.config.in_channels, self.downsample_factor, "images")
-
-    def _check_latents(self, z) -> torch.Tensor:
-        return self._check_input(z, "z", self.config.latent_channels, 1, "latents")
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         """Encode images into the posterior over latents.
@@ -439,19 +430,18 @@ class AutoencoderKL(nn.Module):
                 (the encoder's stride-2 arithmetic, as in diffusers: 468 rows give 58).
             return_dict: return `AutoencoderKLOutput(latent_dist=...)` if True, else the tuple `(latent_dist,)`.
 
-        The posterior's moments are (N, 2c, H // f, W // f) in the model's dtype. Raises TypeError / ValueError
+        The posterior (`sdvae_fast.DiagonalGaussianDistribution`, diffusers' API; its `sample()` compiles with
+        dynamic shapes) has moments (N, 2c, H // f, W // f) in the model's dtype. Raises TypeError / ValueError
         (naming the expected shape) for a non-tensor, wrong rank or channel count, too small or empty input,
         integer dtype, or a device other than the model's.
         """
         x = self._check_image(x)
         if self.use_slicing and x.shape[0] > 1:
-            moments = torch.cat([self._encode_one(part) for part in x.split(1)])
+            moments = torch.cat([self._encode(part) for part in x.split(1)])
         else:
-            moments = self._encode_one(x)
+            moments = self._encode(x)
         posterior = DiagonalGaussianDistribution(moments)
-        if not return_dict:
-            return (posterior,)
-        return AutoencoderKLOutput(latent_dist=posterior)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator: GeneratorArg = None):
         """Decode latents into images.
@@ -466,12 +456,10 @@ class AutoencoderKL(nn.Module):
         """
         z = self._check_latents(z)
         if self.use_slicing and z.shape[0] > 1:
-            sample = torch.cat([self._decode_one(part) for part in z.split(1)])
+            sample = torch.cat([self._decode(part).sample for part in z.split(1)])
         else:
-            sample = self._decode_one(z)
-        if not return_dict:
-            return (sample,)
-        return DecoderOutput(sample=sample)
+            sample = self._decode(z).sample
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     def tiled_encode(self, x: torch.Tensor, return_dict: bool = True):
         """`encode` in tiles regardless of `use_tiling` (approximate; see `enable_tiling`)."""
@@ -498,11 +486,228 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         decoded = self.decode(z).sample
-        if not return_dict:
-            return (decoded,)
-        return DecoderOutput(sample=decoded)
+        return DecoderOutput(sample=decoded) if return_dict else (decoded,)
 
     def extra_repr(self) -> str:
         cfg = self.config
         return (f"block_out_channels={list(cfg.block_out_channels)}, latent_channels={cfg.latent_channels}, "
                 f"scaling_factor={cfg.scaling_factor}, shift_factor={cfg.shift_factor}, backend={self.backend!r}")
+
+
+def _offloaded(module: nn.Module) -> bool:
+    """Whether an offloading hook manages `module`'s weights (accelerate's `_hf_hook` on it or a child, or a
+    diffusers hook registry): the weights then move to the input's device at call time."""
+    return any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in module.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without diffusers: the same API on the reference modules
+# ---------------------------------------------------------------------------------------------------------------
+
+_P = inspect.Parameter
+#: diffusers' `AutoencoderKL.__init__` signature (field names and defaults from `sdvae_fast.configs.DEFAULTS`).
+_STANDALONE_SIGNATURE = inspect.Signature(
+    [_P("self", _P.POSITIONAL_OR_KEYWORD)] + [_P(k, _P.POSITIONAL_OR_KEYWORD, default=v) for k, v in DEFAULTS.items()]
+)
+
+
+def _needs_diffusers(feature: str):
+    """A method that raises ImportError: `feature` is provided by diffusers, which is not installed."""
+
+    def method(self, *args, **kwargs):
+        raise ImportError(
+            f"{feature} is a diffusers feature: install diffusers (pip install diffusers) and use "
+            f"sdvae_fast.AutoencoderKL, which then subclasses diffusers.AutoencoderKL"
+        )
+
+    method.__name__ = feature
+    method.__doc__ = f"Raises ImportError: {feature} needs diffusers (not installed)."
+    return method
+
+
+class StandaloneAutoencoderKL(FastVAEMixin, nn.Module):
+    """The Stable Diffusion VAE with diffusers' `AutoencoderKL` API on the reference modules, without diffusers.
+
+    `sdvae_fast.AutoencoderKL` is this class when diffusers is not installed. Constructor arguments, config
+    fields, module tree and `state_dict()` keys are diffusers' (`sdvae_fast.configs.DEFAULTS`):
+
+        StandaloneAutoencoderKL(**diffusers_vae.config)      # same architecture; load_state_dict(diffusers sd) works
+        StandaloneAutoencoderKL.from_config("sdxl")          # a preset, a config dict or a folder; fields overridable
+        StandaloneAutoencoderKL.from_preset("sd15", seed=0)  # preset with seeded random weights (deterministic)
+        StandaloneAutoencoderKL.from_pretrained("org/repo", subfolder="vae")   # folder or Hub id (sdvae_fast.loading)
+
+    "_"-prefixed keys (`_class_name`, `_diffusers_version`) are ignored; unknown fields raise TypeError naming the
+    valid ones; impossible values raise ValueError naming the field. Like diffusers' constructor this builds
+    randomly initialised weights (PyTorch's default init).
+
+    Attributes: `encoder`, `decoder` (`sdvae_fast.reference`), `quant_conv` (1x1 conv 2c -> 2c, or None when
+    `use_quant_conv` is false), `post_quant_conv` (1x1 c -> c, or None), `config` (`VAEConfig`), `use_slicing`,
+    `use_tiling`, `tile_sample_min_size` (pixels), `tile_latent_min_size` (latents), `tile_overlap_factor`,
+    `backend` ("auto" | "triton" | "torch").
+    Gradient checkpointing (`enable_gradient_checkpointing`) recomputes the encoder's and decoder's blocks and the
+    mid blocks in the backward pass, as diffusers does.
+    """
+
+    config_name = "config.json"
+    _supports_gradient_checkpointing = True
+    _keep_in_fp32_modules = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        fields = _bind_fields(_STANDALONE_SIGNATURE, args, kwargs, "AutoencoderKL()")
+        cfg = normalize_config(fields, source="AutoencoderKL()")
+        object.__setattr__(self, "config", VAEConfig(cfg))
+        common = dict(block_out_channels=cfg["block_out_channels"], layers_per_block=cfg["layers_per_block"],
+                      norm_num_groups=cfg["norm_num_groups"], act_fn=cfg["act_fn"],
+                      mid_block_add_attention=cfg["mid_block_add_attention"])
+        self.encoder = Encoder(cfg["in_channels"], cfg["latent_channels"], double_z=True, **common)
+        self.decoder = Decoder(cfg["latent_channels"], cfg["out_channels"], **common)
+        c = cfg["latent_channels"]
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, kernel_size=1) if cfg["use_quant_conv"] else None
+        self.post_quant_conv = nn.Conv2d(c, c, kernel_size=1) if cfg["use_post_quant_conv"] else None
+
+        self.use_slicing = False
+        self.use_tiling = False
+        # Tile sizes as diffusers sets them: the config's sample_size in pixels, divided by f in latents.
+        sample_size = cfg["sample_size"]
+        sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        self.tile_sample_min_size = int(sample_size)
+        self.tile_latent_min_size = int(sample_size / self.downsample_factor)
+        self.tile_overlap_factor = 0.25
+        self._init_backend()
+
+    __init__.__signature__ = _STANDALONE_SIGNATURE
+
+    # -- construction, loading, saving ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: ConfigLike, **overrides) -> "StandaloneAutoencoderKL":
+        """Build from a config (preset name, dict such as another model's `.config`, or folder) with random
+        weights, as diffusers' `from_config` does; `overrides` replace fields. Raises as the constructor."""
+        return cls(**{**resolve_config(config), **overrides})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "StandaloneAutoencoderKL":
+        """Load a diffusers-layout folder or Hub repository id (config.json + safetensors, sharded or not), or the
+        bundled "sdvae-fast/tiny"; diffusers' keyword arguments. See `sdvae_fast.loading.load_pretrained`."""
+        from sdvae_fast import loading
+
+        return loading.load_pretrained(cls, pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write `save_directory` in diffusers' layout (config.json + safetensors, sharded above `max_shard_size`);
+        see `sdvae_fast.loading.save_pretrained`."""
+        from sdvae_fast import loading
+
+        loading.save_pretrained(self, save_directory, **kwargs)
+
+    # -- properties ----------------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the parameters (of the first one; `.to(dtype)` keeps them uniform)."""
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return next(self.parameters()).device
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (those with requires_grad when `only_trainable`); the VAE has no embeddings."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    # -- gradient checkpointing (reference modules) ----------------------------------------------------------
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether any block recomputes its activations in the backward pass."""
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Optional[Callable] = None) -> None:
+        """Recompute the encoder's and decoder's blocks (and the mid blocks) in the backward pass instead of
+        keeping their activations. `gradient_checkpointing_func(fn, *args)` defaults to
+        `torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)`. Training only: the fast path is
+        inference-only and is not used under autograd anyway."""
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = True
+                if gradient_checkpointing_func is not None:
+                    module._gradient_checkpointing_func = gradient_checkpointing_func
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Keep activations again (the default)."""
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+
+    # -- features that only diffusers provides ----------------------------------------------------------------
+
+    enable_layerwise_casting = _needs_diffusers("enable_layerwise_casting")
+    enable_group_offload = _needs_diffusers("enable_group_offload")
+    set_attn_processor = _needs_diffusers("set_attn_processor")
+    set_default_attn_processor = _needs_diffusers("set_default_attn_processor")
+    fuse_qkv_projections = _needs_diffusers("fuse_qkv_projections")
+    unfuse_qkv_projections = _needs_diffusers("unfuse_qkv_projections")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# With diffusers: a subclass of diffusers' own class
+# ---------------------------------------------------------------------------------------------------------------
+
+if HAS_DIFFUSERS:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL as _DiffusersAutoencoderKL
+    from diffusers.utils.accelerate_utils import apply_forward_hook
+
+    _DIFFUSERS_SIGNATURE = inspect.signature(_DiffusersAutoencoderKL.__init__)
+
+    class AutoencoderKL(FastVAEMixin, _DiffusersAutoencoderKL):
+        """`diffusers.AutoencoderKL` with sdvae-fast's backends (see the module docstring for what is added).
+
+        Everything diffusers' class has works unchanged: constructor arguments, `config` (`FrozenDict`),
+        `from_config`, `from_pretrained` (folders and Hub ids, variants, shards, `device_map`, ...),
+        `save_pretrained`, gradient checkpointing, attention processors, layerwise casting, group offload,
+        pipelines. Added or changed: `backend` / `set_backend`, input validation, `from_preset`,
+        `from_single_file` (every checkpoint layout), `from_config` / `from_pretrained` also take a preset name
+        and the bundled "sdvae-fast/tiny", and tiling keeps output shapes exact (`enable_tiling`).
+
+            AutoencoderKL.from_pretrained("stabilityai/sdxl-vae")     # Hub id or folder, as in diffusers
+            AutoencoderKL.from_config("sdxl")                          # preset, random weights
+            AutoencoderKL.from_preset("sd15", seed=0)                  # preset, seeded weights
+        """
+
+        @functools.wraps(_DiffusersAutoencoderKL.__init__)
+        def __init__(self, *args, **kwargs):
+            fields = _bind_fields(_DIFFUSERS_SIGNATURE, args, kwargs, "AutoencoderKL()")
+            normalize_config({k: v for k, v in fields.items() if k in DEFAULTS}, source="AutoencoderKL()",
+                             check_block_types=False)
+            super().__init__(*args, **kwargs)
+            self._init_backend()
+            # Read by diffusers' pipelines for their model_index.json (see the module docstring): diffusers'
+            # AutoencoderKL loads the saved folder, so the entry names it and the pipeline loads without sdvae_fast.
+            self.__dict__["__module__"] = "diffusers"
+
+        encode = apply_forward_hook(FastVAEMixin.encode)
+        decode = apply_forward_hook(FastVAEMixin.decode)
+
+        @classmethod
+        def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+            """diffusers' `from_config` (random weights); `config` may also be a preset name or a folder
+            (`sdvae_fast.configs.resolve_config`)."""
+            if isinstance(config, (str, os.PathLike)):
+                config = resolve_config(config)
+            return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+            """diffusers' `from_pretrained` (folder or Hub id, `subfolder`, `variant`, `torch_dtype`/`dtype`,
+            `local_files_only`, `revision`, `cache_dir`, shards, `device_map`, `output_loading_info`, ...), plus the
+            bundled name "sdvae-fast/tiny" (also "tiny")."""
+            from sdvae_fast.loading import TINY_FOLDER, TINY_NAMES
+
+            if isinstance(pretrained_model_name_or_path, str) and pretrained_model_name_or_path in TINY_NAMES:
+                pretrained_model_name_or_path = str(TINY_FOLDER)
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+else:
+    AutoencoderKL = StandaloneAutoencoderKL

@@ -145,12 +145,17 @@ def patch(obj, backend: str = "auto"):
             forwards; patched but inert). Read at every call, so the VAE may move between devices.
     Returns:
         obj, patched (the same object; parameters shared, nothing copied).
+    Our own `sdvae_fast.AutoencoderKL` (which has the fast path built in) is not patched: `patch` only calls its
+    `set_backend(backend)`.
     Raises:
         ValueError: unknown backend name.
         TypeError: obj is neither an AutoencoderKL-like module nor holds one as `.vae`.
     """
     check_backend(backend)
     vae = _find_vae(obj)
+    if callable(getattr(vae, "set_backend", None)):  # sdvae_fast's own AutoencoderKL: the backend is its switch
+        vae.set_backend(backend)
+        return obj
     state = _state_of(vae)
     if state is not None:
         state.backend = backend

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 # diffusers' `get_activation` names; every public VAE uses "silu".
@@ -91,7 +92,9 @@ class ResnetBlock2D(nn.Module):
         self.use_in_shortcut = in_channels != out_channels
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if self.use_in_shortcut else None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if temb is not None:  # diffusers' signature; the VAE's resnets have no time embedding
+            raise ValueError("temb must be None: the VAE's ResnetBlock2D has no time-embedding projection")
         residual = hidden_states
         hidden_states = self.conv1(self.nonlinearity(self.norm1(hidden_states)))
         hidden_states = self.conv2(self.dropout(self.nonlinearity(self.norm2(hidden_states))))
@@ -258,6 +261,19 @@ class UpDecoderBlock2D(nn.Module):
         return hidden_states
 
 
+def _checkpoint(fn, *args):
+    """`fn(*args)` with its activations recomputed in the backward pass (`torch.utils.checkpoint`, non-reentrant)."""
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
+def _run_block(owner: nn.Module, block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`block(hidden_states)`, through `owner._gradient_checkpointing_func` when gradient checkpointing is on
+    (`owner.gradient_checkpointing`, set by `enable_gradient_checkpointing`) and autograd is recording."""
+    if owner.gradient_checkpointing and torch.is_grad_enabled():
+        return owner._gradient_checkpointing_func(block, hidden_states)
+    return block(hidden_states)
+
+
 class UNetMidBlock2D(nn.Module):
     """The mid block: resnet, attention, resnet (`resnets[0]`, `attentions[0]`, `resnets[1]`).
 
@@ -269,6 +285,8 @@ class UNetMidBlock2D(nn.Module):
     def __init__(self, channels: int, *, num_groups: int, act_fn: str = "silu", add_attention: bool = True):
         super().__init__()
         self.add_attention = add_attention
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = _checkpoint
         # Registration order (attentions, then resnets) matches diffusers, so state_dict() keys come in its order.
         attention = Attention(channels, heads=1, dim_head=channels, num_groups=num_groups) if add_attention else None
         self.attentions = nn.ModuleList([attention])
@@ -281,7 +299,7 @@ class UNetMidBlock2D(nn.Module):
         for attention, resnet in zip(self.attentions, self.resnets[1:]):
             if attention is not None:
                 hidden_states = attention(hidden_states)
-            hidden_states = resnet(hidden_states)
+            hidden_states = _run_block(self, resnet, hidden_states)
         return hidden_states
 
 
@@ -315,6 +333,8 @@ class Encoder(nn.Module):
                  mid_block_add_attention: bool = True):
         super().__init__()
         self.layers_per_block = layers_per_block
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = _checkpoint
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, stride=1, padding=1)
         self.down_blocks = nn.ModuleList()
         prev_channels = block_out_channels[0]
@@ -334,8 +354,8 @@ class Encoder(nn.Module):
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         sample = self.conv_in(sample)
         for down_block in self.down_blocks:
-            sample = down_block(sample)
-        sample = self.mid_block(sample)
+            sample = _run_block(self, down_block, sample)
+        sample = _run_block(self, self.mid_block, sample)
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))
 
 
@@ -355,6 +375,8 @@ class Decoder(nn.Module):
                  norm_num_groups: int = 32, act_fn: str = "silu", mid_block_add_attention: bool = True):
         super().__init__()
         self.layers_per_block = layers_per_block
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = _checkpoint
         reversed_channels = list(reversed(block_out_channels))
         self.conv_in = nn.Conv2d(in_channels, reversed_channels[0], kernel_size=3, stride=1, padding=1)
         # up_blocks is registered before mid_block, as in diffusers (state_dict() key order).
@@ -374,9 +396,9 @@ class Decoder(nn.Module):
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         sample = self.conv_in(sample)
-        sample = self.mid_block(sample)
+        sample = _run_block(self, self.mid_block, sample)
         for up_block in self.up_blocks:
-            sample = up_block(sample)
+            sample = _run_block(self, up_block, sample)
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))
 
 

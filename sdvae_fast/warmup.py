@@ -400,7 +400,7 @@ def _meta_vae(vae):
 
     config = dict(vae.config) if isinstance(vae, torch.nn.Module) else vae
     with torch.device("meta"):
-        model = AutoencoderKL(config=config)
+        model = AutoencoderKL.from_config(config)
     model.set_backend("triton")
     return model.eval()
 

@@ -25,10 +25,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def make_vae():
     """The seeded narrow VAE in fp32, eval mode, with randomised (non-default) norms and biases."""
-    from sdvae_fast import AutoencoderKL
+    from sdvae_fast import AutoencoderKL, StandaloneAutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(**CONFIG).eval().requires_grad_(False)
+    # The weights are drawn in the reference tree's construction order (as when the goldens were recorded), then
+    # assigned to the class users get (with diffusers installed, diffusers' module tree), built on meta (no draws).
+    weights = StandaloneAutoencoderKL(**CONFIG).state_dict()
+    with torch.device("meta"):
+        vae = AutoencoderKL(**CONFIG)
+    vae.load_state_dict(weights, assign=True)
+    vae = vae.eval().requires_grad_(False)
     with torch.no_grad():
         for name, p in vae.named_parameters():
             if name.endswith("bias"):

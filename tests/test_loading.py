@@ -172,7 +172,7 @@ def test_every_c12_layout_loads_identical_parameters_and_decode(layout, layouts,
     model = load_pretrained(AutoencoderKL, path) if layout == "diffusers-folder" else load_quietly(path)
     assert isinstance(model, AutoencoderKL)
     assert_same_parameters(model, source)
-    assert dict(model.config)["block_out_channels"] == source.config.block_out_channels
+    assert list(dict(model.config)["block_out_channels"]) == list(source.config.block_out_channels)
     with torch.no_grad():  # bitwise: same weights, same code
         assert_close(model.decode(latents).sample, expected_decode, rel_l2=0.0, name=layout)
     # `sdvae-fast info` reports what was detected; the parameter count covers the VAE only.
@@ -235,7 +235,7 @@ def test_save_pretrained_takes_diffusers_variant_and_pickle_options(source, tmp_
     assert (folder / "diffusion_pytorch_model.fp16.bin").is_file()
     assert_same_parameters(DiffusersAutoencoderKL.from_pretrained(folder, variant="fp16"), source)
     assert_same_parameters(load_pretrained(AutoencoderKL, folder, variant="fp16"), source)
-    with pytest.raises(CheckpointError, match="pass variant="):
+    with pytest.raises(OSError, match="pass variant="):  # diffusers' error type for a variant-only folder
         load_pretrained(AutoencoderKL, folder)
 
 

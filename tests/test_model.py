@@ -23,7 +23,7 @@ needs_diffusers = pytest.mark.skipif(diffusers is None, reason="compares with di
                                      "(pip install -e '.[test]')")
 
 from sdvae_fast import PRESETS, AutoencoderKL, DecoderOutput, DiagonalGaussianDistribution, resolve_config  # noqa: E402
-from sdvae_fast.model import AutoencoderKLOutput  # noqa: E402
+from sdvae_fast.model import AutoencoderKLOutput, StandaloneAutoencoderKL  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 REAL_PRESETS = ["sd15", "sdxl", "sd3", "flux1"]
@@ -78,14 +78,14 @@ def _state_shapes(module):
 @pytest.mark.parametrize("preset", REAL_PRESETS + ["diffusers_test"])
 def test_state_dict_keys_and_shapes_equal_diffusers_at_full_width(preset):
     with torch.device("meta"):
-        ours = AutoencoderKL(config=preset)
+        ours = AutoencoderKL.from_config(preset)
         theirs = diffusers.AutoencoderKL(**PRESETS[preset])
     assert _state_shapes(ours) == _state_shapes(theirs)
 
 
 def test_sd15_parameter_counts_match_design_figures():
     with torch.device("meta"):
-        model = AutoencoderKL(config="sd15")
+        model = AutoencoderKL.from_config("sd15")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(model) == 83_653_863
     assert round(count(model.encoder) / 1e6, 2) == 34.16
@@ -114,9 +114,9 @@ def test_module_classes_and_walker_attributes_equal_diffusers():
 
 @needs_diffusers
 def test_quant_convs_are_none_when_disabled_and_structure_of_no_mid_attention_matches():
-    assert AutoencoderKL(config="sd3", **NARROW).quant_conv is None
-    assert AutoencoderKL(config="flux1", **NARROW).post_quant_conv is None
-    ours = AutoencoderKL(config="sd15", mid_block_add_attention=False, **NARROW)
+    assert AutoencoderKL.from_config("sd3", **NARROW).quant_conv is None
+    assert AutoencoderKL.from_config("flux1", **NARROW).post_quant_conv is None
+    ours = AutoencoderKL.from_config("sd15", mid_block_add_attention=False, **NARROW)
     theirs = diffusers.AutoencoderKL(**ours.config)
     assert ours.encoder.mid_block.attentions[0] is None
     assert _state_shapes(ours) == _state_shapes(theirs)
@@ -318,14 +318,15 @@ def test_tile_blending_is_exact_for_a_pointwise_stand_in_model(monkeypatch):
     """With per-pixel stand-ins for the networks, blended tiles must reproduce the untiled result exactly: this
     checks the tile geometry and that the blend weights sum to one everywhere."""
     model = _tiny_deep_model()
-    monkeypatch.setattr(model, "_decode", lambda z: torch.nn.functional.interpolate(z[:, :3], scale_factor=8.0))
+    monkeypatch.setattr(model, "_decode_untiled", lambda z: torch.nn.functional.interpolate(z[:, :3], scale_factor=8.0))
     # Moments (N, 8, H // 8, W // 8): the mean of each 8x8 pixel block, channels (0, 1, 2, 0, 1, 2, 0, 1).
-    monkeypatch.setattr(model, "_encode", lambda x: torch.nn.functional.avg_pool2d(x, 8)[:, [0, 1, 2, 0, 1, 2, 0, 1]])
+    monkeypatch.setattr(model, "_encode_untiled",
+                        lambda x: torch.nn.functional.avg_pool2d(x, 8)[:, [0, 1, 2, 0, 1, 2, 0, 1]])
     model.tile_latent_min_size, model.tile_sample_min_size = 8, 64
     z = _latents(2, 4, 21, 30)
     x = _images(1, 3, 203, 150)
-    assert_close(model.tiled_decode(z).sample, model._decode(z), rel_l2=1e-6, name="tiled stand-in decode")
-    assert_close(model.tiled_encode(x).latent_dist.mean, model._encode(x)[:, :4], rel_l2=1e-6,
+    assert_close(model.tiled_decode(z).sample, model._decode_untiled(z), rel_l2=1e-6, name="tiled stand-in decode")
+    assert_close(model.tiled_encode(x).latent_dist.mean, model._encode_untiled(x)[:, :4], rel_l2=1e-6,
                  name="tiled stand-in encode")
 
 
@@ -345,7 +346,7 @@ def test_tiling_is_exact_when_the_input_fits_in_one_tile():
 
 
 def test_config_reads_as_attributes_and_mapping_and_round_trips():
-    model = AutoencoderKL(config="sdxl", **NARROW)
+    model = AutoencoderKL.from_config("sdxl", **NARROW)
     assert model.config.scaling_factor == 0.13025 and model.config["latent_channels"] == 4
     assert model.config.get("shift_factor", "missing") is None
     rebuilt = AutoencoderKL(**dict(model.config))
@@ -353,10 +354,22 @@ def test_config_reads_as_attributes_and_mapping_and_round_trips():
     assert dict(rebuilt.config) == dict(model.config) == dict(from_config.config)
     assert _state_shapes(rebuilt) == _state_shapes(model)
     assert dict(copy.deepcopy(model).config) == dict(model.config)
-    with pytest.raises(AttributeError, match="read-only"):
-        model.config.scaling_factor = 1.0
+    with pytest.raises(AttributeError, match="no field|no attribute"):
+        model.config.no_such_field
+
+
+def test_standalone_config_is_a_read_only_dict_that_diffusers_from_config_accepts():
+    model = StandaloneAutoencoderKL.from_config("sdxl", **NARROW)
+    assert isinstance(model.config, dict) and model.config.scaling_factor == 0.13025
+    for mutate in (lambda c: setattr(c, "scaling_factor", 1.0), lambda c: c.update(scaling_factor=1.0),
+                   lambda c: c.__setitem__("scaling_factor", 1.0)):
+        with pytest.raises(TypeError, match="read-only"):
+            mutate(model.config)
     with pytest.raises(AttributeError, match="no field"):
         model.config.no_such_field
+    if diffusers is not None:
+        theirs = diffusers.AutoencoderKL.from_config(model.config)
+        assert _state_shapes(theirs) == _state_shapes(model)
 
 
 def test_presets_carry_the_published_latent_constants():
@@ -376,10 +389,11 @@ def test_constructor_takes_diffusers_config_with_private_keys_and_folder_paths(t
     on_disk = json.loads((tmp_path / "config.json").read_text())
     assert "_class_name" in on_disk
     from_dict = AutoencoderKL(**on_disk)
-    from_folder = AutoencoderKL(config=tmp_path)
-    from_file = AutoencoderKL(config=str(tmp_path / "config.json"), scaling_factor=0.5)
+    from_folder = AutoencoderKL.from_config(tmp_path)
+    from_file = AutoencoderKL.from_config(str(tmp_path / "config.json"), scaling_factor=0.5)
     for model in (from_dict, from_folder):
-        assert dict(model.config) == {k: v for k, v in resolve_config(dict(theirs.config)).items()}
+        public = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        assert resolve_config(public) == resolve_config(dict(theirs.config))
     assert from_file.config.scaling_factor == 0.5 and from_file.config.latent_channels == 16
 
 
@@ -387,7 +401,7 @@ def test_bad_configs_raise_clear_errors():
     with pytest.raises(TypeError, match="unknown AutoencoderKL config field.*'bogus'"):
         AutoencoderKL(bogus=1)
     with pytest.raises(ValueError, match="valid preset names: .*sd15"):
-        AutoencoderKL(config="sd9")
+        AutoencoderKL.from_config("sd9")
     with pytest.raises(ValueError, match="divisible by norm_num_groups"):
         AutoencoderKL(block_out_channels=(50,), norm_num_groups=32)
     with pytest.raises(ValueError, match="down_block_types"):
@@ -475,7 +489,7 @@ def test_backend_hook_calls_fast_path_only_when_asked(monkeypatch):
     fake = _fake_fast_module(calls)
     monkeypatch.setitem(sys.modules, "sdvae_fast.fast", fake)
     monkeypatch.setattr(sdvae_fast, "fast", fake, raising=False)  # bound once the real module was imported
-    model = AutoencoderKL(config="sd15", **NARROW)
+    model = AutoencoderKL.from_config("sd15", **NARROW)
     z, x = _latents(2, 4, 3, 5), _images(1, 3, 16, 24)
     with torch.no_grad():
         model.decode(z)  # "auto" on CPU: never consults sdvae_fast.fast
@@ -490,15 +504,15 @@ def test_backend_hook_calls_fast_path_only_when_asked(monkeypatch):
 
 
 def test_backend_names_are_validated_from_argument_and_environment(monkeypatch):
-    model = AutoencoderKL(config="diffusers_test")
+    model = AutoencoderKL.from_config("diffusers_test")
     assert model.backend == "auto"
     with pytest.raises(ValueError, match="'auto', 'triton', 'torch'"):
         model.set_backend("cuda")
     monkeypatch.setenv("SDVAE_FAST_BACKEND", "torch")
-    assert AutoencoderKL(config="diffusers_test").backend == "torch"
+    assert AutoencoderKL.from_config("diffusers_test").backend == "torch"
     monkeypatch.setenv("SDVAE_FAST_BACKEND", "fast")
     with pytest.raises(ValueError, match="SDVAE_FAST_BACKEND"):
-        AutoencoderKL(config="diffusers_test")
+        AutoencoderKL.from_config("diffusers_test")
 
 
 def test_package_import_stays_light():

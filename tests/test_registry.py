@@ -50,7 +50,7 @@ def test_an_unsupported_module_is_reported_by_name_and_runs_its_own_forward(vae)
     unit = {u.name: u for u in fast.iter_units(model)}["decoder.up_blocks.0.resnets.0"]
     x = torch.randn(1, 64, 3, 2)
     with torch.no_grad():
-        assert torch.equal(unit.run_alone(x), block(x))
+        assert torch.equal(unit.run_alone(x), block(x, None))
 
 
 def test_an_unregistered_class_is_reported_with_its_class_name():
@@ -198,7 +198,7 @@ def test_kernel_dtypes_and_backend_names_have_one_owner():
     for module in (attention, conv, group_norm):
         dtypes = getattr(module, "SUPPORTED_DTYPES", _common.SUPPORTED_DTYPES)
         assert dtypes is _common.SUPPORTED_DTYPES, module.__name__
-    assert model.BACKENDS is backends.BACKENDS and fast.VALID_BACKENDS is backends.BACKENDS
+    assert model.check_backend is backends.check_backend and fast.VALID_BACKENDS is backends.BACKENDS
     assert patching.check_backend is backends.check_backend
 
 
