@@ -31,7 +31,7 @@ _LAZY = {
     "AutoencoderKLOutput": "sdvae_fast.model",
     "DecoderOutput": "sdvae_fast.model",
     "HAS_DIFFUSERS": "sdvae_fast.model",
-    "DiagonalGaussianDistribution": "sdvae_fast.reference",
+    "DiagonalGaussianDistribution": "sdvae_fast.model",
     "PRESETS": "sdvae_fast.configs",
     "resolve_config": "sdvae_fast.configs",
     "patch": "sdvae_fast.patching",

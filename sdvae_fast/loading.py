@@ -642,20 +642,27 @@ def _read_weights(paths: list[Path], unsafe_pickle: bool) -> dict[str, torch.Ten
 
 
 def _placement(device_map) -> Optional[torch.device]:
-    """The one device a `device_map` names (None, a device string or index, torch.device, or {"": device}).
-    Raises ValueError for maps that split the model ("auto", "balanced", per-module dicts): those need
-    diffusers and accelerate."""
+    """The one device a `device_map` names: None, a device string ("cpu", "cuda:0"), an index (0 = "cuda:0"), a
+    torch.device, or {"": one of those}. Raises ValueError for a name that is not a device, for maps that split
+    the model ("auto", "balanced", per-module dicts: those need diffusers and accelerate), and for a CUDA device
+    this torch cannot use."""
     if device_map is None:
         return None
     if isinstance(device_map, dict) and set(device_map) == {""}:
         device_map = device_map[""]
-    if isinstance(device_map, (str, int, torch.device)) and device_map not in ("auto", "balanced", "sequential"):
-        try:
-            return torch.device(device_map)
-        except (RuntimeError, TypeError):
-            pass
-    raise ValueError(f"device_map={device_map!r}: the standalone loader places the whole model on one device "
-                     f"(a device such as 'cpu' or 'cuda:0'); splitting a model across devices needs diffusers")
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(f"device_map={device_map!r} splits the model across devices, which needs diffusers and "
+                         f"accelerate; the standalone loader places the whole model on one device ('cpu', 'cuda:0')")
+    if isinstance(device_map, dict):
+        raise ValueError(f"device_map={device_map!r}: a per-module map needs diffusers and accelerate; the standalone "
+                         f"loader takes one device ('cpu', 'cuda:0', 0, or {{'': device}})")
+    try:
+        device = torch.device("cuda", device_map) if isinstance(device_map, int) else torch.device(device_map)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device_map={device_map!r} is not a device; expected e.g. 'cpu', 'cuda:0' or 0") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device_map={device_map!r}: this torch has no usable CUDA device")
+    return device
 
 
 def load_pretrained(cls, path: PathLike, subfolder: Optional[str] = None, torch_dtype=None,
@@ -663,7 +670,7 @@ def load_pretrained(cls, path: PathLike, subfolder: Optional[str] = None, torch_
                     use_safetensors: Optional[bool] = None, local_files_only: bool = False, cache_dir=None,
                     revision: Optional[str] = None, token=None, force_download: bool = False,
                     low_cpu_mem_usage: bool = True, device_map=None, output_loading_info: bool = False,
-                    **overrides):
+                    ignore_mismatched_sizes: bool = False, **overrides):
     """Build `cls` (an AutoencoderKL class) from a diffusers model folder or Hub repository: `config.json` + weights.
 
     Args:
@@ -685,6 +692,7 @@ def load_pretrained(cls, path: PathLike, subfolder: Optional[str] = None, torch_
         device_map: one device for the whole model ("cpu", "cuda:0", {"": "cuda:0"}); None keeps it on the CPU.
         output_loading_info: also return {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}
             (always empty lists: anything missing or mis-shaped raises instead).
+        ignore_mismatched_sizes: only False (mis-shaped weights always raise, listed); True raises ValueError.
         **overrides: config fields that win over config.json (e.g. `scaling_factor=0.13025`).
 
     Returns the model in eval mode (or `(model, loading_info)`). Old diffusers attention names
@@ -698,6 +706,9 @@ def load_pretrained(cls, path: PathLike, subfolder: Optional[str] = None, torch_
         if torch_dtype is not None and torch_dtype != dtype:
             raise ValueError(f"torch_dtype={torch_dtype} and dtype={dtype} disagree; pass one of them")
         torch_dtype = dtype
+    if ignore_mismatched_sizes:
+        raise ValueError("ignore_mismatched_sizes=True is not supported: the standalone loader never loads a "
+                         "checkpoint whose shapes differ from the config (it lists them instead)")
     device = _placement(device_map)
     _check_overrides(cls, overrides)
     if Path(path).is_file():

@@ -44,7 +44,8 @@ from torch import nn
 
 from sdvae_fast.backends import BACKEND_ENV, check_backend
 from sdvae_fast.configs import DEFAULTS, PRESETS, ConfigLike, normalize_config, resolve_config
-from sdvae_fast.reference import Decoder, DiagonalGaussianDistribution, Encoder, GeneratorArg
+from sdvae_fast.reference import Decoder, Encoder, GeneratorArg
+from sdvae_fast.reference import DiagonalGaussianDistribution as _ReferencePosterior
 
 #: Whether diffusers is installed: `AutoencoderKL` is then a subclass of `diffusers.AutoencoderKL`.
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
@@ -56,8 +57,15 @@ HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 if HAS_DIFFUSERS:
     from diffusers.models.autoencoders.vae import DecoderOutput
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as _DiffusersPosterior
     from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+    class DiagonalGaussianDistribution(_ReferencePosterior, _DiffusersPosterior):
+        """The posterior `encode` returns: `sdvae_fast.reference.DiagonalGaussianDistribution` (diffusers' numbers;
+        `sample()` compiles with dynamic shapes) that is also an instance of diffusers' class."""
+
 else:
+    DiagonalGaussianDistribution = _ReferencePosterior
 
     class _ModelOutput:
         """Dataclass output readable like diffusers' `BaseOutput`: `out.sample`, `out["sample"]`, `out[0]`."""
@@ -290,10 +298,8 @@ class FastVAEMixin:
         if h < min_size or w < min_size:
             raise ValueError(f"{name}: height and width must be at least {min_size}, got shape {tuple(tensor.shape)}")
         if not tensor.is_floating_point():
-            raise TypeError(
-                f"{name} must be a floating-point tensor ({what}), got {tensor.dtype}; convert uint8 images to "
-                f"float in [-1, 1] first"
-            )
+            hint = "convert uint8 images to float in [-1, 1] first" if what == "images" else "pass float latents"
+            raise TypeError(f"{name} must be a floating-point tensor ({what}), got {tensor.dtype}; {hint}")
         device = self.device
         if tensor.device != device and not _offloaded(self):
             raise ValueError(f"{name} is on {tensor.device} but the model is on {device}; move one of them with .to()")
@@ -516,8 +522,8 @@ def _needs_diffusers(feature: str):
 
     def method(self, *args, **kwargs):
         raise ImportError(
-            f"{feature} is a diffusers feature: install diffusers (pip install diffusers) and use "
-            f"sdvae_fast.AutoencoderKL, which then subclasses diffusers.AutoencoderKL"
+            f"{feature} is a diffusers feature that StandaloneAutoencoderKL does not have: with diffusers installed "
+            f"(pip install diffusers), sdvae_fast.AutoencoderKL is a subclass of diffusers.AutoencoderKL and has it"
         )
 
     method.__name__ = feature
@@ -649,6 +655,9 @@ class StandaloneAutoencoderKL(FastVAEMixin, nn.Module):
     set_default_attn_processor = _needs_diffusers("set_default_attn_processor")
     fuse_qkv_projections = _needs_diffusers("fuse_qkv_projections")
     unfuse_qkv_projections = _needs_diffusers("unfuse_qkv_projections")
+    enable_xformers_memory_efficient_attention = _needs_diffusers("enable_xformers_memory_efficient_attention")
+    set_attention_backend = _needs_diffusers("set_attention_backend")
+    load_lora_adapter = _needs_diffusers("load_lora_adapter")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -701,11 +710,12 @@ if HAS_DIFFUSERS:
         @classmethod
         def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
             """diffusers' `from_pretrained` (folder or Hub id, `subfolder`, `variant`, `torch_dtype`/`dtype`,
-            `local_files_only`, `revision`, `cache_dir`, shards, `device_map`, `output_loading_info`, ...), plus the
-            bundled name "sdvae-fast/tiny" (also "tiny")."""
+            `local_files_only`, `revision`, `cache_dir`, shards, `device_map`, `output_loading_info`, ...; its errors),
+            plus the bundled name "sdvae-fast/tiny" (also "tiny") when no local path of that name exists."""
             from sdvae_fast.loading import TINY_FOLDER, TINY_NAMES
 
-            if isinstance(pretrained_model_name_or_path, str) and pretrained_model_name_or_path in TINY_NAMES:
+            name = pretrained_model_name_or_path
+            if isinstance(name, str) and name in TINY_NAMES and not os.path.exists(name):  # a local path wins
                 pretrained_model_name_or_path = str(TINY_FOLDER)
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 

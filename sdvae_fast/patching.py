@@ -203,5 +203,7 @@ def unpatch(obj):
 
 
 def is_patched(obj) -> bool:
-    """Whether `patch` has been applied to obj (or its `.vae`) and not undone."""
-    return _state_of(_find_vae(obj)) is not None
+    """Whether obj (or its `.vae`) runs the fast path when its backend allows: `patch` applied and not undone,
+    or sdvae_fast's own AutoencoderKL (the fast path built in; `patch` only sets its backend)."""
+    vae = _find_vae(obj)
+    return callable(getattr(vae, "set_backend", None)) or _state_of(vae) is not None

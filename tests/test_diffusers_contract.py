@@ -91,8 +91,16 @@ def test_standalone_class_raises_import_error_naming_diffusers_for_diffusers_onl
 
 def test_diffusers_features_work_on_our_class():
     vae = _vae()
+    assert isinstance(vae.config, diffusers.configuration_utils.FrozenDict)
     vae.set_default_attn_processor()
     assert len(vae.attn_processors) == 2
+    z = torch.randn(1, 4, 3, 2)
+    with torch.no_grad():
+        before = vae.decode(z).sample
+        vae.fuse_qkv_projections()
+        fused = vae.decode(z).sample
+        vae.unfuse_qkv_projections()
+    assert (fused - before).abs().max() < 1e-5
     vae.enable_gradient_checkpointing()
     assert vae.is_gradient_checkpointing
     assert vae.num_parameters() == sum(p.numel() for p in vae.parameters())
@@ -212,3 +220,38 @@ def test_variant_only_folder_raises_os_error_naming_the_variant(cls, tmp_path):
     with pytest.raises(OSError, match="fp16|variant"):
         cls.from_pretrained(tmp_path)
     assert type(cls.from_pretrained(tmp_path, variant="fp16")) is cls
+
+
+# -- what a new user hit (issue 15's trial) ---------------------------------------------------------------------
+
+
+def test_posterior_is_also_diffusers_distribution_and_integer_latents_get_a_latents_hint():
+    vae = _vae()
+    assert isinstance(vae.encode(_images()).latent_dist, diffusers.models.autoencoders.vae.DiagonalGaussianDistribution)
+    with pytest.raises(TypeError, match="z must be a floating-point tensor.*pass float latents"):
+        vae.decode(torch.zeros(1, 4, 2, 2, dtype=torch.int64))
+
+
+@BOTH
+def test_a_local_folder_named_tiny_wins_over_the_bundled_tiny(cls, tmp_path, monkeypatch):
+    _vae(cls).save_pretrained(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    assert list(cls.from_pretrained("tiny").config.block_out_channels) == [2, 4]
+
+
+@pytest.mark.parametrize("device_map, message", [
+    ("auto", "splits the model"), ({"encoder": "cpu"}, "per-module map"), ("gpu0", "is not a device")])
+def test_standalone_device_map_errors_say_what_was_expected(device_map, message, tmp_path):
+    _vae(StandaloneAutoencoderKL).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        StandaloneAutoencoderKL.from_pretrained(tmp_path, device_map=device_map)
+    with pytest.raises(ValueError, match="ignore_mismatched_sizes"):
+        StandaloneAutoencoderKL.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+    assert StandaloneAutoencoderKL.from_pretrained(tmp_path, device_map={"": "cpu"}).device.type == "cpu"
+
+
+def test_is_patched_is_true_for_our_class_which_has_the_fast_path_built_in():
+    from sdvae_fast import is_patched, unpatch
+
+    vae = _vae()
+    assert is_patched(vae) and unpatch(vae) is vae and is_patched(vae)
