@@ -66,6 +66,15 @@ class ParallelHooks:
         partials, each (N, G) float32, merged with every rank's in a fixed rank order. Default: this rank's."""
         return ops.merge_group_norm_partials([partials], eps)
 
+    def upsample_input(self, x: Tensor) -> Tuple[Tensor, int, int]:
+        """Before the nearest-2x + 3x3 conv: x extended by the neighbours' low-resolution rows, and how many were
+        added (top, bottom); the unit crops twice as many output rows. Default: (x, 0, 0)."""
+        return x, 0, 0
+
+    def attention_input(self, x: Tensor) -> Tuple[Tensor, int, int]:
+        """Before attention over all tokens: the full map and this band's [start, end) rows in it. Default: x."""
+        return x, 0, x.shape[2]
+
 
 @dataclasses.dataclass
 class RunContext:
@@ -534,6 +543,10 @@ def _run_upsample(up, carry, ctx, emit):
     x, _ = carry.take()
     conv = upsample_conv(up)[0]
     # Uncast parameters: the op folds and packs the weight into x's dtype once per parameter and dtype.
+    if ctx.parallel is not None:  # a band: one halo row each side in, the rows they produced cropped out
+        x, top, bottom = ctx.parallel.upsample_input(x)
+        y = ops.upsample_conv2d(x, conv.weight, conv.bias)
+        return y[:, :, 2 * top: y.shape[2] - 2 * bottom], None
     return _with_stats(ops.upsample_conv2d(x, conv.weight, conv.bias, emit_stats=emit))
 
 
@@ -541,6 +554,9 @@ def _run_upsample(up, carry, ctx, emit):
 def _run_attention(attn, carry, ctx, emit):
     """Mid-block Attention: `vae_attention_block` (GroupNorm+QKV, flash attention, out-projection+residual)."""
     x, stats = carry.take()
+    if ctx.parallel is not None:  # every token attends to all: run on the gathered map, keep this band's rows
+        full, start, end = ctx.parallel.attention_input(x)
+        return vae_attention_block(full, attn)[:, :, start:end], None
     if attn.group_norm is not None:
         stats = input_stats(x, attn.group_norm, stats, ctx)
     # vae_attention_block casts the module's weights to x's dtype itself (cached derived weights).
