@@ -22,6 +22,8 @@ __all__ = [
     "patch",
     "unpatch",
     "is_patched",
+    "enable_patch_parallel",
+    "disable_patch_parallel",
 ]
 
 # Public name -> the module that defines it.
@@ -37,6 +39,8 @@ _LAZY = {
     "patch": "sdvae_fast.patching",
     "unpatch": "sdvae_fast.patching",
     "is_patched": "sdvae_fast.patching",
+    "enable_patch_parallel": "sdvae_fast.parallel",
+    "disable_patch_parallel": "sdvae_fast.parallel",
 }
 
 

@@ -113,6 +113,27 @@ else:
         latent_dist: DiagonalGaussianDistribution
 
 
+class _SharedNoisePosterior(DiagonalGaussianDistribution):
+    """The posterior under patch parallelism: `sample()` without a generator draws the noise on the group's first
+    rank and broadcasts it, so every rank gets the same latents (with a generator each rank draws from its own,
+    as pipelines seed them alike)."""
+
+    def __init__(self, parameters: torch.Tensor, group=None):
+        super().__init__(parameters)
+        self._group = group
+
+    def sample(self, generator: GeneratorArg = None) -> torch.Tensor:
+        """A draw `mean + std * eps`: (N, c, h, w); eps from `generator`, else drawn on rank 0 and broadcast."""
+        if generator is not None:
+            return super().sample(generator)
+        import torch.distributed as dist
+
+        noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype)
+        source = 0 if self._group is None else dist.get_global_rank(self._group, 0)
+        dist.broadcast(noise, src=source, group=self._group)
+        return self.mean + self.std * noise
+
+
 class VAEConfig(dict):
     """The standalone model's config: a read-only dict with diffusers' field names, also readable as attributes.
 
@@ -202,6 +223,10 @@ class FastVAEMixin:
     these methods take precedence over diffusers' of the same name."""
 
     backend: str = "auto"
+    #: (process group, gather) while patch parallelism is on (`enable_patch_parallel`), else None.
+    _patch_parallel: Optional[tuple] = None
+    #: With `gather=False`: the first row, in the output, of the band the last encode / decode returned.
+    patch_parallel_offset: Optional[int] = None
 
     def _init_backend(self) -> None:
         self.backend = check_backend(os.environ.get(BACKEND_ENV) or "auto", f"environment variable {BACKEND_ENV}")
@@ -282,6 +307,44 @@ class FastVAEMixin:
         """Encode / decode in one pass, exactly (the default)."""
         self.use_tiling = False
 
+    def enable_patch_parallel(self, group=None, *, gather: bool = True) -> None:
+        """Split every encode / decode by rows over the ranks of a `torch.distributed` process group, exactly.
+
+        Every rank calls `encode` / `decode` with the same full input (as pipelines do); each computes its band
+        of rows (`sdvae_fast.parallel`: halo rows before every conv, whole-image GroupNorm statistics merged in
+        rank order, attention over all tokens) and returns the full result (`gather=True`) or only its band, whose
+        first output row is then `patch_parallel_offset`. `latent_dist.sample()` without a generator draws on the
+        first rank and broadcasts. Runs the fast path's units whatever `backend` says (the ops use the Triton
+        kernels on CUDA or under the interpreter, the PyTorch references elsewhere); inference only; fp32/bf16.
+        Tiling and slicing are not combined with it (tiling is turned off).
+
+        Raises RuntimeError when torch.distributed is not initialised.
+        """
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("enable_patch_parallel needs an initialised torch.distributed process group (start "
+                               "the script with torchrun, or call torch.distributed.init_process_group first)")
+        self.use_tiling = False
+        self._patch_parallel = (group, bool(gather))
+
+    def disable_patch_parallel(self) -> None:
+        """Encode / decode the whole image in this process again (the default)."""
+        self._patch_parallel = None
+        self.patch_parallel_offset = None
+
+    def _parallel(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Run `parallel.encode_patch_parallel` / `decode_patch_parallel` on one validated batch."""
+        from sdvae_fast import parallel
+
+        group, gather = self._patch_parallel
+        function = parallel.encode_patch_parallel if name == "encode" else parallel.decode_patch_parallel
+        result = function(self, tensor, group, gather=gather)
+        if gather:
+            return result
+        band, self.patch_parallel_offset = result
+        return band
+
     # -- input validation ------------------------------------------------------------------------------------
 
     def _check_input(self, tensor, name: str, channels: int, min_size: int, what: str) -> torch.Tensor:
@@ -332,6 +395,8 @@ class FastVAEMixin:
 
     def _encode_untiled(self, x: torch.Tensor) -> torch.Tensor:
         """Moments `quant_conv(encoder(x))`, (N, 2c, H // f, W // f), without tiling. x is validated already."""
+        if self._patch_parallel is not None:
+            return self._parallel("encode", x)
         fast = self._fast(x, (self.encoder, self.quant_conv))
         if fast is not None:
             return fast.encode_moments(self, x, validate=False)
@@ -342,6 +407,8 @@ class FastVAEMixin:
 
     def _decode_untiled(self, z: torch.Tensor) -> torch.Tensor:
         """Images `decoder(post_quant_conv(z))`, (N, out_channels, f*h, f*w), without tiling. z is validated."""
+        if self._patch_parallel is not None:
+            return self._parallel("decode", z)
         fast = self._fast(z, (self.decoder, self.post_quant_conv))
         if fast is not None:
             return fast.decode_sample(self, z, validate=False)
@@ -446,7 +513,10 @@ class FastVAEMixin:
             moments = torch.cat([self._encode(part) for part in x.split(1)])
         else:
             moments = self._encode(x)
-        posterior = DiagonalGaussianDistribution(moments)
+        if self._patch_parallel is not None and self._patch_parallel[1]:
+            posterior = _SharedNoisePosterior(moments, self._patch_parallel[0])
+        else:
+            posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator: GeneratorArg = None):

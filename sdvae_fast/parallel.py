@@ -1,7 +1,8 @@
-"""Exact patch parallelism over `torch.distributed`: each rank decodes one band of rows (docs/patch_parallel.md).
+"""Exact patch parallelism over `torch.distributed`: each rank encodes or decodes one band of rows
+(docs/patch_parallel.md).
 
-Every rank calls with the same full latents (as pipelines do); the image is split by rows of the smallest feature
-map (the latents), each rank runs the fast path's units (`sdvae_fast.fast.units`) on its band, and
+Every rank calls with the same full input (as pipelines do); the image is split by rows of the smallest feature
+map (the latents for decode, the deepest encoder map for encode), each rank runs the fast path's units (`sdvae_fast.fast.units`) on its band, and
 `RowParallelHooks` make the result equal to one process's:
 - before every spatial conv, the halo rows its taps need come from the neighbouring bands (`conv_input`): one row
   each side at stride 1; for a stride-2 conv with bottom/right padding only, one row from below;
@@ -152,6 +153,26 @@ def _check_same_input(z: Tensor, group) -> None:
                          f"across ranks (shapes by rank: {shapes})")
 
 
+def _check_group(z: Tensor, group, what: str) -> Tuple[int, int]:
+    """(world size, rank) after the checks every patch-parallel call makes before its first collective."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{what} needs an initialised torch.distributed process group (start the script with "
+                           f"torchrun, or call torch.distributed.init_process_group first)")
+    _check_same_input(z, group)
+    if z.dtype == torch.float16:
+        raise ValueError(f"{what} does not support float16 yet (the fp16 overflow recompute is decided per rank); "
+                         f"use bfloat16 or float32")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _run_band(stages, band: Tensor, group) -> Tensor:
+    from sdvae_fast import fast
+
+    ctx = RunContext(parallel=RowParallelHooks(group))
+    with torch.no_grad():
+        return fast.run_stages(stages, band.contiguous(), ctx).contiguous()
+
+
 def decode_patch_parallel(vae, z: Tensor, group=None, *, gather: bool = True):
     """`vae.decode(z).sample` split by rows over the ranks of `group`, exactly (module docstring).
 
@@ -163,30 +184,79 @@ def decode_patch_parallel(vae, z: Tensor, group=None, *, gather: bool = True):
         gather: return the full images on every rank (True), or only this rank's band.
     Returns:
         images (N, out_channels, f*h, f*w) with f the VAE's downsample factor, or with `gather=False` a tuple
-        (band (N, out_channels, f*(end - start), f*w), start row of the band in the image).
+        (band (N, out_channels, f*(end - start), f*w), first image row of the band).
     Raises:
         RuntimeError: torch.distributed is not initialised.
         ValueError: ranks hold different inputs; more ranks than latent rows; fp16 (not yet supported).
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("decode_patch_parallel needs an initialised torch.distributed process group (start the "
-                           "script with torchrun, or call torch.distributed.init_process_group first)")
-    _check_same_input(z, group)
-    if z.dtype == torch.float16:
-        raise ValueError("patch parallel decode does not support float16 yet (the fp16 overflow recompute is "
-                         "decided per rank); use bfloat16 or float32")
     from sdvae_fast import fast
 
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world, rank = _check_group(z, group, "patch parallel decode")
     start, end = row_bands(z.shape[2], world)[rank]
-    ctx = RunContext(parallel=RowParallelHooks(group))
     stages = fast.decoder_units(vae.decoder, getattr(vae, "post_quant_conv", None))
-    with torch.no_grad():
-        band = fast.run_stages(stages, z[:, :, start:end].contiguous(), ctx).contiguous()
+    band = _run_band(stages, z[:, :, start:end], group)
     factor = band.shape[2] // (end - start)
-    if not gather:
-        return band, start * factor
-    return gather_rows(band, group)
+    return gather_rows(band, group) if gather else (band, start * factor)
 
 
-__all__: Sequence[str] = ("row_bands", "gather_rows", "RowParallelHooks", "decode_patch_parallel")
+def encode_patch_parallel(vae, x: Tensor, group=None, *, gather: bool = True):
+    """`quant_conv(encoder(x))` (the posterior's moments) split by rows over the ranks of `group`, exactly.
+
+    The bands are rows of the deepest encoder map (diffusers' size arithmetic: each stride-2 downsample with
+    (0, 1, 0, 1) padding halves the rows rounding down, 468 -> 234 -> 117 -> 58); rank r encodes the image rows
+    [start * F, end * F) with F = 2 ** (levels - 1), the last rank also the remainder rows at the bottom.
+
+    Args:
+        vae: a VAE with diffusers' AutoencoderKL structure.
+        x: the same images (N, in_channels, H, W) on every rank, the VAE's dtype (fp32/bf16) and device.
+        group, gather: as for `decode_patch_parallel`.
+    Returns:
+        moments (N, 2*latent_channels, h, w), or with `gather=False` (this rank's band of them, its first row).
+    Raises:
+        As `decode_patch_parallel` (the row count checked is the deepest map's).
+    """
+    from sdvae_fast import fast
+
+    world, rank = _check_group(x, group, "patch parallel encode")
+    levels = len(vae.encoder.down_blocks)
+    factor = 2 ** (levels - 1)
+    start, end = row_bands(x.shape[2] // factor, world)[rank]
+    stop = x.shape[2] if rank == world - 1 else end * factor
+    stages = fast.encoder_units(vae.encoder, getattr(vae, "quant_conv", None))
+    band = _run_band(stages, x[:, :, start * factor:stop], group)
+    return gather_rows(band, group) if gather else (band, start)
+
+
+def enable_patch_parallel(vae_or_pipe, group=None, *, gather: bool = True):
+    """Turn on patch parallelism for sdvae_fast's AutoencoderKL, or a pipeline holding one as `.vae`; returns the
+    argument. See `AutoencoderKL.enable_patch_parallel`.
+
+    Raises:
+        TypeError: a diffusers AutoencoderKL that is not ours (not yet supported: load it as
+            `sdvae_fast.AutoencoderKL.from_pretrained(...)`, or build ours with `from_config(vae.config)` and
+            `load_state_dict(vae.state_dict())`), or an object without a VAE.
+        RuntimeError: torch.distributed is not initialised.
+    """
+    from sdvae_fast.patching import _find_vae
+
+    vae = _find_vae(vae_or_pipe)
+    if not callable(getattr(vae, "enable_patch_parallel", None)):
+        raise TypeError(f"enable_patch_parallel: {type(vae).__name__} is not sdvae_fast's AutoencoderKL; patch "
+                        f"parallelism on a live diffusers VAE is not supported yet: load it as "
+                        f"sdvae_fast.AutoencoderKL.from_pretrained(...) (or from_config + load_state_dict)")
+    vae.enable_patch_parallel(group, gather=gather)
+    return vae_or_pipe
+
+
+def disable_patch_parallel(vae_or_pipe):
+    """Undo `enable_patch_parallel` (a no-op when it is off); returns the argument."""
+    from sdvae_fast.patching import _find_vae
+
+    vae = _find_vae(vae_or_pipe)
+    if callable(getattr(vae, "disable_patch_parallel", None)):
+        vae.disable_patch_parallel()
+    return vae_or_pipe
+
+
+__all__: Sequence[str] = ("row_bands", "gather_rows", "RowParallelHooks", "decode_patch_parallel",
+                          "encode_patch_parallel", "enable_patch_parallel", "disable_patch_parallel")

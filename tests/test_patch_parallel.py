@@ -1,4 +1,4 @@
-"""Exact patch-parallel decode over torch.distributed (issue 12; decode path): gloo process groups on CPU, each
+"""Exact patch-parallel encode and decode over torch.distributed (issue 12): gloo process groups on CPU, each
 world size spawned once with every case run inside (tests/pp_worker.py), compared with one process.
 
 The bound: one process running the same units gives the reference `single`; the bands differ from it only in the
@@ -38,15 +38,17 @@ def single():
     with torch.no_grad():
         plain = fast.run_stages(stages, z, fast.RunContext(emit_stats=False)).contiguous()
         emitted = fast.run_stages(stages, z, fast.RunContext(emit_stats=True)).contiguous()
+        moments = fast.run_stages(fast.encoder_units(vae.encoder, vae.quant_conv), pp_worker.images(),
+                                  fast.RunContext(emit_stats=False)).contiguous()
         modules = vae.set_backend("torch") or vae.decode(z).sample
     bound = max(4 * error_report(emitted, plain)["rel_l2"], 2e-6)
     assert error_report(plain, modules)["rel_l2"] < 1e-5
-    return plain, modules, bound
+    return plain, modules, bound, moments
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_decode_split_by_rows_equals_one_process_on_every_rank(world, single, tmp_path):
-    plain, modules, bound = single
+def test_encode_and_decode_split_by_rows_equal_one_process_on_every_rank(world, single, tmp_path):
+    plain, modules, bound, moments = single
     results = _spawn(world, tmp_path, interpret=False)
     for rank, got in enumerate(results):
         report = error_report(got["full"], plain)
@@ -57,6 +59,10 @@ def test_decode_split_by_rows_equals_one_process_on_every_rank(world, single, tm
         start, band = int(got["start"]), got["band"]
         assert torch.equal(band, got["full"][:, :, start:start + band.shape[2]])
         assert error_report(got["bf16"], modules)["rel_l2"] < 2e-2
+        encoded = error_report(got["moments"], moments)
+        assert got["moments"].shape == moments.shape and encoded["rel_l2"] <= bound, encoded
+        assert torch.equal(got["api_decode"], got["full"]) and torch.equal(got["api_mean"], got["moments"][:, :4])
+        assert torch.equal(got["api_sample"], results[0]["api_sample"]), "sample() differs across ranks"
         assert "same input" in got["errors"]["different_input"]
         assert "float16" in got["errors"]["fp16"]
     heights = [r["band"].shape[2] for r in results]
