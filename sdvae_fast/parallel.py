@@ -138,30 +138,47 @@ class RowParallelHooks(ParallelHooks):
         return ops.merge_group_norm_partials(list(zip(*gathered)), eps)
 
 
-def _check_same_input(z: Tensor, group) -> None:
-    """Raise the same ValueError on every rank unless all ranks hold the same shape, dtype and values (sum and sum
-    of squares in fp64 as the checksum)."""
-    z64 = z.detach().to(torch.float64)
-    meta = torch.tensor([float(d) for d in z.shape] + [z64.sum().item(), z64.square().sum().item()],
-                        dtype=torch.float64)
-    if z.dim() != 4:
-        meta = torch.full((6,), float("nan"), dtype=torch.float64)
-    everyone = _all_gather(meta.to(z.device), group)
-    if any(not torch.equal(everyone[0], other) for other in everyone[1:]):
-        shapes = [tuple(int(v) for v in m[:4].tolist()) for m in everyone]
-        raise ValueError(f"patch parallel: every rank must pass the same input, got shapes/checksums that differ "
-                         f"across ranks (shapes by rank: {shapes})")
+def _local_problem(vae, z: Tensor, world: int, what: str) -> Optional[str]:
+    """What this rank finds wrong before any collective (None when nothing): the message every rank will raise."""
+    if not isinstance(z, torch.Tensor) or z.dim() != 4 or not z.is_floating_point():
+        got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        return f"the input must be a 4-D float tensor (N, C, H, W), got {got}"
+    if z.dtype == torch.float16:
+        return (f"{what} does not support float16 yet (the fp16 overflow recompute is decided per rank); use "
+                f"bfloat16 or float32")
+    weight = next(vae.parameters())
+    if weight.dtype != z.dtype or weight.device != z.device:
+        return (f"the input is {z.dtype} on {z.device} but the VAE's parameters are {weight.dtype} on "
+                f"{weight.device}")
+    return None
 
 
-def _check_group(z: Tensor, group, what: str) -> Tuple[int, int]:
+def _agree(vae, z: Tensor, group, what: str) -> None:
+    """One collective before any other: every rank's own validation result and a checksum of its input (shape,
+    sum and sum of squares in fp64) are all-gathered, and if any rank found a problem or the inputs differ,
+    every rank raises the same ValueError (naming the ranks), so no rank is left waiting in a collective."""
+    problem = _local_problem(vae, z, dist.get_world_size(group), what)
+    checksum = None
+    if problem is None:
+        z64 = z.detach().to(torch.float64)
+        checksum = (tuple(z.shape), z64.sum().item(), z64.square().sum().item())
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (problem, checksum), group=group)
+    problems = [f"rank {r}: {p}" for r, (p, _) in enumerate(everyone) if p is not None]
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems))
+    if any(c != everyone[0][1] for _, c in everyone):
+        shapes = [c[0] for _, c in everyone]
+        raise ValueError(f"{what}: every rank must pass the same input, got shapes/checksums that differ across "
+                         f"ranks (shapes by rank: {shapes})")
+
+
+def _check_group(vae, z: Tensor, group, what: str) -> Tuple[int, int]:
     """(world size, rank) after the checks every patch-parallel call makes before its first collective."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{what} needs an initialised torch.distributed process group (start the script with "
                            f"torchrun, or call torch.distributed.init_process_group first)")
-    _check_same_input(z, group)
-    if z.dtype == torch.float16:
-        raise ValueError(f"{what} does not support float16 yet (the fp16 overflow recompute is decided per rank); "
-                         f"use bfloat16 or float32")
+    _agree(vae, z, group, what)
     return dist.get_world_size(group), dist.get_rank(group)
 
 
@@ -187,11 +204,13 @@ def decode_patch_parallel(vae, z: Tensor, group=None, *, gather: bool = True):
         (band (N, out_channels, f*(end - start), f*w), first image row of the band).
     Raises:
         RuntimeError: torch.distributed is not initialised.
-        ValueError: ranks hold different inputs; more ranks than latent rows; fp16 (not yet supported).
+        ValueError (the same on every rank, before any other collective): ranks hold different inputs; a rank's
+            input is not a float 4-D tensor in the VAE's dtype and device; fp16 (not yet supported); more ranks
+            than latent rows.
     """
     from sdvae_fast import fast
 
-    world, rank = _check_group(z, group, "patch parallel decode")
+    world, rank = _check_group(vae, z, group, "patch parallel decode")
     start, end = row_bands(z.shape[2], world)[rank]
     stages = fast.decoder_units(vae.decoder, getattr(vae, "post_quant_conv", None))
     band = _run_band(stages, z[:, :, start:end], group)
@@ -217,7 +236,7 @@ def encode_patch_parallel(vae, x: Tensor, group=None, *, gather: bool = True):
     """
     from sdvae_fast import fast
 
-    world, rank = _check_group(x, group, "patch parallel encode")
+    world, rank = _check_group(vae, x, group, "patch parallel encode")
     levels = len(vae.encoder.down_blocks)
     factor = 2 ** (levels - 1)
     start, end = row_bands(x.shape[2] // factor, world)[rank]

@@ -53,9 +53,11 @@ def worker(rank: int, world: int, port: int, folder: str, interpret: bool) -> No
     results.update(api_decode=vae.decode(z).sample, api_mean=posterior.mean, api_sample=posterior.sample())
     sdvae_fast.disable_patch_parallel(vae)
     errors = {}
-    for case, z_case in (("different_input", latents(seed=rank + 10)), ("fp16", z.half())):
+    cases = (("different_input", vae, latents(seed=rank + 10)), ("fp16", copy.deepcopy(vae).half(), z.half()),
+             ("one_rank_wrong", vae, z.double() if rank == world - 1 else z))
+    for case, model, z_case in cases:
         try:
-            decode_patch_parallel(copy.deepcopy(vae).half() if case == "fp16" else vae, z_case)
+            decode_patch_parallel(model, z_case)
         except (ValueError, RuntimeError) as e:
             errors[case] = f"{type(e).__name__}: {e}"
     results["errors"] = errors
