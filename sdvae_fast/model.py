@@ -253,14 +253,14 @@ class FastVAEMixin:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             source = StandaloneAutoencoderKL(**config)
+        if device is not None or dtype is not None:
+            source = source.to(device=device, dtype=dtype)
         if cls is StandaloneAutoencoderKL:
-            model = source
-        else:
-            with torch.device("meta"):
-                model = cls.from_config(config)
-            model.load_state_dict(source.state_dict(), assign=True)
-        model.eval()
-        return model if device is None and dtype is None else model.to(device=device, dtype=dtype)
+            return source.eval()
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        model.load_state_dict(source.state_dict(), assign=True)  # the weights, in their dtype and device
+        return model.eval()
 
     @classmethod
     def from_single_file(cls, path, config: Optional[ConfigLike] = None, **overrides):

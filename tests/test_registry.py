@@ -88,11 +88,20 @@ def test_registering_a_class_twice_is_an_error():
 
 
 class _CountingHooks(fast.ParallelHooks):
-    """One 'rank' holding the whole image, through both hooks: counts the halo requests (returning the band and
-    padding unchanged: this rank has no neighbours) and merges GroupNorm statistics from partials."""
+    """One 'rank' holding the whole image, through every hook: counts the halo requests (returning the band and
+    padding unchanged: this rank has no neighbours), the upsample and attention requests, and merges GroupNorm
+    statistics from partials."""
 
     def __init__(self):
-        self.convs = self.merges = 0
+        self.convs = self.merges = self.upsamples = self.attentions = 0
+
+    def upsample_input(self, x):
+        self.upsamples += 1
+        return super().upsample_input(x)
+
+    def attention_input(self, x):
+        self.attentions += 1
+        return super().attention_input(x)
 
     def conv_input(self, x, padding, kernel_size, stride):
         self.convs += 1
@@ -119,8 +128,10 @@ def test_patch_parallel_hooks_are_called_before_every_spatial_conv_and_every_gro
     spatial = [m for m in vae.decoder.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     upsample_convs = sum(len(b.upsamplers or []) for b in vae.decoder.up_blocks)
     norms = [m for m in vae.decoder.modules() if isinstance(m, nn.GroupNorm)]
-    assert hooks.convs == len(spatial) - upsample_convs  # the upsample op takes its halo in issue 12
-    assert hooks.merges == len(norms)
+    attentions = [m for m in vae.decoder.modules() if type(m).__name__ == "Attention"]
+    assert hooks.convs == len(spatial) - upsample_convs  # the upsample op takes its halo through upsample_input
+    assert hooks.upsamples == upsample_convs and hooks.attentions == len(attentions) == 1
+    assert hooks.merges == len(norms) - len(attentions)  # attention normalises the gathered map itself
     assert_close(got, expected, rel_l2=1e-6, name="decode through the hooks")
 
 
