@@ -55,3 +55,11 @@ def use_fast_path(backend: str, device) -> bool:
             "set before importing sdvae_fast for CPU tensors. Use backend 'auto' or 'torch' instead."
         )
     return True
+
+
+def parameters_match(modules, x) -> bool:
+    """Whether every parameter of `modules` (None entries skipped) is on x's device and in x's dtype: the fast
+    path's precondition. Offloading hooks (accelerate, diffusers' group offload) and layerwise casting leave
+    parameters elsewhere or in a storage dtype; their modules' own forwards know how to run them."""
+    return all(p.device == x.device and p.dtype == x.dtype
+               for module in modules if module is not None for p in module.parameters())

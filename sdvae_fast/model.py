@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from sdvae_fast.backends import BACKEND_ENV, check_backend
+from sdvae_fast.backends import BACKEND_ENV, check_backend, parameters_match
 from sdvae_fast.configs import DEFAULTS, PRESETS, ConfigLike, normalize_config, resolve_config
 from sdvae_fast.reference import Decoder, Encoder, GeneratorArg
 from sdvae_fast.reference import DiagonalGaussianDistribution as _ReferencePosterior
@@ -382,9 +382,8 @@ class FastVAEMixin:
         and layerwise-casting hooks keep the modules' own forwards, which know how to run them)."""
         if self.backend == "torch" or (self.backend == "auto" and x.device.type != "cuda"):
             return None
-        for module in modules:
-            if module is not None and any(p.device != x.device or p.dtype != x.dtype for p in module.parameters()):
-                return None
+        if not parameters_match(modules, x):
+            return None
         try:
             from sdvae_fast import fast
         except ModuleNotFoundError as e:

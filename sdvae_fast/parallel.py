@@ -62,14 +62,19 @@ def _all_gather(t: Tensor, group) -> List[Tensor]:
     return out
 
 
-def gather_rows(band: Tensor, group=None) -> Tensor:
+def _band_heights(band: Tensor, group) -> List[int]:
+    """Every rank's band height, in rank order (one small all_gather)."""
+    return [int(h) for h in _all_gather(torch.tensor([band.shape[2]], device=band.device), group)]
+
+
+def gather_rows(band: Tensor, group=None, heights: Optional[List[int]] = None) -> Tensor:
     """The full map from every rank's band of rows: (N, C, rows_r, W) on rank r -> (N, C, sum rows_r, W) on all.
 
     Bands may differ in height: each is padded to the tallest, all-gathered, trimmed and concatenated in rank
-    order. Collective: every rank of `group` must call it.
+    order. `heights`: every rank's band height when already known (else gathered here). Collective: every
+    rank of `group` must call it.
     """
-    heights = _all_gather(torch.tensor([band.shape[2]], device=band.device), group)
-    heights = [int(h) for h in heights]
+    heights = heights if heights is not None else _band_heights(band, group)
     padded = band.new_zeros(band.shape[0], band.shape[1], max(heights), band.shape[3])
     padded[:, :, : band.shape[2]] = band
     parts = _all_gather(padded, group)
@@ -126,8 +131,8 @@ class RowParallelHooks(ParallelHooks):
     def attention_input(self, x: Tensor) -> Tuple[Tensor, int, int]:
         """Before attention over all tokens: the full map (all bands gathered) and this band's [start, end) rows
         in it."""
-        full = gather_rows(x, self.group)
-        heights = [int(h) for h in _all_gather(torch.tensor([x.shape[2]], device=x.device), self.group)]
+        heights = _band_heights(x, self.group)
+        full = gather_rows(x, self.group, heights)
         start = sum(heights[: self.rank])
         return full, start, start + x.shape[2]
 

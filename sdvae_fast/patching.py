@@ -32,7 +32,7 @@ import types
 import torch
 
 from sdvae_fast import fast
-from sdvae_fast.backends import check_backend
+from sdvae_fast.backends import check_backend, parameters_match
 
 _STATE = "_sdvae_fast_patch"
 
@@ -92,15 +92,10 @@ def _runs_fast(state: "_PatchState | None", modules, sample) -> bool:
     """Whether a patched forward running `modules` (a tuple, None entries allowed) takes the fast path for `sample`."""
     if state is None or not isinstance(sample, torch.Tensor) or sample.dim() != 4:
         return False
-    for module in modules:
-        if module is None:
-            continue
-        # Every parameter on the sample's device and dtype: offloading hooks (accelerate, diffusers' group offload)
-        # and mixed-dtype modules keep diffusers' own forward, which knows how to run them.
-        if any(p.device != sample.device or p.dtype != sample.dtype for p in module.parameters()):
-            return False
-        if fast.needs_autograd(module, sample):
-            return False
+    if not parameters_match(modules, sample):
+        return False
+    if any(module is not None and fast.needs_autograd(module, sample) for module in modules):
+        return False
     return fast.use_fast_path(state.backend, sample.device)
 
 
