@@ -39,8 +39,8 @@ _LAZY = {
     "patch": "sdvae_fast.patching",
     "unpatch": "sdvae_fast.patching",
     "is_patched": "sdvae_fast.patching",
-    "enable_patch_parallel": "sdvae_fast.parallel",
-    "disable_patch_parallel": "sdvae_fast.parallel",
+    "enable_patch_parallel": "sdvae_fast.patching",
+    "disable_patch_parallel": "sdvae_fast.patching",
 }
 
 

@@ -272,9 +272,79 @@ def load_vae(args, *, device=None, dtype=None, backend: Optional[str] = None):
         vae = _build_vae(args)
     for warning in caught:
         _warn(cli_wording(str(warning.message)))
-    vae = vae.to(device=device, dtype=dtype)
+    vae = vae.to(device=device)
+    if vae.dtype != dtype:  # (diffusers warns on every dtype cast, even to the same dtype)
+        vae = vae.to(dtype=dtype)
     vae.set_backend(backend)
     vae.eval()
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several processes for one image: `torchrun --nproc-per-node N -m sdvae_fast decode|reconstruct ...`
+# ---------------------------------------------------------------------------------------------------------------
+
+#: The commands that split each image by rows over the processes torchrun starts.
+PARALLEL_COMMANDS = ("decode", "reconstruct")
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (env WORLD_SIZE), 1 without torchrun.
+
+    Raises:
+        CLIError: WORLD_SIZE is not a positive integer.
+    """
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise CLIError(f"environment variable WORLD_SIZE={value!r} is not a positive process count (torchrun sets it)")
+    return int(value)
+
+
+def start_patch_parallel(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group torchrun describes (env RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT) with NCCL on CUDA, each rank on GPU LOCAL_RANK (`torch.cuda.set_device`), or gloo
+    on CPU; returns (device, rank). Without torchrun: (`--device` resolved, 0).
+
+    Raises:
+        CLIError: launched for a command that does not split images (only decode and reconstruct do).
+    """
+    torch = _torch()
+    device = resolve_device(args.device)
+    if launched_world_size() == 1:
+        return device, 0
+    if args.command not in PARALLEL_COMMANDS:
+        raise CLIError(f"{args.command} does not split work over processes; under torchrun only "
+                       f"{' and '.join(PARALLEL_COMMANDS)} do (run {args.command} without torchrun)")
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() == 0:
+        print(f"{PROG}: each image split by rows over {dist.get_world_size()} processes ({dist.get_backend()}, "
+              f"{device.type})", file=sys.stderr)
+    return device, dist.get_rank()
+
+
+def _end_patch_parallel() -> None:
+    """Leave the process group `start_patch_parallel` joined (a no-op without torchrun)."""
+    if launched_world_size() > 1 and "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _model_for(args, device, dtype):
+    """`load_vae`, with patch parallelism on when torchrun started several processes."""
+    vae = load_vae(args, device=device, dtype=dtype)
+    if launched_world_size() > 1:
+        from sdvae_fast.patching import enable_patch_parallel
+
+        enable_patch_parallel(vae)
     return vae
 
 
@@ -329,11 +399,12 @@ def cmd_reconstruct(args) -> int:
     from sdvae_fast.images import format_ssim, image_metrics, pad_to_multiple, to_pil, to_uint8
 
     images = _load_images(args.images)
+    device, rank = start_patch_parallel(args)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(args.dtype, device)
-    vae = load_vae(args, device=device, dtype=dtype)
+    vae = _model_for(args, device, dtype)
 
     def run(padded, h, w):
         z = vae.encode(padded).latent_dist.mode()  # (1, C, H8/8, W8/8), unscaled
@@ -342,7 +413,7 @@ def cmd_reconstruct(args) -> int:
     rows, warmed = [], set()
     with torch.no_grad():
         bar = tqdm(list(zip(_unique_names(args.images), images)), desc="reconstruct", unit="img",
-                   file=sys.stderr, disable=args.quiet)
+                   file=sys.stderr, disable=args.quiet or rank != 0)
         for name, x in bar:
             padded, (h, w) = pad_to_multiple(x, 8)  # (1, 3, H8, W8), edge-replicated
             padded = padded.to(device=device, dtype=dtype)
@@ -354,6 +425,8 @@ def cmd_reconstruct(args) -> int:
             y = run(padded, h, w)
             _sync(device)
             ms = (time.perf_counter() - start) * 1e3
+            if rank != 0:  # rank 0 writes and prints
+                continue
             psnr, ssim = image_metrics(to_uint8(x)[0], to_uint8(y)[0])
             path = out_dir / f"{name}.png"
             to_pil(y)[0].save(path)
@@ -427,9 +500,9 @@ def cmd_decode(args) -> int:
     entries = json_field(metadata, "images", [], args.latents)
     sizes = {e["key"]: (e["height"], e["width"]) for e in entries if isinstance(e, dict) and "key" in e}
     file_config = json_field(metadata, "config", {}, args.latents)
-    device = resolve_device(args.device)
+    device, rank = start_patch_parallel(args)
     dtype = resolve_dtype(args.dtype, device)
-    vae = load_vae(args, device=device, dtype=dtype)
+    vae = _model_for(args, device, dtype)
     model_scaling, model_shift = scaling_of(vae)
     scaling = float(metadata.get("scaling_factor", model_scaling))
     shift = float(metadata.get("shift_factor", model_shift))
@@ -446,18 +519,21 @@ def cmd_decode(args) -> int:
         if latents.shape[1] != channels:
             raise CLIError(f"{args.latents}: tensor {key!r} has shape {tuple(latents.shape)}; this VAE "
                            f"expects (N, {channels}, h, w) latents")
-    if (scaling, shift) != (model_scaling, model_shift):
+    if (scaling, shift) != (model_scaling, model_shift) and rank == 0:
         _warn(f"{args.latents} was encoded by {made_by}; this VAE's config says scaling_factor={model_scaling}, "
               f"shift_factor={model_shift}, so it is probably another VAE, whose latent space differs. Unscaling "
               f"with the file's values; decode with the VAE that encoded it for meaningful images.")
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     with torch.no_grad():
         for key, latents in tqdm(batches.items(), desc="decode", unit="tensor", file=sys.stderr,
-                                 disable=args.quiet):
+                                 disable=args.quiet or rank != 0):
             z = latents.to(device=device, dtype=torch.float32) / scaling + shift  # (N, C, h, w) unscaled
             y = vae.decode(z.to(dtype)).sample  # (N, 3, 8h, 8w)
+            if rank != 0:  # rank 0 writes and prints
+                continue
             if key in sizes:
                 h, w = sizes[key]
                 y = y[..., :h, :w]
@@ -850,6 +926,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if code is not None:
                 return code
         code = int(args.func(args) or 0)
+        _end_patch_parallel()
         sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
         return code
     except BrokenPipeError:

@@ -315,7 +315,8 @@ class FastVAEMixin:
         rank order, attention over all tokens) and returns the full result (`gather=True`) or only its band, whose
         first output row is then `patch_parallel_offset`. `latent_dist.sample()` without a generator draws on the
         first rank and broadcasts. Runs the fast path's units whatever `backend` says (the ops use the Triton
-        kernels on CUDA or under the interpreter, the PyTorch references elsewhere); inference only; fp32/bf16.
+        kernels on CUDA or under the interpreter, the PyTorch references elsewhere); inference only; fp32, bf16 and
+        fp16 (the overflow guard decided by all ranks together).
         Tiling and slicing are not combined with it (tiling is turned off).
 
         Raises RuntimeError when torch.distributed is not initialised.

@@ -2,27 +2,42 @@
 (docs/patch_parallel.md).
 
 Every rank calls with the same full input (as pipelines do); the image is split by rows of the smallest feature
-map (the latents for decode, the deepest encoder map for encode), each rank runs the fast path's units (`sdvae_fast.fast.units`) on its band, and
-`RowParallelHooks` make the result equal to one process's:
+map (the latents for decode, the deepest encoder map for encode), each rank runs the fast path's units
+(`sdvae_fast.fast.units`) on its band, and `RowParallelHooks` make the result equal to one process's:
 - before every spatial conv, the halo rows its taps need come from the neighbouring bands (`conv_input`): one row
   each side at stride 1; for a stride-2 conv with bottom/right padding only, one row from below;
 - before the 4-phase upsample conv, one low-resolution row each side (`upsample_input`), and the output rows that
   came from the halo are cropped;
-- every GroupNorm uses the whole image's statistics: each rank's per-(sample, group) (count, mean, M2) partials
-  are all-gathered and merged with Chan's formula in rank order (`merge_stats`): the same bits on every rank;
-- the mid-block attention sees all tokens: the band is all-gathered to the full map, attention runs on it and each
-  rank keeps its own rows (`attention_input`; simple and exact, but it holds the whole latent-resolution map).
+- every GroupNorm uses the whole image's statistics: each rank's per-(sample, group) (count, mean, M2) partials,
+  emitted by the conv that wrote the band (or computed from it), are all-gathered and merged with Chan's formula
+  in rank order (`merge_stats`): the same bits on every rank;
+- the mid-block attention: each rank projects its band's tokens to q, k, v, the keys and values of all tokens are
+  all-gathered (`gather_tokens`) and the band's queries attend to them: each rank computes 1/world of the
+  attention and holds all keys and values (2 x inner channels per token), never the whole feature map;
+- after every stage, one all-reduce of a flag (`end_stage`): for fp16, whether any rank's band overflowed, so all
+  ranks recompute the stage wider together (the single-process policy of `sdvae_fast.fast`).
 All exchanges are collectives of `torch.distributed` (all_gather with bands padded to the largest, then trimmed;
 gloo on CPU, NCCL on GPUs); no reduction uses atomics, so repeated runs give the same bits.
 
+Errors. Before the first collective every rank's own validation and a checksum of its input are all-gathered
+(`_agree`): a bad or different input on one rank makes every rank raise the same ValueError. A failure later (an
+exception on one rank in the middle of a stage, e.g. out of memory) is posted to the process group's key-value
+store (the one `init_process_group` rendezvoused with) by the failing rank; the others wait for each collective
+while watching that key, and every rank raises the same `PatchParallelError`. A stage-end all-reduce alone could
+not do this: a rank that fails mid-stage never reaches it while the others wait in a halo exchange. After such a
+mid-call failure the ranks' collectives are out of step: destroy and re-create the process group (as after any
+collective error). A rank that dies without a word leaves the others waiting `TIMEOUT_S` seconds, then they raise.
+CPU (gloo) collectives are waited on by polling; CUDA (NCCL) collectives stay stream-ordered and the host polls
+only at the stage-end all-reduces (one host sync per stage).
+
 The process group comes from `torch.distributed` (e.g. started by `torchrun`, or `init_process_group("gloo")`).
 Which kernels run is the ops' decision (`sdvae_fast.ops`): the Triton kernels on CUDA (or the interpreter), the
-PyTorch references elsewhere. Inference only (no autograd); fp16 is refused for now (its overflow recompute is
-decided per rank, so ranks could diverge), fp32 and bf16 run.
+PyTorch references elsewhere. Inference only (no autograd); fp32, bf16 and fp16 (with the overflow policy).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,6 +46,15 @@ from sdvae_fast import ops
 from sdvae_fast.fast.units import ParallelHooks, RunContext, Stats
 
 Tensor = torch.Tensor
+
+#: Seconds a rank waits for one collective before it raises (a peer died or stopped calling).
+TIMEOUT_S = 600.0
+#: Seconds between two looks at the error key while a collective is pending.
+_STORE_POLL_S = 0.02
+
+
+class PatchParallelError(RuntimeError):
+    """A patch-parallel call failed on one rank (or timed out); every rank raises it with the same message."""
 
 
 def row_bands(rows: int, world_size: int) -> List[Tuple[int, int]]:
@@ -44,8 +68,8 @@ def row_bands(rows: int, world_size: int) -> List[Tuple[int, int]]:
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if world_size > rows:
-        raise ValueError(f"world size {world_size} is larger than the {rows} rows of the smallest feature map (the "
-                         f"latents); use at most {rows} ranks, or a taller image")
+        raise ValueError(f"world size {world_size} is larger than the {rows} rows of the smallest feature map; use "
+                         f"at most {rows} ranks, or a taller image")
     base, extra = divmod(rows, world_size)
     bands, start = [], 0
     for rank in range(world_size):
@@ -55,16 +79,21 @@ def row_bands(rows: int, world_size: int) -> List[Tuple[int, int]]:
     return bands
 
 
-def _all_gather(t: Tensor, group) -> List[Tensor]:
-    """Every rank's `t` (same shape on all ranks), in rank order."""
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, t.contiguous(), group=group)
+def _concat_padded(parts: List[Tensor], sizes: List[int], dim: int) -> Tensor:
+    """Every rank's part, padded to the largest along `dim`, trimmed to its true size and concatenated in rank
+    order."""
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
+
+
+def _padded(t: Tensor, size: int, dim: int) -> Tensor:
+    """t zero-padded along `dim` to `size` (t itself when it is that size already)."""
+    if t.shape[dim] == size:
+        return t.contiguous()
+    shape = list(t.shape)
+    shape[dim] = size
+    out = t.new_zeros(shape)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
     return out
-
-
-def _band_heights(band: Tensor, group) -> List[int]:
-    """Every rank's band height, in rank order (one small all_gather)."""
-    return [int(h) for h in _all_gather(torch.tensor([band.shape[2]], device=band.device), group)]
 
 
 def gather_rows(band: Tensor, group=None, heights: Optional[List[int]] = None) -> Tensor:
@@ -72,25 +101,99 @@ def gather_rows(band: Tensor, group=None, heights: Optional[List[int]] = None) -
 
     Bands may differ in height: each is padded to the tallest, all-gathered, trimmed and concatenated in rank
     order. `heights`: every rank's band height when already known (else gathered here). Collective: every
-    rank of `group` must call it.
+    rank of `group` must call it (plain blocking collectives; the patch-parallel calls use `RowParallelHooks`,
+    which also watch for a failing rank).
     """
-    heights = heights if heights is not None else _band_heights(band, group)
-    padded = band.new_zeros(band.shape[0], band.shape[1], max(heights), band.shape[3])
-    padded[:, :, : band.shape[2]] = band
-    parts = _all_gather(padded, group)
-    return torch.cat([p[:, :, :h] for p, h in zip(parts, heights)], dim=2)
+    world = dist.get_world_size(group)
+    if heights is None:
+        sizes = [torch.zeros(1, dtype=torch.int64, device=band.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([band.shape[2]], device=band.device), group=group)
+        heights = [int(h) for h in sizes]
+    parts = [band.new_empty(band.shape[0], band.shape[1], max(heights), band.shape[3]) for _ in range(world)]
+    dist.all_gather(parts, _padded(band, max(heights), 2), group=group)
+    return _concat_padded(parts, heights, 2)
+
+
+_CALLS: Dict[int, int] = {}
+
+
+def _error_store(group):
+    """The process group's key-value store (the rendezvous store `init_process_group` used), where a failing rank
+    posts its error; None when this torch does not expose it (a failure after the first collective then leaves
+    the other ranks to `TIMEOUT_S`)."""
+    try:
+        from torch.distributed.distributed_c10d import _get_process_group_store
+    except ImportError:
+        return None
+    try:
+        return _get_process_group_store(group if group is not None else dist.group.WORLD)
+    except (KeyError, AttributeError, RuntimeError):
+        return None
 
 
 class RowParallelHooks(ParallelHooks):
     """`ParallelHooks` for a process group whose ranks hold consecutive bands of rows (rank 0 the top band).
 
-    Every method is a collective: all ranks of the group call it in the same order (the units do).
+    One instance serves one patch-parallel call. Every method is a collective: all ranks of the group call it
+    in the same order (the units do). Collectives on CPU tensors are waited on by polling, watching the error
+    key of this call in the group's store (module docstring); `fail` posts this rank's error there.
     """
 
-    def __init__(self, group=None):
-        self.group = group
+    def __init__(self, group=None, what: str = "patch parallel call"):
+        self.group, self.what = group, what
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self._store = _error_store(group)
+        call = _CALLS.get(id(group), 0)
+        _CALLS[id(group)] = call + 1  # every rank makes the same calls, so the keys agree
+        self._key = f"sdvae_fast/patch_parallel/{call}/error"
+
+    # -- collectives that watch for a failing rank ----------------------------------------------------------------
+
+    def _raise_if_failed(self) -> None:
+        if self._store is not None and self._store.check([self._key]):
+            raise PatchParallelError(self._store.get(self._key).decode())
+
+    def _wait(self, work, poll: bool) -> None:
+        """Wait for an async collective; with `poll`, on the host, looking at the error key every
+        `_STORE_POLL_S` and giving up after `TIMEOUT_S`; else stream-ordered (`work.wait()`, CUDA)."""
+        if poll:
+            deadline = time.monotonic() + TIMEOUT_S
+            next_look, delay = time.monotonic(), 0.0
+            while not work.is_completed():
+                now = time.monotonic()
+                if now >= next_look:
+                    self._raise_if_failed()
+                    next_look = now + _STORE_POLL_S
+                if now > deadline:
+                    raise PatchParallelError(
+                        f"{self.what}: rank {self.rank} waited {TIMEOUT_S:.0f} s for a collective that never "
+                        f"completed (a rank died or stopped calling)")
+                time.sleep(delay)
+                delay = min(2 * delay + 1e-5, 1e-3)
+        work.wait()
+
+    def _all_gather(self, t: Tensor) -> List[Tensor]:
+        """Every rank's `t` (same shape on all ranks), in rank order, in t's memory format (channels_last halo
+        rows stay channels_last, so the conv reads the extended band without another copy)."""
+        channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+        t = t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        self._wait(dist.all_gather(out, t, group=self.group, async_op=True), poll=not t.is_cuda)
+        return out
+
+    def _sizes(self, n: int, device) -> List[int]:
+        """Every rank's `n`, in rank order (one small all_gather)."""
+        return [int(s) for s in self._all_gather(torch.tensor([n], dtype=torch.int64, device=device))]
+
+    def fail(self, error: BaseException) -> PatchParallelError:
+        """Post this rank's error for the others (the first posted wins) and return the error to raise."""
+        message = f"{self.what} failed on rank {self.rank}: {type(error).__name__}: {error}"
+        if self._store is not None:
+            message = self._store.compare_set(self._key, "", message).decode()
+        return PatchParallelError(message)
+
+    # -- the hooks ------------------------------------------------------------------------------------------------
 
     def _halo(self, x: Tensor, top: int, bottom: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """(the `top` rows above this band, the `bottom` rows below it) from the neighbouring ranks; None at the
@@ -98,7 +201,7 @@ class RowParallelHooks(ParallelHooks):
         k = max(top, bottom, 1)
         if x.shape[2] < k:
             raise RuntimeError(f"rank {self.rank}: a band of {x.shape[2]} rows is thinner than the halo of {k} rows")
-        edges = _all_gather(torch.cat([x[:, :, :k], x[:, :, -k:]], dim=2), self.group)  # (N, C, 2k, W) each
+        edges = self._all_gather(torch.cat([x[:, :, :k], x[:, :, -k:]], dim=2))  # world x (N, C, 2k, W)
         above = edges[self.rank - 1][:, :, 2 * k - top:] if self.rank > 0 and top else None
         below = edges[self.rank + 1][:, :, :bottom] if self.rank < self.world_size - 1 and bottom else None
         return above, below
@@ -128,41 +231,59 @@ class RowParallelHooks(ParallelHooks):
         low-resolution rows added (top, bottom); crop 2*top output rows above and 2*bottom below."""
         return self._extend(x, 1, 1)
 
-    def attention_input(self, x: Tensor) -> Tuple[Tensor, int, int]:
-        """Before attention over all tokens: the full map (all bands gathered) and this band's [start, end) rows
-        in it."""
-        heights = _band_heights(x, self.group)
-        full = gather_rows(x, self.group, heights)
-        start = sum(heights[: self.rank])
-        return full, start, start + x.shape[2]
+    def gather_tokens(self, kv: Tensor) -> Tensor:
+        """Keys and values of every band's tokens, (N, T_r, 2*inner) on rank r -> (N, sum T_r, 2*inner) on all,
+        in image order (bands padded to the largest, all-gathered, trimmed)."""
+        sizes = self._sizes(kv.shape[1], kv.device)
+        return _concat_padded(self._all_gather(_padded(kv, max(sizes), 1)), sizes, 1)
 
     def merge_stats(self, partials: Tuple[Tensor, Tensor, Tensor], eps: float) -> Stats:
-        """GroupNorm (mean, rstd) of the whole image: every rank's (count, mean, M2) all-gathered and merged with
-        Chan's formula in rank order (the same bits on every rank)."""
-        gathered = [_all_gather(t, self.group) for t in partials]  # 3 lists of world_size (N, G) tensors
-        return ops.merge_group_norm_partials(list(zip(*gathered)), eps)
+        """GroupNorm (mean, rstd) of the whole image: every rank's (count, mean, M2) all-gathered (one collective)
+        and merged with Chan's formula in rank order (the same bits on every rank)."""
+        stacked = self._all_gather(torch.stack(tuple(partials)))  # world x (3, N, G): count, mean, M2
+        return ops.merge_group_norm_partials([tuple(p) for p in stacked], eps)
+
+    def end_stage(self, y: Tensor, check_finite: bool) -> bool:
+        """After a stage: one all-reduce (MAX) of this band's overflow flag (0 unless `check_finite` and y has a
+        non-finite value), polled on the host: True when every rank's band is finite."""
+        flag = torch.zeros(1, dtype=torch.int32, device=y.device)
+        if check_finite:
+            flag[0] = (~torch.isfinite(y).all()).to(torch.int32)
+        self._wait(dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), poll=True)
+        return int(flag.item()) == 0
+
+    def gather_rows(self, band: Tensor) -> Tensor:
+        """`gather_rows` of this call (watching for a failing rank)."""
+        heights = self._sizes(band.shape[2], band.device)
+        return _concat_padded(self._all_gather(_padded(band, max(heights), 2)), heights, 2)
 
 
-def _local_problem(vae, z: Tensor, world: int, what: str) -> Optional[str]:
+# ---------------------------------------------------------------------------------------------------------------
+# The calls: validate together, then run the band
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _local_problem(modules, z: Tensor, stages) -> Optional[str]:
     """What this rank finds wrong before any collective (None when nothing): the message every rank will raise."""
     if not isinstance(z, torch.Tensor) or z.dim() != 4 or not z.is_floating_point():
         got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         return f"the input must be a 4-D float tensor (N, C, H, W), got {got}"
-    if z.dtype == torch.float16:
-        return (f"{what} does not support float16 yet (the fp16 overflow recompute is decided per rank); use "
-                f"bfloat16 or float32")
-    weight = next(vae.parameters())
+    weight = next(modules[0].parameters())
     if weight.dtype != z.dtype or weight.device != z.device:
         return (f"the input is {z.dtype} on {z.device} but the VAE's parameters are {weight.dtype} on "
                 f"{weight.device}")
+    fallbacks = [f"{unit.name} ({unit.reason})" for stage in stages for unit in stage if unit.reason is not None]
+    if fallbacks:
+        return ("every unit must run on the fused ops to be split by rows, but these run their module's own "
+                "forward: " + "; ".join(fallbacks))
     return None
 
 
-def _agree(vae, z: Tensor, group, what: str) -> None:
+def _agree(modules, z: Tensor, stages, group, what: str) -> None:
     """One collective before any other: every rank's own validation result and a checksum of its input (shape,
     sum and sum of squares in fp64) are all-gathered, and if any rank found a problem or the inputs differ,
     every rank raises the same ValueError (naming the ranks), so no rank is left waiting in a collective."""
-    problem = _local_problem(vae, z, dist.get_world_size(group), what)
+    problem = _local_problem(modules, z, stages)
     checksum = None
     if problem is None:
         z64 = z.detach().to(torch.float64)
@@ -178,49 +299,71 @@ def _agree(vae, z: Tensor, group, what: str) -> None:
                          f"ranks (shapes by rank: {shapes})")
 
 
-def _check_group(vae, z: Tensor, group, what: str) -> Tuple[int, int]:
+def _check_group(modules, z: Tensor, stages, group, what: str) -> Tuple[int, int]:
     """(world size, rank) after the checks every patch-parallel call makes before its first collective."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{what} needs an initialised torch.distributed process group (start the script with "
                            f"torchrun, or call torch.distributed.init_process_group first)")
-    _agree(vae, z, group, what)
+    _agree(modules, z, stages, group, what)
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _run_band(stages, band: Tensor, group) -> Tensor:
+def _run_band(stages, band: Tensor, group, what: str, gather: bool) -> Tensor:
+    """Run the stages on this rank's band (and gather the bands when asked); any failure raises the same
+    `PatchParallelError` on every rank."""
     from sdvae_fast import fast
 
-    ctx = RunContext(parallel=RowParallelHooks(group))
-    with torch.no_grad():
-        return fast.run_stages(stages, band.contiguous(), ctx).contiguous()
+    hooks = RowParallelHooks(group, what)
+    try:
+        with torch.no_grad():
+            ctx = RunContext(emit_stats=fast.EMIT_GN_STATS, parallel=hooks)
+            y = fast.run_stages(stages, band.contiguous(), ctx).contiguous()
+            return hooks.gather_rows(y) if gather else y
+    except PatchParallelError:
+        raise
+    except Exception as error:
+        raise hooks.fail(error) from error
+
+
+def _decoder_modules(vae):
+    """(decoder, post_quant_conv or None) of a VAE, or (decoder, None) for a Decoder itself."""
+    if hasattr(vae, "decoder"):
+        return vae.decoder, getattr(vae, "post_quant_conv", None)
+    return vae, None
 
 
 def decode_patch_parallel(vae, z: Tensor, group=None, *, gather: bool = True):
     """`vae.decode(z).sample` split by rows over the ranks of `group`, exactly (module docstring).
 
     Args:
-        vae: a VAE with diffusers' AutoencoderKL structure (ours or a live diffusers one).
-        z: the same unscaled latents (N, latent_channels, h, w) on every rank, the VAE's dtype (fp32/bf16) and
-            device (CPU for gloo, this rank's GPU for NCCL).
+        vae: a VAE with diffusers' AutoencoderKL structure (ours or a live diffusers one), or a Decoder alone.
+        z: the same unscaled latents (N, latent_channels, h, w) on every rank, the VAE's dtype (fp32/bf16/fp16)
+            and device (CPU for gloo, this rank's GPU for NCCL).
         group: a `torch.distributed` process group (default: the world).
         gather: return the full images on every rank (True), or only this rank's band.
     Returns:
-        images (N, out_channels, f*h, f*w) with f the VAE's downsample factor, or with `gather=False` a tuple
+        images (N, out_channels, f*h, f*w) with f the VAE's upsampling factor, or with `gather=False` a tuple
         (band (N, out_channels, f*(end - start), f*w), first image row of the band).
     Raises:
         RuntimeError: torch.distributed is not initialised.
         ValueError (the same on every rank, before any other collective): ranks hold different inputs; a rank's
-            input is not a float 4-D tensor in the VAE's dtype and device; fp16 (not yet supported); more ranks
-            than latent rows.
+            input is not a float 4-D tensor in the VAE's dtype and device; a unit runs its module's forward
+            (not split by rows); more ranks than latent rows.
+        PatchParallelError (the same on every rank): a rank failed during the call, or a collective waited
+            `TIMEOUT_S` seconds; the process group must then be re-created.
     """
     from sdvae_fast import fast
 
-    world, rank = _check_group(vae, z, group, "patch parallel decode")
+    what = "patch parallel decode"
+    decoder, post_quant_conv = _decoder_modules(vae)
+    stages = fast.decoder_units(decoder, post_quant_conv)
+    world, rank = _check_group((decoder, post_quant_conv), z, stages, group, what)
     start, end = row_bands(z.shape[2], world)[rank]
-    stages = fast.decoder_units(vae.decoder, getattr(vae, "post_quant_conv", None))
-    band = _run_band(stages, z[:, :, start:end], group)
+    band = _run_band(stages, z[:, :, start:end], group, what, gather)
+    if gather:
+        return band
     factor = band.shape[2] // (end - start)
-    return gather_rows(band, group) if gather else (band, start * factor)
+    return band, start * factor
 
 
 def encode_patch_parallel(vae, x: Tensor, group=None, *, gather: bool = True):
@@ -232,7 +375,7 @@ def encode_patch_parallel(vae, x: Tensor, group=None, *, gather: bool = True):
 
     Args:
         vae: a VAE with diffusers' AutoencoderKL structure.
-        x: the same images (N, in_channels, H, W) on every rank, the VAE's dtype (fp32/bf16) and device.
+        x: the same images (N, in_channels, H, W) on every rank, the VAE's dtype (fp32/bf16/fp16) and device.
         group, gather: as for `decode_patch_parallel`.
     Returns:
         moments (N, 2*latent_channels, h, w), or with `gather=False` (this rank's band of them, its first row).
@@ -241,46 +384,16 @@ def encode_patch_parallel(vae, x: Tensor, group=None, *, gather: bool = True):
     """
     from sdvae_fast import fast
 
-    world, rank = _check_group(vae, x, group, "patch parallel encode")
-    levels = len(vae.encoder.down_blocks)
-    factor = 2 ** (levels - 1)
+    what = "patch parallel encode"
+    quant_conv = getattr(vae, "quant_conv", None)
+    stages = fast.encoder_units(vae.encoder, quant_conv)
+    world, rank = _check_group((vae.encoder, quant_conv), x, stages, group, what)
+    factor = 2 ** (len(vae.encoder.down_blocks) - 1)
     start, end = row_bands(x.shape[2] // factor, world)[rank]
     stop = x.shape[2] if rank == world - 1 else end * factor
-    stages = fast.encoder_units(vae.encoder, getattr(vae, "quant_conv", None))
-    band = _run_band(stages, x[:, :, start * factor:stop], group)
-    return gather_rows(band, group) if gather else (band, start)
+    band = _run_band(stages, x[:, :, start * factor:stop], group, what, gather)
+    return band if gather else (band, start)
 
 
-def enable_patch_parallel(vae_or_pipe, group=None, *, gather: bool = True):
-    """Turn on patch parallelism for sdvae_fast's AutoencoderKL, or a pipeline holding one as `.vae`; returns the
-    argument. See `AutoencoderKL.enable_patch_parallel`.
-
-    Raises:
-        TypeError: a diffusers AutoencoderKL that is not ours (not yet supported: load it as
-            `sdvae_fast.AutoencoderKL.from_pretrained(...)`, or build ours with `from_config(vae.config)` and
-            `load_state_dict(vae.state_dict())`), or an object without a VAE.
-        RuntimeError: torch.distributed is not initialised.
-    """
-    from sdvae_fast.patching import _find_vae
-
-    vae = _find_vae(vae_or_pipe)
-    if not callable(getattr(vae, "enable_patch_parallel", None)):
-        raise TypeError(f"enable_patch_parallel: {type(vae).__name__} is not sdvae_fast's AutoencoderKL; patch "
-                        f"parallelism on a live diffusers VAE is not supported yet: load it as "
-                        f"sdvae_fast.AutoencoderKL.from_pretrained(...) (or from_config + load_state_dict)")
-    vae.enable_patch_parallel(group, gather=gather)
-    return vae_or_pipe
-
-
-def disable_patch_parallel(vae_or_pipe):
-    """Undo `enable_patch_parallel` (a no-op when it is off); returns the argument."""
-    from sdvae_fast.patching import _find_vae
-
-    vae = _find_vae(vae_or_pipe)
-    if callable(getattr(vae, "disable_patch_parallel", None)):
-        vae.disable_patch_parallel()
-    return vae_or_pipe
-
-
-__all__: Sequence[str] = ("row_bands", "gather_rows", "RowParallelHooks", "decode_patch_parallel",
-                          "encode_patch_parallel", "enable_patch_parallel", "disable_patch_parallel")
+__all__: Sequence[str] = ("PatchParallelError", "TIMEOUT_S", "row_bands", "gather_rows", "RowParallelHooks",
+                          "decode_patch_parallel", "encode_patch_parallel")

@@ -4,7 +4,8 @@
     sdvae_fast.patch(pipe)        # pipe.vae.decode / encode now run the Triton kernels on CUDA
     sdvae_fast.unpatch(pipe)      # back to diffusers' own forwards, bit for bit
 
-What patching changes: three instance attributes, nothing else.
+What patching changes: three instance attributes, nothing else (a fourth, `vae.encode`, only while patch
+parallelism is on: `enable_patch_parallel`, below).
 - `vae.encoder.forward` and `vae.decoder.forward` become `sdvae_fast.fast.run_encoder` / `run_decoder` on the
   encoder's / decoder's own parameters. Everything above them is diffusers' own code, so `config`, `dtype`,
   `post_quant_conv` (still its own 1x1 conv), `enable_slicing` and `enable_tiling` (whose tiled paths call
@@ -24,6 +25,10 @@ patched is a no-op; both return their argument. `unpatch` restores exactly the i
 there before `patch` (or their absence), so the module's behaviour is bit-identical to before. An override that
 someone else installed *after* `patch` is left in place by `unpatch` (its wrapped call then reaches diffusers'
 own forward).
+
+`enable_patch_parallel` / `disable_patch_parallel` live here too, since on a live diffusers VAE they patch it:
+the patched encoder and decoder forwards then run `sdvae_fast.parallel`'s band-split calls (on our own
+AutoencoderKL they call its methods of the same names).
 """
 from __future__ import annotations
 
@@ -62,6 +67,10 @@ class _PatchState:
     def __init__(self, backend: str):
         self.backend = backend
         self.saved: list[tuple[torch.nn.Module, str, object]] = []
+        #: (process group, gather, the VAE) while patch parallelism is on (`enable_patch_parallel`), else None.
+        self.parallel: "tuple | None" = None
+        #: whether `enable_patch_parallel` patched the VAE itself (then `disable_patch_parallel` unpatches it).
+        self.patched_for_parallel = False
 
     def previous(self, module: torch.nn.Module, name: str):
         """The callable that `module.<name>` was before patching: the replaced instance entry or the class method."""
@@ -108,9 +117,30 @@ def _encoder_forward(self, sample, *args, **kwargs):
     return fast.run_encoder(self, sample)
 
 
+def _in_parallel(state: "_PatchState | None", args, kwargs) -> bool:
+    """Whether a patched forward runs split by rows (patch parallelism on, and no extra arguments)."""
+    return state is not None and state.parallel is not None and not args and not kwargs
+
+
+def _parallel_call(function, module, x, state: _PatchState):
+    """`function` (`parallel.encode_patch_parallel` / `decode_patch_parallel`) on `module` with the VAE's
+    setting; a band's first row goes to the VAE's `patch_parallel_offset`."""
+    group, gather, vae = state.parallel
+    result = function(module, x, group, gather=gather)
+    if gather:
+        return result
+    band, vae.patch_parallel_offset = result
+    return band
+
+
 def _decoder_forward(self, sample, latent_embeds=None, *args, **kwargs):
-    """Patched `Decoder.forward(sample, latent_embeds=None)`: `fast.run_decoder` unless latent_embeds is given."""
+    """Patched `Decoder.forward(sample, latent_embeds=None)`: `fast.run_decoder` unless latent_embeds is given;
+    split by rows under patch parallelism."""
     state = _state_of(self)
+    if latent_embeds is None and _in_parallel(state, args, kwargs):
+        from sdvae_fast import parallel
+
+        return _parallel_call(parallel.decode_patch_parallel, self, sample, state)
     if latent_embeds is not None or args or kwargs or not _runs_fast(state, (self,), sample):
         original = state.previous(self, "forward") if state is not None else type(self).forward.__get__(self)
         if latent_embeds is None:
@@ -120,13 +150,85 @@ def _decoder_forward(self, sample, latent_embeds=None, *args, **kwargs):
 
 
 def _vae_encode(self, x, *args, **kwargs):
-    """Patched `AutoencoderKL._encode(x)`: `fast.encode_moments` (quant_conv folded) unless tiling is enabled."""
+    """Patched `AutoencoderKL._encode(x)`: `fast.encode_moments` (quant_conv folded) unless tiling is enabled;
+    split by rows under patch parallelism."""
     state = _state_of(self)
+    if _in_parallel(state, args, kwargs):
+        from sdvae_fast import parallel
+
+        return _parallel_call(parallel.encode_patch_parallel, self, x, state)
     modules = (self.encoder, getattr(self, "quant_conv", None))
     if args or kwargs or getattr(self, "use_tiling", False) or not _runs_fast(state, modules, x):
         original = state.previous(self, "_encode") if state is not None else type(self)._encode.__get__(self)
         return original(x, *args, **kwargs)
     return fast.encode_moments(self, x)
+
+
+def _vae_encode_shared_noise(self, x, return_dict: bool = True, *args, **kwargs):
+    """`AutoencoderKL.encode` under patch parallelism with gather: the posterior's `sample()` without a generator
+    draws on the group's first rank and broadcasts (`model._SharedNoisePosterior`), so every rank agrees."""
+    state = _state_of(self)
+    out = state.previous(self, "encode")(x, return_dict, *args, **kwargs)
+    if state.parallel is None or not state.parallel[1]:
+        return out
+    from sdvae_fast.model import _SharedNoisePosterior
+
+    posterior = out.latent_dist if return_dict else out[0]
+    shared = _SharedNoisePosterior(posterior.parameters, state.parallel[0])
+    return type(out)(latent_dist=shared) if return_dict else (shared,)
+
+
+_OURS = (_encoder_forward, _decoder_forward, _vae_encode, _vae_encode_shared_noise)
+
+
+def _install(state: _PatchState, module, name: str, function) -> None:
+    """Replace `module.<name>` by `function` bound to it, remembering the instance entry it replaces."""
+    state.saved.append((module, name, module.__dict__.get(name, _MISSING)))
+    # A bound method in the instance dict shadows the class method; copy.deepcopy rebinds it to the copy.
+    module.__dict__[name] = types.MethodType(function, module)
+
+
+def _restore(module, name: str, entry) -> None:
+    """Put back the instance entry `entry` of `module.<name>` if the current one is still ours."""
+    current = module.__dict__.get(name, _MISSING)
+    if not (isinstance(current, types.MethodType) and current.__self__ is module and current.__func__ in _OURS):
+        return  # replaced by someone else after patch(): leave their override in place
+    if entry is _MISSING:
+        del module.__dict__[name]
+    else:
+        module.__dict__[name] = entry
+
+
+def _set_patch_parallel(vae, group, gather: bool) -> None:
+    """Route a live diffusers VAE's encode and decode through `sdvae_fast.parallel` (patching it first when it
+    is not patched; `_clear_patch_parallel` then unpatches it again). Used by `enable_patch_parallel`.
+
+    Installs, besides `patch`'s three entries, an `encode` override while it is on, which gives the posterior
+    a `sample()` that agrees across ranks. Turns diffusers' tiling off (bands and tiles do not combine).
+    """
+    state = _state_of(vae)
+    if state is None:
+        patch(vae)
+        state = _state_of(vae)
+        state.patched_for_parallel = True
+    state.parallel = (group, bool(gather), vae)
+    vae.use_tiling = False
+    if hasattr(type(vae), "encode") and not any(m is vae and n == "encode" for m, n, _ in state.saved):
+        _install(state, vae, "encode", _vae_encode_shared_noise)
+
+
+def _clear_patch_parallel(vae) -> None:
+    """Undo `_set_patch_parallel` (a no-op when patch parallelism is off)."""
+    state = _state_of(vae)
+    if state is None or state.parallel is None:
+        return
+    state.parallel = None
+    vae.__dict__.pop("patch_parallel_offset", None)
+    for entry in [e for e in state.saved if e[0] is vae and e[1] == "encode"]:
+        _restore(*entry)
+        state.saved.remove(entry)
+    if state.patched_for_parallel:
+        unpatch(vae)
 
 
 def patch(obj, backend: str = "auto"):
@@ -160,9 +262,7 @@ def patch(obj, backend: str = "auto"):
     if hasattr(type(vae), "_encode"):
         targets.append((vae, "_encode", _vae_encode))
     for module, name, function in targets:
-        state.saved.append((module, name, module.__dict__.get(name, _MISSING)))
-        # A bound method in the instance dict shadows the class method; copy.deepcopy rebinds it to the copy.
-        module.__dict__[name] = types.MethodType(function, module)
+        _install(state, module, name, function)
     for module in {id(m): m for m, _, _ in targets}.values():
         module.__dict__[_STATE] = state
     return obj
@@ -182,16 +282,8 @@ def unpatch(obj):
     state = _state_of(vae)
     if state is None:
         return obj
-    for module, name, entry in state.saved:
-        current = module.__dict__.get(name, _MISSING)
-        ours = isinstance(current, types.MethodType) and current.__self__ is module and current.__func__ in (
-            _encoder_forward, _decoder_forward, _vae_encode)
-        if not ours:
-            continue  # replaced by someone else after patch(): leave their override in place
-        if entry is _MISSING:
-            del module.__dict__[name]
-        else:
-            module.__dict__[name] = entry
+    for module, name, entry in reversed(state.saved):
+        _restore(module, name, entry)
     for module, _, _ in state.saved:
         module.__dict__.pop(_STATE, None)
     return obj
@@ -202,3 +294,48 @@ def is_patched(obj) -> bool:
     or sdvae_fast's own AutoencoderKL (the fast path built in; `patch` only sets its backend)."""
     vae = _find_vae(obj)
     return callable(getattr(vae, "set_backend", None)) or _state_of(vae) is not None
+
+
+def enable_patch_parallel(vae_or_pipe, group=None, *, gather: bool = True):
+    """Split every encode and decode of a VAE (or a pipeline's `.vae`) by rows over the ranks of `group`.
+
+    Every rank must then call `encode` / `decode` with the same full input (pipelines do); each computes its band
+    (`sdvae_fast.parallel`: halo rows, whole-image GroupNorm statistics, keys and values of all tokens) and gets the full result (`gather=True`) or only its band, whose first row is then
+    `vae.patch_parallel_offset`. `latent_dist.sample()` without a generator draws on the group's first rank and
+    broadcasts. Tiling is turned off (bands and tiles do not combine); slicing still splits the batch.
+
+    Args:
+        vae_or_pipe: sdvae_fast's AutoencoderKL, a live `diffusers.AutoencoderKL`, or a pipeline holding one as
+            `.vae`. A diffusers VAE that is not patched yet is patched first (`sdvae_fast.patch`: its encoder and
+            decoder forwards run the fast path's units, which split by rows), and `disable_patch_parallel`
+            unpatches it again; one that was patched before stays patched.
+        group: a `torch.distributed` process group (default: the world), NCCL on GPUs or gloo on CPU.
+        gather: full results on every rank (True) or each rank's band only.
+    Returns:
+        vae_or_pipe.
+    Raises:
+        TypeError: the object is neither a VAE nor holds one as `.vae`.
+        RuntimeError: torch.distributed is not initialised.
+    """
+    import torch.distributed as dist
+
+    vae = _find_vae(vae_or_pipe)
+    if callable(getattr(vae, "enable_patch_parallel", None)):
+        vae.enable_patch_parallel(group, gather=gather)
+        return vae_or_pipe
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("enable_patch_parallel needs an initialised torch.distributed process group (start the "
+                           "script with torchrun, or call torch.distributed.init_process_group first)")
+    _set_patch_parallel(vae, group, gather)
+    return vae_or_pipe
+
+
+def disable_patch_parallel(vae_or_pipe):
+    """Undo `enable_patch_parallel` (a no-op when it is off); returns the argument. A diffusers VAE that
+    `enable_patch_parallel` patched is unpatched."""
+    vae = _find_vae(vae_or_pipe)
+    if callable(getattr(vae, "disable_patch_parallel", None)):
+        vae.disable_patch_parallel()
+    else:
+        _clear_patch_parallel(vae)
+    return vae_or_pipe

@@ -89,19 +89,23 @@ def test_registering_a_class_twice_is_an_error():
 
 class _CountingHooks(fast.ParallelHooks):
     """One 'rank' holding the whole image, through every hook: counts the halo requests (returning the band and
-    padding unchanged: this rank has no neighbours), the upsample and attention requests, and merges GroupNorm
-    statistics from partials."""
+    padding unchanged: this rank has no neighbours), the upsample, K/V-gather and stage-end requests, and merges
+    GroupNorm statistics from partials."""
 
     def __init__(self):
-        self.convs = self.merges = self.upsamples = self.attentions = 0
+        self.convs = self.merges = self.upsamples = self.attentions = self.stages = 0
 
     def upsample_input(self, x):
         self.upsamples += 1
         return super().upsample_input(x)
 
-    def attention_input(self, x):
+    def gather_tokens(self, kv):
         self.attentions += 1
-        return super().attention_input(x)
+        return super().gather_tokens(kv)
+
+    def end_stage(self, y, check_finite):
+        self.stages += 1
+        return super().end_stage(y, check_finite)
 
     def conv_input(self, x, padding, kernel_size, stride):
         self.convs += 1
@@ -131,8 +135,14 @@ def test_patch_parallel_hooks_are_called_before_every_spatial_conv_and_every_gro
     attentions = [m for m in vae.decoder.modules() if type(m).__name__ == "Attention"]
     assert hooks.convs == len(spatial) - upsample_convs  # the upsample op takes its halo through upsample_input
     assert hooks.upsamples == upsample_convs and hooks.attentions == len(attentions) == 1
-    assert hooks.merges == len(norms) - len(attentions)  # attention normalises the gathered map itself
+    assert hooks.merges == len(norms)  # the attention's GroupNorm too: its queries, keys and values are per band
+    assert hooks.stages == len(stages)
     assert_close(got, expected, rel_l2=1e-6, name="decode through the hooks")
+    emitting = _CountingHooks()  # the producers' partials (emitted in the conv epilogues) merged instead
+    with torch.no_grad():
+        got = fast.run_stages(stages, z, fast.RunContext(emit_stats=True, parallel=emitting)).contiguous()
+    assert emitting.merges == len(norms)
+    assert_close(got, expected, rel_l2=1e-6, name="decode through the hooks, emitted partials")
 
 
 def test_derived_cache_rebuilds_after_in_place_change_and_drops_freed_sources():

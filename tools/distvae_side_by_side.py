@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -61,24 +60,16 @@ INSTALL_HINT = ("not importable: `python -m pip install --target /tmp/distvae --
                 "then run with PYTHONPATH=/tmp/distvae")
 
 
-def import_sdvae_fast(root: Path = ROOT):
-    """Import sdvae_fast from this checkout (`root`), whether or not it is pip-installed, and return the package.
+def import_sdvae_fast():
+    """The installed sdvae_fast package (`pip install -e .` in this checkout; README's set-up).
 
-    The package maps `sdvae_fast.kernels` to the top-level `kernels/` folder (setup.py's package_dir); when no
-    install provides that mapping for this checkout, `kernels/` is registered under that name here, before anything
-    imports it. Raises ImportError when `root` holds no sdvae_fast.
+    Raises ImportError, naming the install command, when it is not installed.
     """
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import sdvae_fast
-
-    if "sdvae_fast.kernels" not in sys.modules and (root / "kernels" / "__init__.py").is_file():
-        spec = importlib.util.spec_from_file_location("sdvae_fast.kernels", root / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(root / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["sdvae_fast.kernels"] = module
-        spec.loader.exec_module(module)
-        sdvae_fast.kernels = module
+    try:
+        import sdvae_fast
+        import sdvae_fast.kernels  # noqa: F401  (mapped from kernels/ by the install)
+    except ImportError as e:
+        raise ImportError(f"sdvae_fast is not installed: run `python3 -m pip install -e .` in {ROOT} ({e})") from e
     return sdvae_fast
 
 

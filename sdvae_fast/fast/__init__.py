@@ -66,7 +66,8 @@ overflows: one extra read of each stage's output and one host sync per stage (7 
 stage overflows, that stage runs twice and the rest at the wider dtype. Under `torch.compile` the per-stage syncs
 cannot be traced; there the fp16 pass runs whole, and `torch.cond` on the finiteness of its output either keeps
 it or runs the whole forward at the wider dtype (one check, no sync inside the graph; an overflow costs a full
-extra pass). Measure the cost on a GPU by timing `decode_sample` on fp16 latents with `FP16_GUARD` True and False
+extra pass). Under patch parallelism (`sdvae_fast.parallel`) each rank checks its band and the flags are
+all-reduced after every stage, so all ranks take the same decision. Measure the cost on a GPU by timing `decode_sample` on fp16 latents with `FP16_GUARD` True and False
 (CUDA events, same latents, eager and compiled), and on a VAE whose weights overflow fp16 (the recompute path).
 
 Precision policy (autocast). Under `torch.autocast(device_type, dtype=float16 or bfloat16)` an fp32 model's
@@ -137,11 +138,13 @@ def _run_units(units: List[Unit], carry: Carry, ctx: RunContext) -> None:
 
 
 def _run_all(stages: Stages, x: Tensor, ctx: RunContext) -> Tensor:
-    """Run every stage in order, unguarded."""
+    """Run every stage in order, unguarded (under patch parallelism with the ranks' check after each stage)."""
     carry = Carry(x)
     del x
     for stage in stages:
         _run_units(stage, carry, ctx)
+        if ctx.parallel is not None:
+            ctx.parallel.end_stage(carry.x, check_finite=False)
     return carry.take()[0]
 
 
@@ -157,7 +160,9 @@ def _run_guarded_fp16(stages: Stages, x: Tensor, ctx: RunContext) -> Tensor:
     for i, stage in enumerate(stages):
         stage_input = carry.x  # kept for the recompute
         _run_units(stage, carry, ctx)
-        if not bool(torch.isfinite(carry.x).all()):  # one host sync per stage
+        # One host sync per stage; under patch parallelism the ranks decide together (any rank's overflow).
+        finite = ctx.parallel.end_stage(carry.x, True) if ctx.parallel else bool(torch.isfinite(carry.x).all())
+        if not finite:
             carry.take()
             wide = stage_input.to(FP16_OVERFLOW_DTYPE)
             del stage_input

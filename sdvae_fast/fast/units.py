@@ -23,10 +23,10 @@ forward (`Unit.reason` says why), so results stay correct and `sdvae-fast parity
 registration.
 
 The run context (`RunContext`) carries what a unit may need besides its input: the parameter cast of the fp16
-overflow recompute, whether statistics are emitted, and, for the model types and the patch parallelism still to
-come, a per-sample time embedding (`temb`), a stack of skip tensors (`skips`, pushed by UNet down blocks and
-popped by up blocks), SpatialNorm's quantised latents (`latents`), and `ParallelHooks` (a halo exchange before
-each spatial conv and a merge of GroupNorm partials across ranks).
+overflow recompute, whether statistics are emitted, `ParallelHooks` for patch parallelism (`sdvae_fast.parallel`:
+halo rows before each spatial conv, GroupNorm partials merged across ranks, keys and values of all tokens for the
+attention, a check after each stage), and, for the model types still to come, a per-sample time embedding (`temb`), a stack of skip tensors (`skips`, pushed by UNet down blocks and
+popped by up blocks) and SpatialNorm's quantised latents (`latents`).
 """
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ Stats = Tuple[Tensor, Tensor]  # GroupNorm (mean, rstd), each (N, G) float32
 class ParallelHooks:
     """Where patch parallelism plugs into the units; these defaults are one process holding the whole image.
 
-    A subclass for a process group overrides both methods (the patch-parallel issue): the units call them and
-    need no other change.
+    `sdvae_fast.parallel.RowParallelHooks` overrides them for ranks that each hold a band of rows; the units call
+    them and need no other change. Under patch parallelism the statistics a conv emits for the next GroupNorm are
+    its band's raw (count, mean, M2) partials (`ops.GroupNormPartials`), which `merge_stats` merges across ranks.
     """
 
     def conv_input(self, x: Tensor, padding: List[int], kernel_size: int, stride: int) -> Tuple[Tensor, List[int]]:
@@ -71,9 +72,15 @@ class ParallelHooks:
         added (top, bottom); the unit crops twice as many output rows. Default: (x, 0, 0)."""
         return x, 0, 0
 
-    def attention_input(self, x: Tensor) -> Tuple[Tensor, int, int]:
-        """Before attention over all tokens: the full map and this band's [start, end) rows in it. Default: x."""
-        return x, 0, x.shape[2]
+    def gather_tokens(self, kv: Tensor) -> Tensor:
+        """Before attention over all tokens: this band's keys and values (N, T_band, 2*inner), tokens in row-major
+        order, -> every band's in image order (N, T_all, 2*inner). Default: kv (this process holds all tokens)."""
+        return kv
+
+    def end_stage(self, y: Tensor, check_finite: bool) -> bool:
+        """After each stage (the unit of the fp16 overflow guard): whether y (and, under patch parallelism, every
+        rank's band of it) is finite when `check_finite`, else True. Default: a local check."""
+        return bool(torch.isfinite(y).all()) if check_finite else True
 
 
 @dataclasses.dataclass
@@ -100,9 +107,8 @@ class RunContext:
 
     @property
     def emits(self) -> bool:
-        """Whether convs emit statistics now: asked for, and not under patch parallelism (whose statistics are
-        band partials merged across ranks instead)."""
-        return self.emit_stats and self.parallel is None
+        """Whether convs emit statistics for the next GroupNorm (under patch parallelism: their band's partials)."""
+        return self.emit_stats
 
     def cast(self, t: Optional[Tensor]) -> Optional[Tensor]:
         """A tensor as a module forward (a fallback unit), `temb` or `latents` uses it: unchanged, or a copy in
@@ -452,16 +458,22 @@ def upsample_conv(up) -> Tuple[Optional[nn.Conv2d], Optional[str]]:
 
 
 def _with_stats(result) -> tuple:
-    """An op's result as (y, stats): ops return the pair only when asked to emit statistics."""
-    return result if isinstance(result, tuple) else (result, None)
+    """An op's result as (y, what to carry to the next GroupNorm): ops return a tuple only when asked to emit
+    statistics; (y, (mean, rstd)), or under patch parallelism (y, (mean, rstd), partials) whose band partials
+    are carried instead (the consumer merges them across ranks)."""
+    if not isinstance(result, tuple):
+        return result, None
+    return (result[0], result[2]) if len(result) == 3 else result
 
 
-def input_stats(x: Tensor, norm: nn.GroupNorm, carried: Optional[Stats], ctx: RunContext) -> Optional[Stats]:
-    """The GroupNorm statistics of x for `norm`: those its producer emitted, or None (the op computes them); under
-    patch parallelism this band's partials merged across ranks by `ctx.parallel`."""
+def input_stats(x: Tensor, norm: nn.GroupNorm, carried, ctx: RunContext) -> Optional[Stats]:
+    """The GroupNorm (mean, rstd) of x for `norm`: those its producer emitted, or None (the op computes them).
+    Under patch parallelism: the band's partials (emitted by the producer, else computed here from x) merged
+    across ranks by `ctx.parallel`."""
     if ctx.parallel is None:
         return carried
-    return ctx.parallel.merge_stats(ops.group_norm_partials(x, norm.num_groups), norm.eps)
+    partials = carried if carried is not None else ops.group_norm_partials(x, norm.num_groups)
+    return ctx.parallel.merge_stats(partials, norm.eps)
 
 
 def gsc(x: Tensor, conv: Optional[nn.Conv2d], ctx: RunContext, norm: Optional[nn.GroupNorm] = None, *,
@@ -502,6 +514,7 @@ def gsc(x: Tensor, conv: Optional[nn.Conv2d], ctx: RunContext, norm: Optional[nn
         x, weight, bias, norm_weight=norm_weight, norm_bias=norm_bias, num_groups=num_groups,
         eps=eps, silu=silu and norm is not None, stride=stride, padding=padding, residual=residual,
         stats=stats if norm is not None else None, emit_stats=emit,
+        emit_partials=emit is not None and ctx.parallel is not None,
     ))
 
 
@@ -554,13 +567,13 @@ def _run_upsample(up, carry, ctx, emit):
 def _run_attention(attn, carry, ctx, emit):
     """Mid-block Attention: `vae_attention_block` (GroupNorm+QKV, flash attention, out-projection+residual)."""
     x, stats = carry.take()
-    if ctx.parallel is not None:  # every token attends to all: run on the gathered map, keep this band's rows
-        full, start, end = ctx.parallel.attention_input(x)
-        return vae_attention_block(full, attn)[:, :, start:end], None
     if attn.group_norm is not None:
         stats = input_stats(x, attn.group_norm, stats, ctx)
-    # vae_attention_block casts the module's weights to x's dtype itself (cached derived weights).
-    return _with_stats(vae_attention_block(x, attn, stats=stats, emit_stats=emit))
+    # vae_attention_block casts the module's weights to x's dtype itself (cached derived weights). Under patch
+    # parallelism this band's queries attend to every band's keys and values (`gather_tokens`).
+    return _with_stats(vae_attention_block(
+        x, attn, stats=stats, emit_stats=emit, emit_partials=emit is not None and ctx.parallel is not None,
+        gather_kv=None if ctx.parallel is None else ctx.parallel.gather_tokens))
 
 
 @register_block("DownEncoderBlock2D")
@@ -633,7 +646,8 @@ def out_projection_weight(linear: nn.Linear, dtype: torch.dtype, device) -> Tens
 
 
 def vae_attention_block(x: Tensor, module: nn.Module, *, stats: Optional[Stats] = None,
-                        emit_stats: Optional[Tuple[int, float]] = None):
+                        emit_stats: Optional[Tuple[int, float]] = None, emit_partials: bool = False,
+                        gather_kv: Optional[Callable[[Tensor], Tensor]] = None):
     """The VAE mid-block attention unit, fused: `x + out_proj(attention(qkv(group_norm(x))))`.
 
     Three registered ops, no N x N tensor and no copies between them:
@@ -655,8 +669,13 @@ def vae_attention_block(x: Tensor, module: nn.Module, *, stats: Optional[Stats] 
             nn.Linear(inner, C), heads; spatial_norm, norm_q and norm_k None (`attention_why_not` lists the rules).
         stats: precomputed GroupNorm (mean, rstd) of x for module.group_norm, each (N, G), or None.
         emit_stats: (num_groups, eps) of the GroupNorm applied to the output next (see `ops.gn_silu_conv2d`).
+        emit_partials: with `emit_stats`, also the output's raw `GroupNormPartials` (patch parallelism).
+        gather_kv: for patch parallelism, x being one band of rows of the image: maps this band's keys and
+            values (N, H*W, 2*inner) to every band's, in image order (N, T_all, 2*inner); the band's queries then
+            attend to all tokens. None: x is the whole image.
     Returns:
-        (N, C, H, W) in x's dtype, channels_last memory format; with `emit_stats` the pair (output, (mean, rstd)).
+        (N, C, H, W) in x's dtype, channels_last memory format; with `emit_stats` the pair (output, (mean, rstd)),
+        with `emit_partials` too the triple (output, (mean, rstd), partials).
     Raises:
         TypeError: x is not a float tensor, or the module lacks the attributes above.
         ValueError: x is not 4-D, or the module's shapes do not fit x (the message names the attribute).
@@ -683,6 +702,8 @@ def vae_attention_block(x: Tensor, module: nn.Module, *, stats: Optional[Stats] 
         qkv = ops.gn_silu_conv2d(x, w_qkv, b_qkv, norm_weight=None, padding=0)
     tokens = qkv.permute(0, 2, 3, 1).reshape(n, h * w, 3 * inner)  # (N, H*W, 3*inner), a view for NHWC
     q, k, v = tokens.split(inner, dim=-1)  # each (N, H*W, inner), row stride 3*inner
+    if gather_kv is not None:
+        k, v = gather_kv(tokens[..., inner:]).split(inner, dim=-1)  # each (N, T_all, inner), row stride 2*inner
     if heads > 1:
         q, k, v = (t.unflatten(-1, (heads, head_dim)).transpose(1, 2) for t in (q, k, v))  # (N, heads, H*W, d)
     scale = float(getattr(module, "scale", head_dim ** -0.5))
@@ -697,11 +718,12 @@ def vae_attention_block(x: Tensor, module: nn.Module, *, stats: Optional[Stats] 
     rescale = float(getattr(module, "rescale_output_factor", 1.0))
     if rescale == 1.0:
         return ops.gn_silu_conv2d(attn, w_out, b_out, norm_weight=None, padding=0, residual=residual,
-                                  emit_stats=emit_stats)
+                                  emit_stats=emit_stats, emit_partials=emit_partials)
     y = ops.gn_silu_conv2d(attn, w_out, b_out, norm_weight=None, padding=0, residual=residual) / rescale
     if emit_stats is None:
         return y
-    return y, ops.group_norm_stats(y, int(emit_stats[0]), float(emit_stats[1]))
+    stats = ops.group_norm_stats(y, int(emit_stats[0]), float(emit_stats[1]))
+    return (y, stats, ops.group_norm_partials(y, int(emit_stats[0]))) if emit_partials else (y, stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
