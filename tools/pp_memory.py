@@ -28,26 +28,31 @@ The schedule modelled (patch parallelism as docs/patch_parallel.md and `sdvae_fa
 - the mid-block attention: q, k, v of the band's tokens (one (N, T_band, 3 x 512) tensor), K and V padded to the
   tallest band and all-gathered, concatenated to (N, T_all, 2 x 512), flash attention of the band's queries over
   all keys (no T x T matrix), the output projection with the residual;
-- after each stage one all_reduce of 2 int32 flags; the final result all-gathered (bands padded to the tallest)
-  when gather=True.
+- after each stage one all_reduce of one int32 flag (`end_stage`); the final result all-gathered (bands padded
+  to the tallest) when gather=True.
 World 1 is the single-device fast path: the same units, no halos, copies or collectives. Where the code says
 more than the design, the model follows the code (`RowParallelHooks` with `gather_tokens` / `end_stage`, the
-version `--check` runs): a collective's input that its callee rebinds (`t = t.contiguous()`) is freed there, the
-K/V and result gathers receive world separate tensors and concatenate them (a copy), every tensor of the
-attention unit stays alive until it returns, and convs emit the next GroupNorm's partials. The design keeps the
-halo rows channels_last (the tables); the code today makes them NCHW (`halo_layout="nchw"`, the "as coded today"
-variant: one more copy per halo conv on the GPU).
+version `--check` runs): `_all_gather` keeps a channels_last tensor channels_last, so the edge rows, the
+received rows and x_ext are channels_last and the conv kernel reads x_ext without another copy; the K/V and
+result gathers receive world separate tensors and concatenate them (a copy); every tensor of the attention unit
+stays alive until it returns; convs emit the next GroupNorm's band partials (`emit_partials`), and the unit after
+an upsample (which emits none under patch parallelism) computes them from its input. `halo_layout="nchw"` models
+the NCHW halo rows of the code before commit 63b7381 (`t.contiguous()` in `_all_gather`: an NCHW copy of the edge
+rows, the channels_last original freed, an NCHW x_ext that the conv kernel copies into channels_last once more);
+it is kept so that `--check` can tell the two layouts apart.
 
 GPU-only allocations the model adds (`gpu=True`; on the CPU the ops run PyTorch references instead): the conv
 kernel copies an input whose channels are not innermost (stride(1) != 1) into channels_last once
 (`kernels/conv.py::_prepare_input`), and a conv that emits the next GroupNorm's statistics holds a fp32 scratch of
-3 floats per (64-pixel tile, group) while it runs. Tensors of a few KiB (GroupNorm statistics, flags) are left out.
+3 floats per (64-pixel tile, group) while it runs. Tensors of a few KiB (GroupNorm statistics, the flag) are left out.
 
 `--check` runs the real units on a tiny VAE on the CPU, one rank at a time in one process (the real
-`RowParallelHooks` with a transport that returns world copies of the rank's own tensor), follows every
-activation tensor with a `TorchDispatchMode` and weak references, and compares, per unit and rank, the bytes
-alive at the unit's fullest point (also with the GPU-only allocations added from each conv op's actual inputs),
-the largest tensor allocated, and the traffic per kind, with the model: they must be equal to the byte.
+`RowParallelHooks`, every method unchanged, with the all_gather and all_reduce of `torch.distributed`, as
+`sdvae_fast.parallel` calls them, replaced by a transport that returns world copies of the rank's own tensor),
+follows every activation tensor with a `TorchDispatchMode` and weak references, and compares, per unit and rank,
+the bytes alive at the unit's fullest point (also with the GPU-only allocations added from each conv op's actual
+inputs), the largest tensor allocated, and the traffic per kind, with the model: they must be equal to the byte.
+It also tells which halo layout (channels_last or NCHW) the code has.
 """
 from __future__ import annotations
 
@@ -64,7 +69,7 @@ from torch.utils._pytree import tree_leaves
 
 ITEMSIZE = 2  # bf16 activations
 FP32 = 4
-FLAG_BYTES = 2 * 4  # the stage-end all_reduce: 2 int32 flags
+FLAG_BYTES = 4  # the stage-end all_reduce: one int32 flag
 SIZE_BYTES = 8  # one int64 band size, all-gathered before the K/V and the result gathers
 IMAGE_SIZES = (4096, 8192, 16384)
 WORLDS = (1, 2, 4, 8)
@@ -154,9 +159,9 @@ class RankModel:
         batch: N.
         gpu: add the CUDA kernels' internal allocations (channels_last copy of a non-channels_last input, the
             emitted-statistics scratch); False for what the CPU reference ops allocate (the `--check`).
-        halo_layout: "nhwc" (the design: halo rows and x_ext stay channels_last) or "nchw" (as the code runs
-            today: `_all_gather`'s `.contiguous()` makes the edge rows NCHW, so the cat with them is NCHW and the
-            conv kernel copies it into channels_last again).
+        halo_layout: "nhwc" (the code since 63b7381: halo rows and x_ext stay channels_last) or "nchw" (the code
+            before it: `_all_gather`'s `.contiguous()` made the edge rows NCHW, so the cat with them was NCHW and
+            the conv kernel copied it into channels_last again; kept for `--check` to tell the layouts apart).
         halo_copy: False models a conv that reads the halo rows from the received tensors instead of x_ext.
         crop_alloc: False models an upsample that writes only the rows it keeps.
         fp16_guard: model the fp16 overflow policy (each stage's input kept, a finiteness mask at its end).
@@ -233,8 +238,8 @@ class RankModel:
         k = max(top, bottom, 1)
         send = self.new((n, c, 2 * k, w), x.layout, "edge rows (send)")
         if self.halo_layout == "nchw" and send.layout != "nchw":
-            # `t = t.contiguous()` in `_all_gather`: an NCHW copy, and the channels_last original is freed (the
-            # callee owns its argument and rebinds it)
+            # the code before 63b7381, `t = t.contiguous()` in `_all_gather`: an NCHW copy, and the channels_last
+            # original is freed (the callee owns its argument and rebinds it)
             copy = self.new((n, c, 2 * k, w), "nchw", "edge rows, NCHW copy (send)")
             self.phase("halo edge rows to NCHW", list(live) + [x, send, copy])
             send = copy
@@ -433,7 +438,7 @@ class RankModel:
         return runs[unit.kind](unit, x)
 
     def run_stages(self, stages, x: Buf) -> Buf:
-        """All stages in order; after each, under patch parallelism, the all_reduce of the flags. With
+        """All stages in order; after each, under patch parallelism, the all_reduce of the flag (one int32). With
         `fp16_guard` each stage's input stays alive during the stage and a 1-byte finiteness mask of its output
         is made at its end."""
         for stage in stages:
@@ -656,7 +661,7 @@ def build_vae(preset: str = "sd15"):
 
 
 KIND_NAMES = {"halo": "the halo rows", "gn": "the GroupNorm partials", "kv": "the attention's K and V",
-              "image": "the final gather of the result", "flags": "the flags"}
+              "image": "the final gather of the result", "flags": "the stage flags"}
 
 
 def report(sizes: Sequence[int] = IMAGE_SIZES, worlds: Sequence[int] = WORLDS, out=sys.stdout) -> None:
@@ -682,7 +687,7 @@ def report(sizes: Sequence[int] = IMAGE_SIZES, worlds: Sequence[int] = WORLDS, o
     for direction in ("decode", "encode"):
         results = {(s, w): analyse(direction, vae, s, w) for s in sizes for w in worlds}
         variants = {(s, w): {
-            "coded": analyse(direction, vae, s, w, halo_layout="nchw")["peak"],
+            "nchw": analyse(direction, vae, s, w, halo_layout="nchw")["peak"],
             "nocopy": analyse(direction, vae, s, w, halo_copy=False)["peak"],
             "nocrop": analyse(direction, vae, s, w, halo_copy=False, crop_alloc=False)["peak"],
             "fp16": analyse(direction, vae, s, w, fp16_guard=True)["peak"],
@@ -714,19 +719,19 @@ def report(sizes: Sequence[int] = IMAGE_SIZES, worlds: Sequence[int] = WORLDS, o
             rank, label, step, bufs = results[(s, w)]["where"]
             write(f"- {w} rank{'s' if w > 1 else ''}: rank {rank}, {label}, {step}: {_describe(bufs)}")
         write()
-        write(f"Variants ({direction}), peak GiB per rank: the design above; as the code runs today (halo rows "
-              "NCHW, see the notes); without the x_ext copy (a conv reading the halo rows from the received "
-              "tensors) and what that saves; also without the upsample's cropped rows; fp16 with the overflow "
-              "guard (each stage's input kept, a 1-byte finiteness mask per stage).")
+        write(f"Variants ({direction}), peak GiB per rank: the code as it is (the table above: halo rows and x_ext "
+              "channels_last); without the x_ext copy (a conv reading the halo rows from the received tensors) and "
+              "what that saves; also without the upsample's cropped rows; fp16 with the overflow guard (each "
+              "stage's input kept, a 1-byte finiteness mask per stage).")
         write()
-        write("| image | ranks | design | as coded today | no x_ext copy (saves) | + no crop rows (saves) | fp16 |")
-        write("|---|---|---|---|---|---|---|")
+        write("| image | ranks | as coded | no x_ext copy (saves) | + no crop rows (saves) | fp16 |")
+        write("|---|---|---|---|---|---|")
         for s in sizes:
             for w in worlds:
-                design, v = results[(s, w)]["peak"], variants[(s, w)]
-                saved, crop = design - v["nocopy"], v["nocopy"] - v["nocrop"]
-                write(f"| {s}^2 | {w} | {_gib(design)} | {_gib(v['coded'])} | {_gib(v['nocopy'])} "
-                      f"({_gib(saved)}, {100 * saved / design:.0f}%) | {_gib(v['nocrop'])} ({_gib(crop)}) | "
+                coded, v = results[(s, w)]["peak"], variants[(s, w)]
+                saved, crop = coded - v["nocopy"], v["nocopy"] - v["nocrop"]
+                write(f"| {s}^2 | {w} | {_gib(coded)} | {_gib(v['nocopy'])} "
+                      f"({_gib(saved)}, {100 * saved / coded:.0f}%) | {_gib(v['nocrop'])} ({_gib(crop)}) | "
                       f"{_gib(v['fp16'])} |")
         _notes(direction, results, variants, sizes, worlds, both, write)
     flux = build_vae("flux1")
@@ -741,7 +746,7 @@ def report(sizes: Sequence[int] = IMAGE_SIZES, worlds: Sequence[int] = WORLDS, o
 
 def _notes(direction: str, results: dict, variants: dict, sizes, worlds, both: bool, write) -> None:
     """Print the findings under a direction's tables: what dominates memory and traffic, what the halo copy and
-    the as-coded halo layout cost, what the gather and the attention hold."""
+    the former NCHW halo layout cost, what the gather and the attention hold."""
     s, wmax = sizes[-1], worlds[-1]
     r1, rw = results[(s, 1)], results[(s, wmax)]
     comm = rw["comm"]
@@ -760,13 +765,12 @@ def _notes(direction: str, results: dict, variants: dict, sizes, worlds, both: b
           + ", ".join(f"{_gib(b)} GiB on {w} ranks ({100 * b / results[(s, w)]['peak']:.0f}%)" for w, b in saved)
           + f" at {s}^2. A conv kernel that reads its first and last input row from the received edge tensors "
           f"(a second input pointer) instead of a concatenated copy would save exactly that.")
-    coded = variants[(s, wmax)]["coded"]
-    write(f"- As the code runs today, `RowParallelHooks._all_gather` calls `.contiguous()` on the channels_last "
-          f"edge rows (an NCHW copy), the received rows are NCHW, the cat with them is NCHW, and every halo "
-          f"conv's kernel copies x_ext into channels_last once more (`_prepare_input`): {_gib(coded)} instead of "
-          f"{_gib(rw['peak'])} GiB at {s}^2 on {wmax} ranks, plus an extra read and write of every halo conv's "
-          f"input. Keeping the edge rows channels_last (`contiguous(memory_format=torch.channels_last)`) removes "
-          f"it (`--check` finds this layout in the code).")
+    nchw = variants[(s, wmax)]["nchw"]
+    write(f"- The halo rows stay channels_last: `RowParallelHooks._all_gather` keeps a channels_last tensor "
+          f"channels_last, so the received rows and x_ext are channels_last and no halo conv's kernel copies its "
+          f"input (`--check` finds this layout in the code). The NCHW halo rows of the code before commit "
+          f"63b7381 (`.contiguous()`) cost one more copy per halo conv: {_gib(nchw)} instead of "
+          f"{_gib(rw['peak'])} GiB at {s}^2 on {wmax} ranks.")
     if direction == "decode":
         crop = variants[(s, wmax)]["nocopy"] - variants[(s, wmax)]["nocrop"]
         write(f"- The upsample's uncropped rows (2 output rows per halo row, kept alive by the cropped view until "
@@ -783,7 +787,8 @@ def _notes(direction: str, results: dict, variants: dict, sizes, worlds, both: b
           f"bands are equal) would drop the second copy.")
     write(f"- Traffic: {_mib(received)} MiB received per rank at {s}^2 on {wmax} ranks, "
           f"{100 * comm[top][1] / received:.0f}% of it {KIND_NAMES[top]}; the halo rows "
-          f"{100 * comm['halo'][1] / received:.0f}%, the GroupNorm partials and the flags a few KiB. K and V of "
+          f"{100 * comm['halo'][1] / received:.0f}%, the GroupNorm partials {comm['gn'][1] / 1024:.0f} KiB and the "
+          f"flags {comm['flags'][1]} bytes (one int32 per stage and rank). K and V of "
           f"all tokens reach every rank whatever the world size. The halo bytes grow with the world size because "
           f"all_gather brings every rank's edge rows although a rank needs its two neighbours': point-to-point "
           f"exchange would receive 2/world of them.")
@@ -904,23 +909,33 @@ def _labelled_units(tracker: _LiveTracker):
         Unit.__call__ = original
 
 
+class _DoneWork:
+    """The work handle of a collective that completed when it was called (`is_completed`, `wait`)."""
+
+    def is_completed(self) -> bool:
+        """Always True."""
+        return True
+
+    def wait(self, timeout=None) -> bool:
+        """Nothing to wait for."""
+        return True
+
+
 def _simulated_hooks(rank: int, world: int, heights: Sequence[int]):
-    """`sdvae_fast.parallel.RowParallelHooks` of rank `rank` of `world` with its transport replaced: its own
-    `_halo`, `_extend`, `conv_input`, `upsample_input`, `merge_stats`, `gather_tokens` and `gather_rows` run
-    unchanged (so their allocations are the real ones), while `_all_gather` returns world copies of this rank's
-    tensor (the shapes and allocations of an all_gather, not its values) and counts the bytes per kind, and
-    `end_stage` counts the flags. A band size (a one-element int64, `_sizes`) comes back as every rank's own:
-    this rank's value scaled by the band heights (`heights`, at the base map). Relies on those method names and
-    on `_all_gather(t)` being the one transport.
+    """`sdvae_fast.parallel.RowParallelHooks` of rank `rank` of `world` without a process group: every method of
+    the real class runs unchanged (`_all_gather`, `_sizes`, `_halo`, `_extend`, `conv_input`, `upsample_input`,
+    `merge_stats`, `gather_tokens`, `end_stage`, `gather_rows`, so their allocations and memory formats are the
+    real ones); the subclass only names the kind of traffic each hook makes (`kind`) and holds the counters
+    (`comm`) that `_simulated_transport` fills. Use the hooks inside `_simulated_transport(hooks, heights)`.
 
     Raises:
-        RuntimeError: `RowParallelHooks` lacks them (a version before the K/V gather of issue 12).
+        RuntimeError: `RowParallelHooks` lacks those methods (a version before the K/V gather of issue 12).
     """
     from sdvae_fast import parallel
 
     base = parallel.RowParallelHooks
-    needed = ("_all_gather", "_halo", "_extend", "conv_input", "upsample_input", "merge_stats", "gather_tokens",
-              "gather_rows", "end_stage")
+    needed = ("_all_gather", "_sizes", "_halo", "_extend", "conv_input", "upsample_input", "merge_stats",
+              "gather_tokens", "gather_rows", "end_stage")
     missing = [name for name in needed if not hasattr(base, name)]
     if missing:
         raise RuntimeError(f"--check needs sdvae_fast.parallel.RowParallelHooks with {missing} (the K/V design)")
@@ -929,24 +944,16 @@ def _simulated_hooks(rank: int, world: int, heights: Sequence[int]):
         """RowParallelHooks in one process (see `_simulated_hooks`)."""
 
         def __init__(self):
-            """No process group: the rank, world size and traffic counters of the simulation."""
+            """No process group, no error store: the rank, world size and traffic counters of the simulation."""
             self.group, self.what, self.rank, self.world_size = None, "simulated", rank, world
             self._store, self._key, self.kind = None, "simulated", "halo"
             self.comm = {kind: [0, 0] for kind in KINDS}
 
-        def _all_gather(self, t):
-            """World copies of t (as `dist.all_gather` into `empty_like` tensors would allocate them)."""
-            t = t.contiguous()
-            out = [torch.empty_like(t) for _ in range(self.world_size)]
-            for r, o in enumerate(out):
-                if t.dtype == torch.int64 and t.numel() == 1:  # a band size: every rank's own
-                    o.fill_(int(t) // heights[rank] * heights[r])
-                else:
-                    o.copy_(t)
+        def count(self, t: torch.Tensor) -> None:
+            """One collective of t on this rank, all_gather semantics: sent once, received world times."""
             nbytes = t.numel() * t.element_size()
             self.comm[self.kind][0] += nbytes
             self.comm[self.kind][1] += self.world_size * nbytes
-            return out
 
         def conv_input(self, *args, **kwargs):
             """The real halo exchange, counted as halo traffic."""
@@ -973,20 +980,65 @@ def _simulated_hooks(rank: int, world: int, heights: Sequence[int]):
             self.kind = "image"
             return super().gather_rows(*args, **kwargs)
 
-        def end_stage(self, y, check_finite):
-            """The stage-end all_reduce: counts FLAG_BYTES (2 int32 flags), reports every band finite."""
-            self.comm["flags"][0] += FLAG_BYTES
-            self.comm["flags"][1] += self.world_size * FLAG_BYTES
-            return True
+        def end_stage(self, *args, **kwargs):
+            """The real stage-end all_reduce of the flag, counted as flag traffic."""
+            self.kind = "flags"
+            return super().end_stage(*args, **kwargs)
 
     return SimulatedRowHooks()
+
+
+@contextlib.contextmanager
+def _simulated_transport(hooks, heights: Sequence[int]):
+    """Replace `torch.distributed` as `sdvae_fast.parallel` sees it (its module attribute `dist`) for the duration
+    (restored after) by a proxy whose `all_gather(out, t)` fills the world `out` tensors the caller allocated
+    with copies of this rank's t (the shapes and allocations of an all_gather, not its values) and whose
+    `all_reduce(t)` leaves t as it is (this rank's own flag: every band finite); both count t's bytes with
+    `hooks.count` and return a completed work handle. A band size (a one-element int64, `_sizes`) comes back as
+    every rank's own: this rank's value scaled by the band heights (`heights`, at the base map). Every other
+    attribute is torch.distributed's."""
+    from sdvae_fast import parallel
+
+    real = parallel.dist
+
+    class Transport:
+        """torch.distributed with all_gather and all_reduce simulated (see `_simulated_transport`)."""
+
+        def __getattr__(self, name):
+            """torch.distributed's own attribute."""
+            return getattr(real, name)
+
+        @staticmethod
+        def all_gather(out, t, group=None, async_op=False):
+            """World copies of t into `out` (a band size: every rank's own)."""
+            if len(out) != hooks.world_size or any(o.shape != t.shape for o in out):
+                raise RuntimeError(f"all_gather of {tuple(t.shape)} into {[tuple(o.shape) for o in out]}")
+            for r, o in enumerate(out):
+                if t.dtype == torch.int64 and t.numel() == 1:
+                    o.fill_(int(t) // heights[hooks.rank] * heights[r])
+                else:
+                    o.copy_(t)
+            hooks.count(t)
+            return _DoneWork() if async_op else None
+
+        @staticmethod
+        def all_reduce(t, op=None, group=None, async_op=False):
+            """t unchanged (every rank's value taken to be this rank's)."""
+            hooks.count(t)
+            return _DoneWork() if async_op else None
+
+    parallel.dist = Transport()
+    try:
+        yield
+    finally:
+        parallel.dist = real
 
 
 def _measure(vae, direction: str, x: torch.Tensor, world: int, rank: int) -> Tuple[_LiveTracker, dict]:
     """Run one rank for real on the CPU under a `_LiveTracker`: world 1 through `decode_sample` /
     `encode_moments`; world > 1 as `sdvae_fast.parallel._run_band` does (the band made contiguous, the stages
-    with `RowParallelHooks`, the result made contiguous and gathered), with `_simulated_hooks`. Returns the
-    tracker and the hooks' traffic by kind (empty for world 1)."""
+    with `RowParallelHooks`, the result made contiguous and gathered), with `_simulated_hooks` and
+    `_simulated_transport`. Returns the tracker and the hooks' traffic by kind (empty for world 1)."""
     from sdvae_fast import fast
     from sdvae_fast.fast.units import RunContext
 
@@ -1007,14 +1059,16 @@ def _measure(vae, direction: str, x: torch.Tensor, world: int, rank: int) -> Tup
                 stop = x.shape[2] if rank == world - 1 else end * factor
                 stages = fast.encoder_units(vae.encoder, vae.quant_conv)
                 band = x[:, :, start * factor:stop]
-            hooks = _simulated_hooks(rank, world, band_heights(base_rows, world))
+            heights = band_heights(base_rows, world)
+            hooks = _simulated_hooks(rank, world, heights)
             ctx = RunContext(emit_stats=fast.EMIT_GN_STATS, parallel=hooks)
-            tracker.label = "input"
-            y = fast.run_stages(stages, band.contiguous(), ctx)
-            tracker.label = "output"
-            y = y.contiguous()
-            tracker.label = "gather"
-            hooks.gather_rows(y)
+            with _simulated_transport(hooks, heights):
+                tracker.label = "input"
+                y = fast.run_stages(stages, band.contiguous(), ctx)
+                tracker.label = "output"
+                y = y.contiguous()
+                tracker.label = "gather"
+                hooks.gather_rows(y)
             comm = hooks.comm
     return tracker, comm
 
@@ -1050,7 +1104,8 @@ def check(out=sys.stdout) -> bool:
         _measure(vae, direction, torch.randn(shape, dtype=torch.bfloat16), 1, 0)
     write("Check: the model against the real units (tiny kl-f8 VAE: widths 16/32/64/64, 8 groups, 2 resnets per "
           "level, bf16, CPU reference ops, one process; world > 1 runs each rank with the real RowParallelHooks, "
-          "whose all_gather returns world copies of the rank's own tensor).")
+          "whose torch.distributed all_gather returns world copies of the rank's own tensor and whose all_reduce "
+          "returns the rank's own flag).")
     write()
     write("| case | ranks | rank | units | peak per unit, CPU | peak per unit, + CUDA kernel copies/scratch | "
           "largest tensor per unit | traffic by kind | halo layout |")
@@ -1068,9 +1123,11 @@ def check(out=sys.stdout) -> bool:
                 cpu = build(vae, rows, cols, world, rank, gpu=False, halo_layout=layout)
                 gpu = build(vae, rows, cols, world, rank, gpu=True, halo_layout=layout)
                 layouts[layout] = (cpu, gpu)
-            # The code's halo layout: the variant whose CUDA-equivalent peaks match (identical at world 1).
-            layout = next((name for name, (_, g) in layouts.items()
-                           if {k: v[0] for k, v in g.peaks.items()} == tracker.gpu_peaks), "nchw")
+            # The code's halo layout: the variant whose CUDA-equivalent peaks match (identical at world 1); when
+            # neither does, the rows are compared with the channels_last one (the code's since 63b7381).
+            found = next((name for name, (_, g) in layouts.items()
+                          if {k: v[0] for k, v in g.peaks.items()} == tracker.gpu_peaks), None)
+            layout = found or "nhwc"
             cpu, gpu = layouts[layout]
             labels = sorted(set(cpu.peaks) | set(tracker.peaks))
             bad_cpu = [lb for lb in labels if cpu.peaks.get(lb, (0,))[0] != tracker.peaks.get(lb, 0)]
@@ -1081,7 +1138,7 @@ def check(out=sys.stdout) -> bool:
             units = sum(1 for lb in labels if lb not in ("input", "output", "gather"))
             good = not (bad_cpu or bad_gpu or bad_big or bad_comm)
             ok = ok and good
-            halo = "-" if world == 1 else ("NCHW (as coded)" if layout == "nchw" else "channels_last")
+            halo = "-" if world == 1 else {"nchw": "NCHW", "nhwc": "channels_last", None: "neither"}[found]
             write(f"| {direction} {tuple(shape)} | {world} | {rank} | {units} | {_mark(bad_cpu)} | {_mark(bad_gpu)} "
                   f"| {_mark(bad_big)} | {_mark(bad_comm) if world > 1 else '-'} | {halo} |")
             if direction == "decode" and world == 3 and rank == 1:
