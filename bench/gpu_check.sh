@@ -24,7 +24,12 @@
 #   OUT          also copy the report and a tarball of every result there (set by the device machine)
 #   SECTIONS     the sections to run, space separated
 #                (default: "env warmup tests parity big conv attention e2e"; "coldstart", not in the default,
-#                times an empty cache to the first 1024^2 decode with and without warmup: about 2 more minutes)
+#                times an empty cache to the first 1024^2 decode with and without warmup: about 2 more minutes;
+#                "pp", not in the default either, is issue 12's patch-parallel scaling of a 4096^2 bf16 decode
+#                (bench/pp_bench.py): the 1-GPU baseline without a process group, then one rank per GPU (as
+#                many as `nvidia-smi -L` lists, at most 8) under torch.distributed.run, each with a correctness
+#                check, median ms, peak GiB and communication share per rank, appended to DATE-GPU-pp.md; time
+#                box 240 s, most of it for compiles when the warmup has not run: SECTIONS="env warmup pp")
 #   RESULTS_DIR  where results are written (default: bench/results)
 #   BUDGET_S     total seconds for all sections (default 340); each section also has its own time box
 #   PYTHON       the interpreter (default: python3)
@@ -130,6 +135,16 @@ want attention && section attention 25 "$PY" bench/bench_attention.py --out "$RE
 want e2e && section e2e 90 "$PY" -m sdvae_fast.cli bench --res 512 1024 2048 --dtype bf16 --preset sd15 -q \
     --out "$RESULTS" --name "$STEM-e2e" --budget-s 1.0
 want coldstart && section coldstart 150 "$PY" bench/cold_start.py --out "$RESULTS/$STEM-coldstart"
+# Patch parallel (optional): the plain 1-GPU decode, then torchrun over every GPU (capped at 8); both rows go to
+# DATE-GPU-pp.md and the log. The torchrun run's status wins unless it succeeds, then the baseline's.
+if want pp; then
+    NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+    [ "$NGPU" -gt 8 ] && NGPU=8
+    [ "$NGPU" -lt 1 ] && NGPU=1
+    section pp 240 bash -c '"$1" bench/pp_bench.py --size 4096 --dtype bf16 --out "$2"; rc=$?
+        "$1" -m torch.distributed.run --standalone --nproc-per-node "$3" bench/pp_bench.py --size 4096 \
+            --dtype bf16 --out "$2" && exit $rc' pp "$PY" "$RESULTS/$STEM-pp.md" "$NGPU"
+fi
 
 printf '\nTotal %ss.\n' "$(($(date +%s) - START))" >>"$REPORT"
 publish
