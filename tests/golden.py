@@ -59,8 +59,9 @@ def cases():
     return out
 
 
-def record() -> dict:
-    """{'<case>.moments': (2, 8, 12, 8), '<case>.images': (2, 3, 10, 6)} for every case, in the case's dtype."""
+def record(names=None) -> dict:
+    """{'<case>.moments': (2, 8, 12, 8), '<case>.images': (2, 3, 10, 6)} for every case (or the cases named in
+    `names`), in the case's dtype."""
     from sdvae_fast import fast
 
     images, latents = inputs()
@@ -69,6 +70,8 @@ def record() -> dict:
     saved = fast.EMIT_GN_STATS
     try:
         for name, backend, dtype, emit in cases():
+            if names is not None and name not in names:
+                continue
             vae = make_vae().to(DTYPES[dtype])
             vae.load_state_dict(base.to(DTYPES[dtype]).state_dict())
             vae.set_backend(backend)

@@ -4,21 +4,23 @@ import copy
 import datetime
 import os
 
-CONFIG = dict(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1, latent_channels=4,
-              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+# Full depth (the SD VAE's four levels, three up- and downsamples), narrow widths: the PyTorch-ops runs.
+CONFIG = dict(block_out_channels=(16, 32, 32, 32), norm_num_groups=8, layers_per_block=1, latent_channels=4)
 LATENT_SHAPE = (2, 4, 5, 3)  # batch 2; 5 rows: bands of unequal height for 2, 3 and 4 ranks
-IMAGE_SHAPE = (2, 3, 11, 6)  # 11 rows: 5 at the deepest level and a remainder row for the last rank
-SMALL_LATENT_SHAPE = (1, 4, 3, 3)  # the interpreter runs: 3 rows, bands (2, 1) and (1, 1, 1)
+IMAGE_SHAPE = (2, 3, 43, 20)  # 43 rows: 5 at the deepest level and 3 remainder rows for the last rank
+# Two levels for the runs on the Triton kernels under the interpreter (half the kernel launches of four).
+SMALL_CONFIG = dict(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1, latent_channels=4,
+                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+SMALL_LATENT_SHAPE = (1, 4, 3, 3)  # 3 rows, bands (2, 1) and (1, 1, 1)
 SMALL_IMAGE_SHAPE = (1, 3, 7, 6)  # 3 rows at the deepest level and a remainder row
 INJECTED = "injected failure in the middle of a stage"
 
 
-def make_vae():
-    """The narrow two-level VAE (every unit type once, mid-block attention included) with seeded weights, fp32,
-    eval mode."""
+def make_vae(config=CONFIG):
+    """A narrow VAE (every unit type, mid-block attention included) with seeded weights, fp32, eval mode."""
     from sdvae_fast import AutoencoderKL
 
-    return AutoencoderKL.from_preset("sd15", seed=0, **CONFIG).requires_grad_(False)
+    return AutoencoderKL.from_preset("sd15", seed=0, **config).requires_grad_(False)
 
 
 def latents(seed: int = 1, shape=LATENT_SHAPE):
@@ -145,7 +147,7 @@ def interpreter_worker(rank: int, world: int, port: int, folder: str, interpret:
 
     from sdvae_fast.parallel import decode_patch_parallel, encode_patch_parallel
 
-    vae = make_vae()
+    vae = make_vae(SMALL_CONFIG)
     results = {"full": decode_patch_parallel(vae, latents(shape=SMALL_LATENT_SHAPE)),
                "moments": encode_patch_parallel(vae, images(shape=SMALL_IMAGE_SHAPE))}
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))

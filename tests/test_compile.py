@@ -19,7 +19,7 @@ import time
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from sdvae_fast import AutoencoderKL
@@ -147,10 +147,12 @@ def test_compiled_sample_with_generators_breaks_only_at_the_draw(dynamo):
 def test_compiled_fast_path_interpreter(dynamo):
     """backend="triton" (the kernels under TRITON_INTERPRET=1): the registered ops trace through their fake
     implementations; encode + sample(generator) and decode compile with dynamic sizes, the decode without any
-    graph break, and give the eager numbers. Two encode sizes prove the graph is reused."""
+    graph break, and give the eager numbers. Two encode sizes and two decode sizes prove the graphs are reused.
+    The decode runs through AOT autograd (`aot_eager`), which traces the ops' fake implementations as inductor
+    would, then runs the kernels."""
     start = time.perf_counter()
     vae = _vae("triton")
-    c_enc, c_dec = CompileCounter(), CompileCounter()
+    c_enc, c_dec = CompileCounter(), CompileCounterWithBackend("aot_eager")
     encode = torch.compile(lambda x, g: vae.encode(x).latent_dist.sample(generator=g), dynamic=True,
                            backend=c_enc)
     decode = torch.compile(lambda z: vae.decode(z).sample, dynamic=True, fullgraph=True, backend=c_dec)
@@ -163,9 +165,12 @@ def test_compiled_fast_path_interpreter(dynamo):
         x2 = torch.rand(1, 3, 10, 6, generator=torch.Generator().manual_seed(1)) * 2 - 1
         assert encode(x2, torch.Generator().manual_seed(3)).shape == (1, 4, 5, 3)
         assert c_enc.frame_count == frames, "the second size recompiled"
-        z = torch.randn(1, 4, 3, 5, generator=torch.Generator().manual_seed(2))
-        assert torch.equal(decode(z), vae.decode(z).sample)
-        assert c_dec.frame_count == 1
+        frames = []
+        for seed, shape in enumerate((1, 4, *hw) for hw in LATENT_SIZES[:2]):
+            z = torch.randn(*shape, generator=torch.Generator().manual_seed(seed + 2))
+            assert torch.equal(decode(z), vae.decode(z).sample), f"compiled decode {shape}"
+            frames.append(c_dec.frame_count)
+        assert frames[1] == frames[0], f"the second decode size recompiled ({frames})"
     breaks = _graph_breaks()
     print(f"fast path: encode frames {c_enc.frame_count}, decode frames {c_dec.frame_count}, graph breaks "
           f"{sum(breaks.values())}; {time.perf_counter() - start:.1f} s")

@@ -262,26 +262,3 @@ def test_our_model_on_the_triton_backend_encodes_like_diffusers(our_vae, vae):
         expected = vae.encode(x).latent_dist
     assert_close(actual.mean, expected.mean, rel_l2=1e-4, name="our encode mean")
     assert_close(actual.logvar, expected.logvar, rel_l2=1e-4, name="our encode logvar")
-
-
-def test_torch_compile_fullgraph_dynamic_decode_of_our_model_traces_once_for_two_resolutions(our_vae, vae):
-    """`torch.compile(model.decode, fullgraph=True, dynamic=True)`: no graph break, one trace for two sizes."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    counter = CompileCounterWithBackend("aot_eager")  # AOT autograd runs the ops' fakes, like inductor would
-    compiled = torch.compile(our_vae.decode, backend=counter, fullgraph=True, dynamic=True)
-    torch.manual_seed(6)
-    frames = []
-    try:
-        with torch.no_grad():
-            for shape in ((1, 4, 2, 3), (1, 4, 3, 2)):
-                z = torch.randn(shape) + 0.5
-                assert_close(compiled(z).sample, vae.decode(z).sample, rel_l2=1e-4, name=f"compiled decode {shape}")
-                frames.append(counter.frame_count)
-        assert frames[1] == frames[0], f"the second resolution recompiled ({frames})"
-        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-    finally:
-        torch._dynamo.reset()

@@ -1,10 +1,11 @@
 """Exact patch-parallel encode and decode over torch.distributed (issue 12): gloo process groups on CPU, each
-world size spawned once with every case run inside (tests/pp_worker.py), compared with one process.
+world size spawned once with every case run inside (tests/pp_worker.py), compared with one process; torchrun for
+the command line.
 
-The bound: one process running the same units gives the reference `single`; the bands differ from it only in the
-order GroupNorm statistics are merged (per-band Chan partials instead of whole-tensor sums) and in which rows the
-attention's reductions see at once. We calibrate with the difference the project already shows between emitted
-and separately computed statistics (EMIT_GN_STATS on vs off) and allow 4x that, floored at 2e-6 (fp32).
+The bound: one process running the same units gives the references; the bands differ from them only in the order
+GroupNorm statistics are merged (per-band Chan partials) and in how the attention's reductions are split. We
+calibrate with the difference the project already shows between emitted and separately computed statistics on
+the kernels (EMIT_GN_STATS on vs off, under the interpreter here) and allow 4x that, floored at 2e-6 (fp32).
 """
 import copy
 import os
@@ -45,11 +46,13 @@ def single():
     def run(stages, x, emit=False):
         return fast.run_stages(stages, x, fast.RunContext(emit_stats=emit)).contiguous()
 
+    small_vae = pp_worker.make_vae(pp_worker.SMALL_CONFIG)
+    small_stages = fast.decoder_units(small_vae.decoder, small_vae.post_quant_conv)
     small_z = pp_worker.latents(shape=pp_worker.SMALL_LATENT_SHAPE)
     with torch.no_grad():
         # The calibration, on the kernels (under the interpreter here): emitted vs separately computed statistics.
-        small = run(stages, small_z)
-        small_emitted = run(stages, small_z, emit=True)
+        small = run(small_stages, small_z)
+        small_emitted = run(small_stages, small_z, emit=True)
         kernels_on = _common.INTERPRET
         _common.INTERPRET = False  # the references on the ops' PyTorch code, as the ranks run it (minutes saved)
         try:
@@ -58,16 +61,18 @@ def single():
             vae16 = copy.deepcopy(vae).half()
             plain16 = run(fast.decoder_units(vae16.decoder, vae16.post_quant_conv), z.half()).float()
             overflow = run(stages, pp_worker.overflow_latents(2).float())
-            small_moments = run(fast.encoder_units(vae.encoder, vae.quant_conv),
+            small_moments = run(fast.encoder_units(small_vae.encoder, small_vae.quant_conv),
                                 pp_worker.images(shape=pp_worker.SMALL_IMAGE_SHAPE))
         finally:
             _common.INTERPRET = kernels_on
         modules = vae.set_backend("torch") or vae.decode(z).sample
+        torch_bf16 = copy.deepcopy(vae).to(torch.bfloat16).decode(z.to(torch.bfloat16)).sample.float()
     bound = max(4 * error_report(small_emitted, small)["rel_l2"], 2e-6)
     print(f"calibration: emitted vs computed statistics rel_l2 {error_report(small_emitted, small)['rel_l2']:.2e}, "
           f"bound {bound:.1e}")
     assert error_report(plain, modules)["rel_l2"] < 1e-5
-    return dict(plain=plain, modules=modules, bound=bound, moments=moments, plain16=plain16, overflow=overflow,
+    bf16_bound = 2 * error_report(torch_bf16, modules)["rel_l2"] + 1e-3  # 2x PyTorch's own bf16 error
+    return dict(plain=plain, modules=modules, bound=bound, bf16_bound=bf16_bound, moments=moments, plain16=plain16, overflow=overflow,
                 small=small, small_moments=small_moments)
 
 
@@ -85,7 +90,7 @@ def test_encode_and_decode_split_by_rows_equal_one_process_on_every_rank(world, 
         assert error_report(got["full_not_emitted"], plain)["rel_l2"] <= bound  # statistics computed, not emitted
         start, band = int(got["start"]), got["band"]
         assert torch.equal(band, got["full"][:, :, start:start + band.shape[2]])
-        assert error_report(got["bf16"], single["modules"])["rel_l2"] < 2e-2
+        assert error_report(got["bf16"], single["modules"])["rel_l2"] <= single["bf16_bound"]
         assert error_report(got["fp16"], plain)["rel_l2"] <= fp16_bound
         # Only the last rank's band overflows fp16: all ranks recompute together (else the merged statistics
         # would carry its inf into every band).
@@ -160,7 +165,7 @@ def test_torchrun_decode_and_reconstruct_split_by_rows_and_write_once_from_rank_
     assert run.stdout.count("z.png") == 1, run.stdout  # rank 0 prints, the others do not
     assert run.stderr.count("split by rows over 2 processes (gloo, cpu)") == 1, run.stderr[-3000:]
     one, two = (np.asarray(Image.open(tmp_path / d / "z.png"), dtype=np.int16) for d in ("one", "two"))
-    assert one.shape == two.shape == (10, 6, 3) and np.abs(one - two).max() <= 1  # uint8 rounding only
+    assert one.shape == two.shape == (40, 24, 3) and np.abs(one - two).max() <= 1  # uint8 rounding only
 
     run = _torchrun(["reconstruct", photo, "--vae", folder, "--out", "rec", "-q"], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
