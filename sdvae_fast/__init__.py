@@ -13,6 +13,7 @@ import importlib
 
 __all__ = [
     "AutoencoderKL",
+    "ConsistencyDecoderVAE",
     "StandaloneAutoencoderKL",
     "AutoencoderKLOutput",
     "DecoderOutput",
@@ -29,6 +30,7 @@ __all__ = [
 # Public name -> the module that defines it.
 _LAZY = {
     "AutoencoderKL": "sdvae_fast.model",
+    "ConsistencyDecoderVAE": "sdvae_fast.consistency",
     "StandaloneAutoencoderKL": "sdvae_fast.model",
     "AutoencoderKLOutput": "sdvae_fast.model",
     "DecoderOutput": "sdvae_fast.model",

@@ -28,8 +28,8 @@ Units (each reads the module's own parameters; nothing is copied):
   border.
 
 Anything the kernels do not cover (`output_scale_factor != 1`, a non-SiLU activation, SpatialNorm, a time
-embedding, dropout while training, LoRA-wrapped or dilated convs, custom attention processors, unknown block
-classes) runs that unit's own module forward, so results stay correct; `unsupported_units(model)` lists them
+embedding other than scale/shift, dropout while training, LoRA-wrapped or dilated convs, custom attention
+processors, unknown block classes) runs that unit's own module forward, so results stay correct; `unsupported_units(model)` lists them
 with the reason. When autograd is needed (grad enabled and
 the input or a parameter requires grad) the whole forward is the module's own, since the ops have no backward.
 
@@ -100,6 +100,8 @@ from sdvae_fast.fast.units import (
     fused_qkv_weights,
     iter_units,
     register_block,
+    unet_units,
+    unet_why_not,
     register_unit,
     unsupported_units,
     vae_attention_block,
@@ -110,8 +112,8 @@ Tensor = torch.Tensor
 __all__ = [
     "EMIT_GN_STATS", "FP16_GUARD", "FP16_OVERFLOW_DTYPE", "VALID_BACKENDS", "ParallelHooks", "RunContext", "Unit",
     "autocast_dtype", "decode_sample", "encode_moments", "folded_quant_conv", "fused_qkv_weights", "iter_units",
-    "needs_autograd", "register_block", "register_unit", "run_decoder", "run_encoder", "unsupported_units",
-    "use_fast_path", "vae_attention_block",
+    "needs_autograd", "register_block", "register_unit", "run_decoder", "run_encoder", "run_unet",
+    "unet_units", "unet_why_not", "unsupported_units", "use_fast_path", "vae_attention_block",
 ]
 
 #: Check each stage of an fp16 forward for overflow and recompute it wider (see the module docstring).
@@ -159,11 +161,13 @@ def _run_guarded_fp16(stages: Stages, x: Tensor, ctx: RunContext) -> Tensor:
     del x
     for i, stage in enumerate(stages):
         stage_input = carry.x  # kept for the recompute
+        saved_skips = list(ctx.skips)  # a UNet stage pushes/pops skips: the recompute starts from these
         _run_units(stage, carry, ctx)
         # One host sync per stage; under patch parallelism the ranks decide together (any rank's overflow).
         finite = ctx.parallel.end_stage(carry.x, True) if ctx.parallel else bool(torch.isfinite(carry.x).all())
         if not finite:
             carry.take()
+            ctx.skips[:] = saved_skips
             wide = stage_input.to(FP16_OVERFLOW_DTYPE)
             del stage_input
             return _narrow_to_fp16(_run_all(stages[i:], wide, ctx.widened(FP16_OVERFLOW_DTYPE)))
@@ -252,17 +256,18 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return dtype
 
 
-def _run_fast(stages: Stages, x: Tensor) -> Tensor:
+def _run_fast(stages: Stages, x: Tensor, temb: Optional[Tensor] = None) -> Tensor:
     """Run the stages on x with the precision policy: under `torch.autocast` (fp16/bf16, fp32 model) the
     activations run in the autocast dtype, parameters are converted by the ops (packed weights cached per dtype)
     and the result is in the autocast dtype, as the reference's last conv returns it; an fp16 autocast run is
     guarded against overflow like an fp16 model. Autocast itself is switched off inside, so that module-forward
-    fallback units and the ops' PyTorch fallbacks compute in the dtypes given to them. Returns contiguous NCHW."""
+    fallback units and the ops' PyTorch fallbacks compute in the dtypes given to them. `temb` (N, C_temb), a
+    UNet's time embedding, goes into the run context (cast with the activations). Returns contiguous NCHW."""
     dtype = autocast_dtype(x)
-    ctx = RunContext(emit_stats=EMIT_GN_STATS)
+    ctx = RunContext(emit_stats=EMIT_GN_STATS, temb=temb)
     if dtype is not None:
         x = x.to(dtype)
-        ctx = RunContext(dtype=dtype, emit_stats=EMIT_GN_STATS)
+        ctx = RunContext(dtype=dtype, emit_stats=EMIT_GN_STATS, temb=None if temb is None else temb.to(dtype))
     device_type = x.device.type
     try:
         autocast_on = torch.is_autocast_enabled(device_type)
@@ -368,3 +373,46 @@ def decode_sample(vae, z: Tensor, *, validate: bool = True) -> Tensor:
     if validate:
         return run_decoder(vae.decoder, z, post_quant_conv)
     return _decode(vae.decoder, z, post_quant_conv)
+
+
+def unet_time_embedding(unet: nn.Module, timestep, batch: int, device) -> Tensor:
+    """UNet2DModel's time embedding `time_embedding(time_proj(timesteps))`, (N, C_temb), in the UNet's dtype.
+
+    The arithmetic of diffusers' UNet2DModel.forward: a Python number becomes a long tensor, a 0-d tensor a 1-d
+    one, broadcast to `batch` samples by multiplying with ones of the timestep's dtype; `time_proj`'s output is
+    cast to the UNet's dtype before `time_embedding` (a 2-layer MLP). (N, C) only, so PyTorch runs it.
+    """
+    timesteps = timestep
+    if not torch.is_tensor(timesteps):
+        timesteps = torch.tensor([timesteps], dtype=torch.long, device=device)
+    elif timesteps.dim() == 0:
+        timesteps = timesteps[None].to(device)
+    timesteps = timesteps * torch.ones(batch, dtype=timesteps.dtype, device=timesteps.device)
+    dtype = unet.conv_in.weight.dtype
+    return unet.time_embedding(unet.time_proj(timesteps).to(dtype=dtype))
+
+
+def run_unet(unet: nn.Module, sample: Tensor, timestep) -> Tensor:
+    """A diffusers UNet2DModel forward (the consistency decoder's `decoder_unet`) on the units.
+
+    The time embedding runs in PyTorch (`unet_time_embedding`); everything after it runs as the units of
+    `units.unet_units` (scale/shift ResNets fused, the rest per unit as module forwards, see
+    docs/design.md, "The consistency decoder"), with the fp16 overflow policy and autocast handling of the
+    VAE walker (stages: conv_in, each block, the head). Falls back to the UNet's own forward when autograd is
+    needed or `units.unet_why_not(unet)` gives a reason.
+
+    Args:
+        unet: a UNet2DModel with diffusers' attribute names.
+        sample: (N, in_channels, H, W), the UNet's dtype and device, H and W divisible by 2**(blocks - 1).
+        timestep: a Python number, a 0-d tensor, or an (N,) / (1,) tensor of timesteps.
+    Returns:
+        (N, out_channels, H, W) contiguous NCHW in sample's dtype (the autocast dtype under `torch.autocast`
+        with an fp32 model): what `unet(sample, timestep).sample` returns.
+    Raises:
+        ValueError / TypeError on a wrong shape, channel count, dtype or device of `sample`.
+    """
+    _check_input("sample", sample, unet.conv_in, "a UNet input")
+    if needs_autograd(unet, sample) or unet_why_not(unet) is not None:
+        return type(unet).forward(unet, sample, timestep).sample  # the class's forward: not an instance override
+    temb = unet_time_embedding(unet, timestep, sample.shape[0], sample.device)
+    return _run_fast(unet_units(unet), sample, temb=temb)

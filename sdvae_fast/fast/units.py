@@ -8,7 +8,8 @@ module maps module types to units:
   kernels, None when it can; `run(module, carry, ctx, emit)`: the fused implementation; `input_norm(module)`: the
   GroupNorm the unit applies to its input first, whose statistics the previous unit can emit). Keyed by class name
   plus structural checks, because diffusers may be absent and our reference classes (`sdvae_fast.reference`)
-  carry diffusers' names. `register_unit` adds one.
+  carry diffusers' names. `register_unit` adds one; `UNIT_VARIANTS` holds variants of a class selected by a
+  predicate (`register_unit(..., variant=, when=)`: the UNet's `ResnetBlock2D[scale_shift]`).
 - `BLOCK_TYPES`: class name of a container block (DownEncoderBlock2D, UpDecoderBlock2D, UNetMidBlock2D) -> its
   children in the order its forward runs them. `register_block` adds one.
 - The output head (conv_norm_out -> conv_act -> conv_out, with the encoder's quant_conv folded in) is a composite
@@ -17,7 +18,9 @@ module maps module types to units:
 A module whose class is not registered, or that a `why_not` rejects, becomes a unit that runs the module's own
 forward (`Unit.reason` says why), so results stay correct and `sdvae-fast parity` reports it by name.
 
-`encoder_units` / `decoder_units` list the units of a diffusers-structured Encoder / Decoder in run order, and
+`encoder_units` / `decoder_units` list the units of a diffusers-structured Encoder / Decoder in run order,
+`unet_units` those of a diffusers UNet2DModel (the consistency decoder's; skips pushed by down blocks and popped
+by up-block resnets through `RunContext.skips`), and
 `iter_units(model)` those of a whole VAE with their diffusers module paths as names; the walker
 (`sdvae_fast.fast`), `sdvae_fast.parity` and `sdvae_fast.profile` all use these lists, so a new block type is one
 registration.
@@ -165,20 +168,40 @@ class UnitType:
 
 UNIT_TYPES: Dict[str, UnitType] = {}
 BLOCK_TYPES: Dict[str, Callable[[nn.Module], List[Tuple[str, nn.Module]]]] = {}
+#: class name -> [(predicate, UnitType), ...]: variants of a class that replace its plain registration for the
+#: modules their predicate selects (`register_unit(..., variant=..., when=...)`), in registration order.
+UNIT_VARIANTS: Dict[str, List[Tuple[Callable[[nn.Module], bool], UnitType]]] = {}
 
 
 def register_unit(class_name: str, *, why_not: Callable[[nn.Module], Optional[str]],
-                  input_norm: Callable[[nn.Module], Optional[nn.Module]] = lambda module: None):
+                  input_norm: Callable[[nn.Module], Optional[nn.Module]] = lambda module: None,
+                  variant: Optional[str] = None, when: Optional[Callable[[nn.Module], bool]] = None):
     """Decorator: register `run(module, carry, ctx, emit) -> (y, stats of y or None)` for modules of `class_name`.
 
     `why_not(module)` returns why a module of that class cannot run on the kernels (None when it can);
     `input_norm(module)` the GroupNorm the unit applies to its input first (or None).
-    Raises ValueError when `class_name` is registered already.
+    With `variant` (a name) and `when` (a predicate on the module), the registration is a variant of the class:
+    modules for which `when(module)` is true are handled by it alone (its `why_not` decides, its units have kind
+    `"<class_name>[<variant>]"`), the others by the plain registration, which stays unchanged. The first
+    matching variant in registration order wins. Example: diffusers' ResnetBlock2D with a scale/shift time
+    embedding (the consistency decoder's UNet) next to the VAE's ResnetBlock2D without one.
+    Raises ValueError when `class_name` (or that variant of it) is registered already, or when only one of
+    `variant` and `when` is given.
     """
+    if (variant is None) != (when is None):
+        raise ValueError("register_unit: give both `variant` and `when`, or neither")
+
     def decorate(run):
-        if class_name in UNIT_TYPES:
-            raise ValueError(f"a unit for class {class_name!r} is registered already")
-        UNIT_TYPES[class_name] = UnitType(class_name, why_not, run, input_norm)
+        if variant is None:
+            if class_name in UNIT_TYPES:
+                raise ValueError(f"a unit for class {class_name!r} is registered already")
+            UNIT_TYPES[class_name] = UnitType(class_name, why_not, run, input_norm)
+            return run
+        key = f"{class_name}[{variant}]"
+        variants = UNIT_VARIANTS.setdefault(class_name, [])
+        if any(unit_type.name == key for _, unit_type in variants):
+            raise ValueError(f"a unit for class {class_name!r}, variant {variant!r}, is registered already")
+        variants.append((when, UnitType(key, why_not, run, input_norm)))
         return run
 
     return decorate
@@ -254,20 +277,38 @@ def _forward_args(module: nn.Module) -> tuple:
     return ()
 
 
+def _wants_temb(module: nn.Module) -> bool:
+    """Whether a module-forward unit hands the run context's `temb` to the module: a diffusers ResnetBlock2D
+    with a time embedding projection (inside a UNet); the VAE's ResnetBlock2D gets None, as before."""
+    return _forward_args(module) == (None,) and getattr(module, "time_emb_proj", None) is not None
+
+
 def module_unit(name: str, module: nn.Module, reason: str) -> Unit:
-    """A unit that runs `module`'s own forward, for the reason given."""
+    """A unit that runs `module`'s own forward, for the reason given (a ResnetBlock2D with a time embedding
+    projection gets `ctx.temb`, (N, C_temb) in the activation dtype, as its second argument)."""
     extra = _forward_args(module)
+    wants_temb = _wants_temb(module)
 
     def run(carry, ctx, emit):
-        return _call_module(module, carry.take()[0], ctx, *extra), None
+        return _call_module(module, carry.take()[0], ctx, *((ctx.temb,) if wants_temb else extra)), None
 
     return Unit(name, "module", (module,), run, module, reason=reason)
 
 
-def make_unit(name: str, module: nn.Module) -> Unit:
-    """The unit for one module: its registered type when `why_not` accepts it, else the module's own forward."""
+def _unit_type(module: nn.Module) -> Optional[UnitType]:
+    """The registration that handles `module`: the first variant whose predicate selects it, else the plain one."""
     kind = type(module).__name__
-    unit_type = UNIT_TYPES.get(kind)
+    for when, unit_type in UNIT_VARIANTS.get(kind, ()):
+        if when(module):
+            return unit_type
+    return UNIT_TYPES.get(kind)
+
+
+def make_unit(name: str, module: nn.Module) -> Unit:
+    """The unit for one module: its registered type (or variant, see `register_unit`) when `why_not` accepts
+    it, else the module's own forward."""
+    kind = type(module).__name__
+    unit_type = _unit_type(module)
     if unit_type is None:
         return module_unit(name, module, f"no unit is registered for class {kind}")
     reason = unit_type.why_not(module)
@@ -277,7 +318,7 @@ def make_unit(name: str, module: nn.Module) -> Unit:
     def run(carry, ctx, emit):
         return unit_type.run(module, carry, ctx, emit)
 
-    return Unit(name, kind, (module,), run, module, input_norm=unit_type.input_norm(module))
+    return Unit(name, unit_type.name, (module,), run, module, input_norm=unit_type.input_norm(module))
 
 
 def _parameterised_children(block: nn.Module) -> List[str]:
@@ -362,15 +403,15 @@ def _dropout_inactive(module) -> bool:
     return module is None or not module.training or getattr(module, "p", 0.0) == 0.0
 
 
-def resnet_why_not(block) -> Optional[str]:
-    """Why a ResnetBlock2D is not the VAE's (no time embedding, no up/down, scale factor 1, SiLU, 3x3 convs), or None."""
-    return _first([
+def _resnet_checks(block, time_check: tuple) -> list:
+    """The (ok, message) checks of a ResnetBlock2D on the kernels, with `time_check` in the time embedding's place."""
+    return [
         (_group_norm_why_not(block.norm1, "norm1") is None, _group_norm_why_not(block.norm1, "norm1")),
         (_group_norm_why_not(block.norm2, "norm2") is None, _group_norm_why_not(block.norm2, "norm2")),
         (type(getattr(block, "nonlinearity", None)) is nn.SiLU, "nonlinearity is not SiLU"),
         (getattr(block, "upsample", None) is None and getattr(block, "downsample", None) is None,
          "it resamples (up=True or down=True)"),
-        (getattr(block, "time_emb_proj", None) is None, "it has a time embedding projection"),
+        time_check,
         (getattr(block, "output_scale_factor", 1.0) == 1.0, "output_scale_factor != 1"),
         (_dropout_inactive(getattr(block, "dropout", None)), "dropout is active (training)"),
         (_conv3_same(block.conv1) is None, f"conv1: {_conv3_same(block.conv1)}"),
@@ -378,7 +419,34 @@ def resnet_why_not(block) -> Optional[str]:
         (block.conv_shortcut is None or (conv_why_not(block.conv_shortcut, (1,)) is None
                                          and block.conv_shortcut.padding == (0, 0)),
          "conv_shortcut is not a plain 1x1 conv"),
+    ]
+
+
+def resnet_why_not(block) -> Optional[str]:
+    """Why a ResnetBlock2D is not the VAE's (no time embedding, no up/down, scale factor 1, SiLU, 3x3 convs), or None."""
+    return _first(_resnet_checks(
+        block, (getattr(block, "time_emb_proj", None) is None, "it has a time embedding projection")))
+
+
+def resnet_scale_shift_why_not(block) -> Optional[str]:
+    """Why a ResnetBlock2D with a time embedding projection is not the fused scale/shift unit, or None.
+
+    Accepted: diffusers' `time_embedding_norm == "scale_shift"` with `time_emb_proj` an nn.Linear(C_temb, 2*C)
+    over norm2's C channels, and otherwise what `resnet_why_not` accepts (no up/down resampling, SiLU,
+    `output_scale_factor` 1, 3x3 convs, a plain 1x1 shortcut). Rejected, so run as module forwards: the
+    "default" norm (temb added before norm2), "ada_group"/"spatial" (ResnetBlockCondNorm2D, another class),
+    and the UNet's up/down resnets (nearest-2x / average-pool inside the block).
+    """
+    proj = getattr(block, "time_emb_proj", None)
+    mode = getattr(block, "time_embedding_norm", None)
+    channels = getattr(getattr(block, "norm2", None), "num_channels", None)
+    time_check = _first([
+        (mode == "scale_shift", f"time_embedding_norm is {mode!r}, only 'scale_shift' is fused"),
+        (type(proj) is nn.Linear, f"time_emb_proj is {type(proj).__name__}, not nn.Linear"),
+        (type(proj) is not nn.Linear or channels is None or proj.out_features == 2 * channels,
+         f"time_emb_proj has {getattr(proj, 'out_features', None)} outputs, not 2 * {channels}"),
     ])
+    return _first(_resnet_checks(block, (time_check is None, time_check)))
 
 
 # Processors whose math is plain scaled-dot-product self-attention with diffusers' default scale.
@@ -842,3 +910,241 @@ def iter_units(model: nn.Module) -> List[Unit]:
 def unsupported_units(model: nn.Module) -> List[Tuple[str, str]]:
     """(name, reason) of every unit of `model` that runs its module's own forward instead of the kernels."""
     return [(u.name, u.reason) for u in iter_units(model) if u.reason is not None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The consistency decoder's UNet (diffusers' UNet2DModel; issue 13): scale/shift ResNets, skip stack, blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def time_scale_shift(block: nn.Module, temb: Tensor, ctx: RunContext) -> Tuple[Tensor, Tensor]:
+    """The time embedding's per-(sample, channel) scale and shift of a scale/shift ResnetBlock2D.
+
+    diffusers' ResnetBlock2D.forward: `temb = time_emb_proj(nonlinearity(temb))` (no nonlinearity when
+    `skip_time_act`), then `scale, shift = temb.chunk(2, dim=1)`. A (N, C_temb) @ (C_temb, 2C) product, so it
+    runs in PyTorch (the module's own Linear, parameters cast to `ctx.dtype` when set).
+
+    Args:
+        block: a ResnetBlock2D accepted by `resnet_scale_shift_why_not`.
+        temb: (N, C_temb) time embedding in the activation dtype.
+        ctx: the run context (parameter cast).
+    Returns:
+        (scale, shift), each (N, C) in temb's dtype, C = norm2's channel count.
+    """
+    if not getattr(block, "skip_time_act", False):
+        temb = block.nonlinearity(temb)
+    proj = _call_module(block.time_emb_proj, temb, ctx)  # (N, 2C)
+    return proj.chunk(2, dim=1)
+
+
+def modulated_gsc(x: Tensor, conv: nn.Conv2d, ctx: RunContext, norm: nn.GroupNorm, time_scale: Tensor,
+                  time_shift: Tensor, *, residual: Optional[Tensor] = None, stats: Optional[Stats] = None,
+                  emit: Optional[tuple] = None) -> tuple:
+    """`conv(silu(group_norm(x) * (1 + time_scale) + time_shift)) + residual` as ONE `gn_silu_conv2d` op.
+
+    The kernel's prologue applies `x * scale[n, c] + shift[n, c]` per (sample, channel) (the custom op
+    `torch.ops.sdvae_fast.gn_silu_conv2d(x, weight, bias, scale, shift, residual, silu, stride, padding)`, whose
+    public wrapper builds scale/shift from GroupNorm alone, `ops.gn_scale_shift`). GroupNorm is
+    `x * a + b` with `a = rstd * gamma`, `b = beta - mean * a` (per sample and channel), so with the time
+    embedding's `s`, `t`:  `(x * a + b) * (1 + s) + t = x * a(1 + s) + (b(1 + s) + t)`, i.e.
+    `scale' = a * (1 + s)`, `shift' = b * (1 + s) + t`, composed in fp32 (fp64 for fp64 x). No extra pass over x.
+    Source of the arithmetic: diffusers' ResnetBlock2D.forward, `time_embedding_norm == "scale_shift"`.
+
+    Args:
+        x: (N, C, H, W) activation, any strides. conv: a 3x3 or 1x1 nn.Conv2d over C channels (its padding).
+        ctx: the run context (parallel hooks). norm: nn.GroupNorm over C (affine or not).
+        time_scale, time_shift: (N, C), any float dtype. residual: (N, C_out, H, W) added in the epilogue.
+        stats: x's GroupNorm (mean, rstd), each (N, G), or None (computed here; merged across ranks when
+            `ctx.parallel`). emit: (num_groups, eps) to emit the output's statistics for, or None.
+    Returns:
+        (y (N, C_out, H, W) channels_last in x's dtype, y's statistics or None), as `gsc`.
+    Raises:
+        ValueError: time_scale / time_shift are not (N, C).
+    """
+    n, c = x.shape[0], x.shape[1]
+    for label, t in (("time_scale", time_scale), ("time_shift", time_shift)):
+        if tuple(t.shape) != (n, c):
+            raise ValueError(f"{label} must be ({n}, {c}), got shape {tuple(t.shape)}")
+    stats = input_stats(x, norm, stats, ctx)
+    if stats is None:
+        stats = ops.group_norm_stats(x, norm.num_groups, norm.eps)
+    mean, rstd = stats
+    if norm.affine:
+        gamma, beta = norm.weight, norm.bias
+    else:
+        gamma = torch.ones(c, dtype=mean.dtype, device=x.device)
+        beta = torch.zeros_like(gamma)
+    gn_scale, gn_shift = ops.gn_scale_shift(mean, rstd, gamma, beta)  # (N, C) in mean's dtype
+    one_plus = 1.0 + time_scale.to(gn_scale.dtype)
+    scale = (gn_scale * one_plus).contiguous()
+    shift = (gn_shift * one_plus + time_shift.to(gn_scale.dtype)).contiguous()
+    padding = conv.padding[0]
+    pad = [padding] * 4
+    if ctx.parallel is not None and conv.weight.shape[-1] > 1:
+        x, pad = ctx.parallel.conv_input(x, pad, conv.weight.shape[-1], 1)
+    pad = [int(p) for p in pad]
+    if residual is not None and residual.shape[0] != n:
+        raise ValueError(f"residual must have {n} samples, got shape {tuple(residual.shape)}")
+    args = (x, conv.weight, conv.bias, scale, shift, residual, True, 1, pad)
+    if emit is None:
+        return torch.ops.sdvae_fast.gn_silu_conv2d(*args), None
+    groups, eps = int(emit[0]), float(emit[1])
+    if ctx.parallel is not None:
+        y, _, _, *partials = torch.ops.sdvae_fast.gn_silu_conv2d_partials(*args, groups, eps)
+        return y, ops.GroupNormPartials(*partials)
+    y, mean_y, rstd_y = torch.ops.sdvae_fast.gn_silu_conv2d_stats(*args, groups, eps)
+    return y, (mean_y, rstd_y)
+
+
+def _resnet_takes_time(block) -> bool:
+    """Selects the scale/shift variant of ResnetBlock2D: the block has a time embedding projection."""
+    return getattr(block, "time_emb_proj", None) is not None
+
+
+@register_unit("ResnetBlock2D", variant="scale_shift", when=_resnet_takes_time,
+               why_not=resnet_scale_shift_why_not, input_norm=lambda block: block.norm1)
+def _run_resnet_scale_shift(block, carry, ctx, emit):
+    """ResnetBlock2D with `time_embedding_norm="scale_shift"` (the UNet's): three ops at most.
+
+    1. `GSC(conv1)(x)` (norm1 + SiLU in the prologue), emitting its output's statistics for norm2;
+    2. the 1x1 `conv_shortcut` as a plain conv when present (its output is the residual, else x is);
+    3. `conv2(SiLU(norm2(h) * (1 + s) + t)) + residual` as ONE op (`modulated_gsc`), s, t from
+       `time_scale_shift(block, ctx.temb)`.
+    Raises ValueError when `ctx.temb` is None (diffusers raises too: scale_shift needs a time embedding)."""
+    if ctx.temb is None:
+        raise ValueError("a ResnetBlock2D with time_embedding_norm='scale_shift' needs the run context's temb")
+    x, stats = carry.take()
+    inner_emit = norm_key(block.norm2) if ctx.emits else None
+    h, h_stats = gsc(x, block.conv1, ctx, block.norm1, stats=stats, emit=inner_emit)
+    residual = x if block.conv_shortcut is None else gsc(x, block.conv_shortcut, ctx)[0]
+    del x
+    time_scale, time_shift = time_scale_shift(block, ctx.temb, ctx)
+    return modulated_gsc(h, block.conv2, ctx, block.norm2, time_scale, time_shift, residual=residual,
+                         stats=h_stats, emit=emit)
+
+
+@register_block("ResnetDownsampleBlock2D")
+def _resnet_down_block_children(block):
+    return ([(f"resnets.{i}", r) for i, r in enumerate(block.resnets)]
+            + [(f"downsamplers.{i}", d) for i, d in enumerate(block.downsamplers or [])])
+
+
+@register_block("ResnetUpsampleBlock2D")
+def _resnet_up_block_children(block):
+    return ([(f"resnets.{i}", r) for i, r in enumerate(block.resnets)]
+            + [(f"upsamplers.{i}", u) for i, u in enumerate(block.upsamplers or [])])
+
+
+#: How UNet2DModel's forward treats a down / up block's children (diffusers' ResnetDownsampleBlock2D returns
+#: every resnet's and the downsampler's output as skips; ResnetUpsampleBlock2D concatenates one popped skip
+#: onto the input of each resnet, channels [x | skip]).
+UNET_DOWN_BLOCKS = frozenset({"ResnetDownsampleBlock2D", "DownBlock2D"})
+UNET_UP_BLOCKS = frozenset({"ResnetUpsampleBlock2D", "UpBlock2D"})
+
+
+def _wrapped(unit: Unit, run: Callable, input_norm: Optional[nn.Module]) -> Unit:
+    return Unit(unit.name, unit.kind, unit.modules, run, unit.reference, reason=unit.reason, input_norm=input_norm)
+
+
+def pushing_unit(unit: Unit) -> Unit:
+    """`unit`, then its output pushed onto `ctx.skips` (a UNet down block's residual sample)."""
+    def run(carry, ctx, emit):
+        y, stats = unit._run(carry, ctx, emit)
+        ctx.skips.append(y)
+        return y, stats
+
+    return _wrapped(unit, run, unit.input_norm)
+
+
+def popping_unit(unit: Unit) -> Unit:
+    """`unit` on `cat([x, ctx.skips.pop()], dim=1)` (a UNet up block's resnet). The concatenation is
+    materialised (issue 13's two-source prologue is future work) and its GroupNorm statistics are computed
+    by the op, so the previous unit emits none for it (input_norm None)."""
+    def run(carry, ctx, emit):
+        x, _ = carry.take()
+        skip = ctx.skips.pop()
+        cat = torch.cat([x, skip.to(x.dtype)], dim=1)
+        del x, skip
+        return unit._run(Carry(cat), ctx, emit)
+
+    return _wrapped(unit, run, None)
+
+
+def _unet_block_fallback(name: str, block: nn.Module, reason: str, role: str) -> Unit:
+    """A whole UNet block as its module forward, with UNet2DModel's calling convention for `role`:
+    "down": `block(x, temb) -> (y, res_samples)`, res_samples pushed; "up": `block(x, res, temb)` with the
+    last `len(block.resnets)` skips popped; "mid": `block(x, temb)`."""
+    def run(carry, ctx, emit):
+        x, _ = carry.take()
+        if role == "down":
+            y, res = _call_module(block, x, ctx, ctx.temb)
+            ctx.skips.extend(res)
+            return y, None
+        if role == "up":
+            count = len(block.resnets)
+            res = tuple(ctx.skips[-count:])
+            del ctx.skips[-count:]
+            return _call_module(block, x, ctx, res, ctx.temb), None
+        return _call_module(block, x, ctx, ctx.temb), None
+
+    return Unit(name, "module", (block,), run, block, reason=reason)
+
+
+def unet_why_not(unet: nn.Module) -> Optional[str]:
+    """Why a UNet2DModel cannot run as units at all (then its own forward runs), or None.
+
+    The walker covers diffusers' UNet2DModel without class conditioning, without `center_input_sample`, with a
+    "learned" or "positional" time embedding and no Skip* blocks (their skip_sample path)."""
+    missing = [a for a in ("conv_in", "time_proj", "time_embedding", "down_blocks", "up_blocks",
+                           "conv_norm_out", "conv_act", "conv_out") if not hasattr(unet, a)]
+    if missing:
+        return f"{type(unet).__name__} lacks {missing}"
+    config = getattr(unet, "config", {})
+    get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
+    blocks = list(unet.down_blocks) + list(unet.up_blocks)
+    return _first([
+        (getattr(unet, "class_embedding", None) is None, "it has a class embedding"),
+        (not get("center_input_sample", False), "center_input_sample=True"),
+        (get("time_embedding_type", "positional") in ("learned", "positional"),
+         f"time_embedding_type={get('time_embedding_type', None)!r}"),
+        (not any(hasattr(b, "skip_conv") for b in blocks), "it has Skip* blocks (skip_sample)"),
+    ])
+
+
+def unet_units(unet: nn.Module, prefix: str = "decoder_unet") -> List[List[Unit]]:
+    """Stages of a diffusers UNet2DModel's forward after the time embedding, as units, linked for emitted
+    statistics: [conv_in (pushes)], each down block (every child pushes its output), the mid block, each up
+    block (each resnet pops a skip and runs on the concatenation), and the head
+    (conv_norm_out -> conv_act -> conv_out, one GSC op). The units need `RunContext.temb` (N, C_temb).
+
+    A block whose class is not registered becomes one unit running its own forward with UNet2DModel's calling
+    convention (`_unet_block_fallback`); a child the kernels cannot run, its own forward (with temb).
+    Raises TypeError when `unet_why_not(unet)` gives a reason.
+    """
+    reason = unet_why_not(unet)
+    if reason is not None:
+        raise TypeError(f"unet: {reason}")
+    stages = [[pushing_unit(make_unit(f"{prefix}.conv_in", unet.conv_in))]]
+
+    def block_stage(name, block, role):
+        units = block_units(name, block)
+        if len(units) == 1 and units[0].modules[0] is block and units[0].reason is not None:
+            return [_unet_block_fallback(name, block, units[0].reason, role)]
+        kind = type(block).__name__
+        if role == "down" and kind not in UNET_DOWN_BLOCKS:
+            return [_unet_block_fallback(name, block, f"{kind} is not a UNet down block", role)]
+        if role == "up" and kind not in UNET_UP_BLOCKS:
+            return [_unet_block_fallback(name, block, f"{kind} is not a UNet up block", role)]
+        if role == "down":
+            return [pushing_unit(u) for u in units]
+        if role == "up":
+            return [popping_unit(u) if u.name.startswith(f"{name}.resnets.") else u for u in units]
+        return units
+
+    stages += [block_stage(f"{prefix}.down_blocks.{i}", b, "down") for i, b in enumerate(unet.down_blocks)]
+    if getattr(unet, "mid_block", None) is not None:
+        stages.append(block_stage(f"{prefix}.mid_block", unet.mid_block, "mid"))
+    stages += [block_stage(f"{prefix}.up_blocks.{i}", b, "up") for i, b in enumerate(unet.up_blocks)]
+    stages.append([head_unit(f"{prefix}.conv_out*", unet.conv_norm_out, unet.conv_act, unet.conv_out)])
+    link([unit for stage in stages for unit in stage])
+    return stages
