@@ -305,16 +305,12 @@ def start_patch_parallel(args):
     MASTER_ADDR, MASTER_PORT) with NCCL on CUDA, each rank on GPU LOCAL_RANK (`torch.cuda.set_device`), or gloo
     on CPU; returns (device, rank). Without torchrun: (`--device` resolved, 0).
 
-    Raises:
-        CLIError: launched for a command that does not split images (only decode and reconstruct do).
+    `main` has refused the other commands under torchrun already (`check_launch`).
     """
     torch = _torch()
     device = resolve_device(args.device)
     if launched_world_size() == 1:
         return device, 0
-    if args.command not in PARALLEL_COMMANDS:
-        raise CLIError(f"{args.command} does not split work over processes; under torchrun only "
-                       f"{' and '.join(PARALLEL_COMMANDS)} do (run {args.command} without torchrun)")
     import torch.distributed as dist
 
     if device.type == "cuda":
@@ -327,6 +323,22 @@ def start_patch_parallel(args):
         print(f"{PROG}: each image split by rows over {dist.get_world_size()} processes ({dist.get_backend()}, "
               f"{device.type})", file=sys.stderr)
     return device, dist.get_rank()
+
+
+_TORCHRUN_NOTE = ("Under torchrun (`torchrun --nproc-per-node N -m sdvae_fast ...`) each image is split by rows over "
+                  "the N processes, exactly (patch parallelism: NCCL with one GPU per process, gloo on CPU); rank 0 "
+                  "writes the files and prints.")
+
+
+def check_launch(command: str) -> None:
+    """Under torchrun, only the commands that split images by rows may run (the others would run N times over).
+
+    Raises:
+        CLIError: WORLD_SIZE > 1 and `command` is not in PARALLEL_COMMANDS.
+    """
+    if launched_world_size() > 1 and command not in PARALLEL_COMMANDS:
+        raise CLIError(f"{command} does not split work over processes; under torchrun only "
+                       f"{' and '.join(PARALLEL_COMMANDS)} do (run {command} without torchrun)")
 
 
 def _end_patch_parallel() -> None:
@@ -762,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
             "and SSIM (skimage.metrics, on the 8-bit images) and milliseconds per image. SSIM uses a 7x7 window, "
             "so it is n/a for images smaller than 7 pixels on a side. Times exclude warm-up: each new image size "
             "is first run once untimed; the summary gives the median over the timed runs (one per image).\n\n"
-            f"{_PAD_NOTE}\n{_IMAGE_NOTE}")
+            f"{_PAD_NOTE}\n{_IMAGE_NOTE}\n{_TORCHRUN_NOTE}")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the PNGs (created)")
 
@@ -778,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("decode", cmd_decode, "decode a latents file to PNGs",
             "Decode every tensor in LATENTS (written by `encode`, or any safetensors file of scaled latents "
-            "(N, C, h, w)) to PNGs, unscaling with z / scaling_factor + shift_factor.")
+            "(N, C, h, w)) to PNGs, unscaling with z / scaling_factor + shift_factor.\n\n" + _TORCHRUN_NOTE)
     p.add_argument("latents", metavar="LATENTS")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the PNGs (created)")
 
@@ -919,6 +931,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        check_launch(args.command)
         if hasattr(args, "backend"):
             args.backend = resolve_backend(args.backend)  # None: SDVAE_FAST_BACKEND, else auto
         if _needs_interpreter(args):

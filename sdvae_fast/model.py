@@ -317,15 +317,17 @@ class FastVAEMixin:
         first rank and broadcasts. Runs the fast path's units whatever `backend` says (the ops use the Triton
         kernels on CUDA or under the interpreter, the PyTorch references elsewhere); inference only; fp32, bf16 and
         fp16 (the overflow guard decided by all ranks together).
-        Tiling and slicing are not combined with it (tiling is turned off).
+        Tiling is turned off (bands and tiles do not combine: turning it on again makes encode / decode raise);
+        slicing still splits the batch.
 
         Raises RuntimeError when torch.distributed is not initialised.
         """
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("enable_patch_parallel needs an initialised torch.distributed process group (start "
-                               "the script with torchrun, or call torch.distributed.init_process_group first)")
+            raise RuntimeError("enable_patch_parallel needs an initialised torch.distributed process group: call "
+                               "torch.distributed.init_process_group('nccl' or 'gloo') first (torchrun only sets "
+                               "the environment it reads)")
         self.use_tiling = False
         self._patch_parallel = (group, bool(gather))
 
@@ -333,6 +335,22 @@ class FastVAEMixin:
         """Encode / decode the whole image in this process again (the default)."""
         self._patch_parallel = None
         self.patch_parallel_offset = None
+
+    def _validated(self, check: Callable, tensor, name: str):
+        """check(tensor); under patch parallelism on every rank together (`parallel.agree`: a bad input on one
+        rank raises the same ValueError on all, instead of leaving the others in a collective), and refusing
+        tiling, which does not combine with bands."""
+        if self._patch_parallel is None:
+            return check(tensor)
+        from sdvae_fast import parallel
+
+        def check_all():
+            if self.use_tiling:
+                raise ValueError("tiling and patch parallelism do not combine (tiles would change the exact "
+                                 "result): call disable_tiling() or disable_patch_parallel()")
+            return check(tensor)
+
+        return parallel.agree(check_all, self._patch_parallel[0], f"patch parallel {name}")
 
     def _parallel(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Run `parallel.encode_patch_parallel` / `decode_patch_parallel` on one validated batch."""
@@ -508,7 +526,7 @@ class FastVAEMixin:
         (naming the expected shape) for a non-tensor, wrong rank or channel count, too small or empty input,
         integer dtype, or a device other than the model's.
         """
-        x = self._check_image(x)
+        x = self._validated(self._check_image, x, "encode")
         if self.use_slicing and x.shape[0] > 1:
             moments = torch.cat([self._encode(part) for part in x.split(1)])
         else:
@@ -530,7 +548,7 @@ class FastVAEMixin:
 
         `sample` is (N, out_channels, f*h, f*w) in the model's dtype, nominally in [-1, 1]. Raises as `encode`.
         """
-        z = self._check_latents(z)
+        z = self._validated(self._check_latents, z, "decode")
         if self.use_slicing and z.shape[0] > 1:
             sample = torch.cat([self._decode(part).sample for part in z.split(1)])
         else:

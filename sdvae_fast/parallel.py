@@ -26,7 +26,10 @@ store (the one `init_process_group` rendezvoused with) by the failing rank; the 
 while watching that key, and every rank raises the same `PatchParallelError`. A stage-end all-reduce alone could
 not do this: a rank that fails mid-stage never reaches it while the others wait in a halo exchange. After such a
 mid-call failure the ranks' collectives are out of step: destroy and re-create the process group (as after any
-collective error). A rank that dies without a word leaves the others waiting `TIMEOUT_S` seconds, then they raise.
+collective error; with gloo, `dist.new_group()` is the reliable way: destroying a group with a pending collective
+can hang). A rank that dies without a word leaves the others waiting `TIMEOUT_S` seconds, then they raise; the
+first collective of a call (`_agree`, blocking) waits the process group's own timeout (`init_process_group(...,
+timeout=...)`) instead.
 CPU (gloo) collectives are waited on by polling; CUDA (NCCL) collectives stay stream-ordered and the host polls
 only at the stage-end all-reduces (one host sync per stage).
 
@@ -37,7 +40,7 @@ PyTorch references elsewhere. Inference only (no autograd); fp32, bf16 and fp16 
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -279,6 +282,29 @@ def _local_problem(modules, z: Tensor, stages) -> Optional[str]:
     return None
 
 
+def agree(check: Callable[[], object], group, what: str):
+    """Run `check()` (a caller's own input validation) on every rank and raise the same error everywhere if it
+    failed on any rank, before anything else is collective: one `all_gather_object` of each rank's outcome.
+
+    Returns:
+        check()'s result on this rank.
+    Raises:
+        ValueError (on every rank, naming the ranks and their messages) when `check` raised TypeError or
+        ValueError on any rank; other exceptions propagate on the rank that raised them.
+    """
+    result, problem = None, None
+    try:
+        result = check()
+    except (TypeError, ValueError) as error:
+        problem = str(error)
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, problem, group=group)
+    problems = [f"rank {r}: {p}" for r, p in enumerate(everyone) if p is not None]
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems))
+    return result
+
+
 def _agree(modules, z: Tensor, stages, group, what: str) -> None:
     """One collective before any other: every rank's own validation result and a checksum of its input (shape,
     sum and sum of squares in fp64) are all-gathered, and if any rank found a problem or the inputs differ,
@@ -286,24 +312,28 @@ def _agree(modules, z: Tensor, stages, group, what: str) -> None:
     problem = _local_problem(modules, z, stages)
     checksum = None
     if problem is None:
-        z64 = z.detach().to(torch.float64)
+        z64 = z.detach().to(torch.float64).contiguous()  # one summation order whatever the memory format
         checksum = (tuple(z.shape), z64.sum().item(), z64.square().sum().item())
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, (problem, checksum), group=group)
     problems = [f"rank {r}: {p}" for r, (p, _) in enumerate(everyone) if p is not None]
     if problems:
         raise ValueError(f"{what}: " + "; ".join(problems))
-    if any(c != everyone[0][1] for _, c in everyone):
+    differ = [r for r, (_, c) in enumerate(everyone) if c != everyone[0][1]]
+    if differ:
         shapes = [c[0] for _, c in everyone]
-        raise ValueError(f"{what}: every rank must pass the same input, got shapes/checksums that differ across "
-                         f"ranks (shapes by rank: {shapes})")
+        raise ValueError(f"{what}: every rank must pass the same input, but ranks {differ} hold an input that "
+                         f"differs from rank 0's (shapes by rank: {shapes}; sum and sum of squares compared). "
+                         f"Pipelines give every rank the same latents only when seeded alike: pass "
+                         f"generator=torch.Generator().manual_seed(seed) with one seed on every rank")
 
 
 def _check_group(modules, z: Tensor, stages, group, what: str) -> Tuple[int, int]:
     """(world size, rank) after the checks every patch-parallel call makes before its first collective."""
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{what} needs an initialised torch.distributed process group (start the script with "
-                           f"torchrun, or call torch.distributed.init_process_group first)")
+        raise RuntimeError(f"{what} needs an initialised torch.distributed process group: call "
+                           f"torch.distributed.init_process_group('nccl' or 'gloo') first (torchrun only sets the "
+                           f"environment it reads)")
     _agree(modules, z, stages, group, what)
     return dist.get_world_size(group), dist.get_rank(group)
 
@@ -395,5 +425,5 @@ def encode_patch_parallel(vae, x: Tensor, group=None, *, gather: bool = True):
     return band if gather else (band, start)
 
 
-__all__: Sequence[str] = ("PatchParallelError", "TIMEOUT_S", "row_bands", "gather_rows", "RowParallelHooks",
-                          "decode_patch_parallel", "encode_patch_parallel")
+__all__: Sequence[str] = ("PatchParallelError", "TIMEOUT_S", "agree", "row_bands", "gather_rows",
+                          "RowParallelHooks", "decode_patch_parallel", "encode_patch_parallel")

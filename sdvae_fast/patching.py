@@ -4,8 +4,8 @@
     sdvae_fast.patch(pipe)        # pipe.vae.decode / encode now run the Triton kernels on CUDA
     sdvae_fast.unpatch(pipe)      # back to diffusers' own forwards, bit for bit
 
-What patching changes: three instance attributes, nothing else (a fourth, `vae.encode`, only while patch
-parallelism is on: `enable_patch_parallel`, below).
+What patching changes: three instance attributes, nothing else (two more, `vae.encode` and `vae.decode`, only
+while patch parallelism is on: `enable_patch_parallel`, below).
 - `vae.encoder.forward` and `vae.decoder.forward` become `sdvae_fast.fast.run_encoder` / `run_decoder` on the
   encoder's / decoder's own parameters. Everything above them is diffusers' own code, so `config`, `dtype`,
   `post_quant_conv` (still its own 1x1 conv), `enable_slicing` and `enable_tiling` (whose tiled paths call
@@ -164,10 +164,28 @@ def _vae_encode(self, x, *args, **kwargs):
     return fast.encode_moments(self, x)
 
 
-def _vae_encode_shared_noise(self, x, return_dict: bool = True, *args, **kwargs):
-    """`AutoencoderKL.encode` under patch parallelism with gather: the posterior's `sample()` without a generator
-    draws on the group's first rank and broadcasts (`model._SharedNoisePosterior`), so every rank agrees."""
+def _input_problem(vae, x, first: torch.nn.Module) -> None:
+    """Raise ValueError / TypeError when `x` cannot enter `first` (the VAE's first module of encode or decode),
+    or when tiling is on: what each rank checks together under patch parallelism."""
+    if getattr(vae, "use_tiling", False):
+        raise ValueError("tiling and patch parallelism do not combine (tiles would change the exact result): call "
+                         "disable_tiling() or disable_patch_parallel()")
+    fast._check_input("the input", x, first, "a tensor")
+
+
+def _agreed(self, name: str, x, first) -> None:
+    """Every rank validates its input for `name` together (`parallel.agree`)."""
+    from sdvae_fast import parallel
+
+    parallel.agree(lambda: _input_problem(self, x, first), _state_of(self).parallel[0], f"patch parallel {name}")
+
+
+def _vae_encode_parallel(self, x, return_dict: bool = True, *args, **kwargs):
+    """`AutoencoderKL.encode` under patch parallelism: the ranks validate the images together first, and with
+    gather the posterior's `sample()` without a generator draws on the group's first rank and broadcasts
+    (`model._SharedNoisePosterior`), so every rank agrees."""
     state = _state_of(self)
+    _agreed(self, "encode", x, self.encoder.conv_in)
     out = state.previous(self, "encode")(x, return_dict, *args, **kwargs)
     if state.parallel is None or not state.parallel[1]:
         return out
@@ -178,7 +196,15 @@ def _vae_encode_shared_noise(self, x, return_dict: bool = True, *args, **kwargs)
     return type(out)(latent_dist=shared) if return_dict else (shared,)
 
 
-_OURS = (_encoder_forward, _decoder_forward, _vae_encode, _vae_encode_shared_noise)
+def _vae_decode_parallel(self, z, *args, **kwargs):
+    """`AutoencoderKL.decode` under patch parallelism: the ranks validate the latents together first (so that
+    `post_quant_conv`, which runs on the whole latents before the split decoder, never fails on one rank only)."""
+    first = self.post_quant_conv if getattr(self, "post_quant_conv", None) is not None else self.decoder.conv_in
+    _agreed(self, "decode", z, first)
+    return _state_of(self).previous(self, "decode")(z, *args, **kwargs)
+
+
+_OURS = (_encoder_forward, _decoder_forward, _vae_encode, _vae_encode_parallel, _vae_decode_parallel)
 
 
 def _install(state: _PatchState, module, name: str, function) -> None:
@@ -203,8 +229,9 @@ def _set_patch_parallel(vae, group, gather: bool) -> None:
     """Route a live diffusers VAE's encode and decode through `sdvae_fast.parallel` (patching it first when it
     is not patched; `_clear_patch_parallel` then unpatches it again). Used by `enable_patch_parallel`.
 
-    Installs, besides `patch`'s three entries, an `encode` override while it is on, which gives the posterior
-    a `sample()` that agrees across ranks. Turns diffusers' tiling off (bands and tiles do not combine).
+    Installs, besides `patch`'s three entries, `encode` and `decode` overrides while it is on: the ranks
+    validate their inputs together before anything else, and the posterior's `sample()` agrees across ranks.
+    Turns diffusers' tiling off (bands and tiles do not combine: turning it on again makes the calls raise).
     """
     state = _state_of(vae)
     if state is None:
@@ -213,8 +240,10 @@ def _set_patch_parallel(vae, group, gather: bool) -> None:
         state.patched_for_parallel = True
     state.parallel = (group, bool(gather), vae)
     vae.use_tiling = False
-    if hasattr(type(vae), "encode") and not any(m is vae and n == "encode" for m, n, _ in state.saved):
-        _install(state, vae, "encode", _vae_encode_shared_noise)
+    vae.patch_parallel_offset = None
+    for name, function in (("encode", _vae_encode_parallel), ("decode", _vae_decode_parallel)):
+        if hasattr(type(vae), name) and not any(m is vae and n == name for m, n, _ in state.saved):
+            _install(state, vae, name, function)
 
 
 def _clear_patch_parallel(vae) -> None:
@@ -224,7 +253,7 @@ def _clear_patch_parallel(vae) -> None:
         return
     state.parallel = None
     vae.__dict__.pop("patch_parallel_offset", None)
-    for entry in [e for e in state.saved if e[0] is vae and e[1] == "encode"]:
+    for entry in [e for e in state.saved if e[0] is vae and e[1] in ("encode", "decode")]:
         _restore(*entry)
         state.saved.remove(entry)
     if state.patched_for_parallel:
@@ -300,9 +329,12 @@ def enable_patch_parallel(vae_or_pipe, group=None, *, gather: bool = True):
     """Split every encode and decode of a VAE (or a pipeline's `.vae`) by rows over the ranks of `group`.
 
     Every rank must then call `encode` / `decode` with the same full input (pipelines do); each computes its band
-    (`sdvae_fast.parallel`: halo rows, whole-image GroupNorm statistics, keys and values of all tokens) and gets the full result (`gather=True`) or only its band, whose first row is then
-    `vae.patch_parallel_offset`. `latent_dist.sample()` without a generator draws on the group's first rank and
-    broadcasts. Tiling is turned off (bands and tiles do not combine); slicing still splits the batch.
+    (`sdvae_fast.parallel`: halo rows, whole-image GroupNorm statistics, keys and values of all tokens) and
+    gets the full result (`gather=True`) or only its band, whose first row is then `vae.patch_parallel_offset`.
+    `latent_dist.sample()` without a generator draws on the group's first rank and broadcasts. The ranks validate
+    their inputs together (a bad input on one rank raises the same ValueError on all). Inference only (the
+    output does not require grad). Tiling is turned off (bands and tiles do not combine: turning it on again
+    makes the calls raise); slicing still splits the batch.
 
     Args:
         vae_or_pipe: sdvae_fast's AutoencoderKL, a live `diffusers.AutoencoderKL`, or a pipeline holding one as
@@ -324,8 +356,9 @@ def enable_patch_parallel(vae_or_pipe, group=None, *, gather: bool = True):
         vae.enable_patch_parallel(group, gather=gather)
         return vae_or_pipe
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("enable_patch_parallel needs an initialised torch.distributed process group (start the "
-                           "script with torchrun, or call torch.distributed.init_process_group first)")
+        raise RuntimeError("enable_patch_parallel needs an initialised torch.distributed process group: call "
+                           "torch.distributed.init_process_group('nccl' or 'gloo') first (torchrun only sets the "
+                           "environment it reads)")
     _set_patch_parallel(vae, group, gather)
     return vae_or_pipe
 

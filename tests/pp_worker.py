@@ -74,6 +74,23 @@ def _errors(rank: int, world: int, vae, z) -> dict:
     return errors
 
 
+def _api_errors(rank: int, world: int, vae, z) -> dict:
+    """Through `vae.decode` with patch parallelism on: latents of the wrong channel count on the last rank only
+    (the model's own validation, agreed across ranks), and tiling turned on again."""
+    errors = {}
+    try:
+        vae.decode(z[:, :3] if rank == world - 1 else z)
+    except ValueError as e:
+        errors["wrong_channels"] = f"{type(e).__name__}: {e}"
+    vae.enable_tiling()
+    try:
+        vae.decode(z)
+    except ValueError as e:
+        errors["tiling"] = f"{type(e).__name__}: {e}"
+    vae.disable_tiling()
+    return errors
+
+
 def _mid_stage_failure(rank: int, world: int, vae, z) -> str:
     """The last rank raises inside its up block's upsample conv, after the halo exchange, while the others go on
     to the next collectives: every rank must raise the same error (the group is out of step afterwards)."""
@@ -117,7 +134,10 @@ def worker(rank: int, world: int, port: int, folder: str, interpret: bool) -> No
 
     sdvae_fast.enable_patch_parallel(vae)  # the user path: encode / decode / sample() on the model
     posterior = vae.encode(images()).latent_dist
-    results.update(api_decode=vae.decode(z).sample, api_mean=posterior.mean, api_sample=posterior.sample())
+    # The same values in another memory format on one rank are the same input.
+    z_api = z.contiguous(memory_format=torch.channels_last) if rank == 1 else z
+    results.update(api_decode=vae.decode(z_api).sample, api_mean=posterior.mean, api_sample=posterior.sample())
+    api_errors = _api_errors(rank, world, vae, z)
     sdvae_fast.disable_patch_parallel(vae)
 
     import diffusers  # a live diffusers VAE with the same weights: patched by enable, unpatched by disable
@@ -130,10 +150,13 @@ def worker(rank: int, world: int, port: int, folder: str, interpret: bool) -> No
     sdvae_fast.enable_patch_parallel(live)
     posterior = live.encode(images()).latent_dist
     results.update(live_decode=live.decode(z).sample, live_mean=posterior.mean, live_sample=posterior.sample())
+    live_errors = _api_errors(rank, world, live, z)
     sdvae_fast.disable_patch_parallel(live)
     results["live_unpatched"] = not sdvae_fast.is_patched(live) and "encode" not in live.__dict__
 
     results["errors"] = _errors(rank, world, vae, z)
+    results["errors"].update({f"api_{k}": v for k, v in api_errors.items()})
+    results["errors"].update({f"live_{k}": v for k, v in live_errors.items()})
     results["errors"]["mid_stage"] = _mid_stage_failure(rank, world, vae, z)
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     # The failed call left the group's collectives out of step: leave without destroy_process_group.

@@ -74,8 +74,8 @@ def single():
     print(f"calibration: emitted vs computed statistics rel_l2 {calibration:.2e}, bound {bound:.1e}")
     assert error_report(plain, modules)["rel_l2"] < 1e-5
     bf16_bound = 2 * error_report(torch_bf16, modules)["rel_l2"] + 1e-3  # 2x PyTorch's own bf16 error
-    return dict(plain=plain, modules=modules, bound=bound, bf16_bound=bf16_bound, moments=moments, plain16=plain16, overflow=overflow,
-                small=small, small_moments=small_moments)
+    return dict(plain=plain, modules=modules, bound=bound, bf16_bound=bf16_bound, moments=moments, plain16=plain16,
+                overflow=overflow, small=small, small_moments=small_moments)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -115,6 +115,11 @@ def test_encode_and_decode_split_by_rows_equal_one_process_on_every_rank(world, 
         assert errors["one_rank_wrong"] == results[0]["errors"]["one_rank_wrong"]
         assert f"rank {world - 1}: the input is torch.float64" in errors["one_rank_wrong"]
         assert "decoder.conv_out* (conv_act is GELU" in errors["fallback_unit"]
+        for api in ("api", "live"):  # ours and a live diffusers VAE: validation agreed, tiling refused
+            assert errors[f"{api}_wrong_channels"] == results[0]["errors"][f"{api}_wrong_channels"]
+            assert f"rank {world - 1}: " in errors[f"{api}_wrong_channels"] and "rank 0" not in errors[
+                f"{api}_wrong_channels"]
+            assert "tiling and patch parallelism do not combine" in errors[f"{api}_tiling"]
         # One rank raising in the middle of a stage: the same error on every rank, no hang.
         assert errors["mid_stage"] == (f"PatchParallelError: patch parallel decode failed on rank {world - 1}: "
                                        f"RuntimeError: {pp_worker.INJECTED}")
@@ -172,3 +177,11 @@ def test_torchrun_decode_and_reconstruct_split_by_rows_and_write_once_from_rank_
     run = _torchrun(["reconstruct", photo, "--vae", folder, "--out", "rec", "-q"], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("PSNR") == 1 and (tmp_path / "rec" / "photo.png").is_file(), run.stdout
+
+
+def test_under_torchrun_commands_that_do_not_split_images_are_refused(monkeypatch, capsys):
+    from sdvae_fast import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["encode", "photo.png", "-o", "z.safetensors"]) == 2
+    assert "under torchrun only decode and reconstruct do" in capsys.readouterr().err
