@@ -35,7 +35,7 @@ def images(seed: int = 2, shape=IMAGE_SHAPE):
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def overflow_latents(world: int):
+def overflow_latents():
     """fp16 latents whose last band (only) overflows fp16 in the first stage: every rank must recompute."""
     import torch
 
@@ -130,7 +130,7 @@ def worker(rank: int, world: int, port: int, folder: str, interpret: bool) -> No
     results["bf16"] = decode_patch_parallel(copy.deepcopy(vae).to(torch.bfloat16), z.to(torch.bfloat16)).float()
     vae16 = copy.deepcopy(vae).half()
     results["fp16"] = decode_patch_parallel(vae16, z.half()).float()
-    results["fp16_overflow"] = decode_patch_parallel(vae16, overflow_latents(world)).float()
+    results["fp16_overflow"] = decode_patch_parallel(vae16, overflow_latents()).float()
 
     sdvae_fast.enable_patch_parallel(vae)  # the user path: encode / decode / sample() on the model
     posterior = vae.encode(images()).latent_dist

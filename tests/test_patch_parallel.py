@@ -62,7 +62,7 @@ def single():
             moments = run(fast.encoder_units(vae.encoder, vae.quant_conv), pp_worker.images())
             vae16 = copy.deepcopy(vae).half()
             plain16 = run(fast.decoder_units(vae16.decoder, vae16.post_quant_conv), z.half()).float()
-            overflow = run(stages, pp_worker.overflow_latents(2).float())
+            overflow = run(stages, pp_worker.overflow_latents().float())
             small_moments = run(fast.encoder_units(small_vae.encoder, small_vae.quant_conv),
                                 pp_worker.images(shape=pp_worker.SMALL_IMAGE_SHAPE))
         finally:

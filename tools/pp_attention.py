@@ -195,25 +195,14 @@ class Comm:
         self.held_with_copies = max(self.held_with_copies, int(nbytes if with_copies is None else with_copies))
 
 
-def padded(t: Tensor, size: int, dim: int) -> Tensor:
-    """t zero-padded along `dim` to `size` rows (t contiguous when already that size). Raises ValueError when t
-    is longer than `size`."""
-    if t.shape[dim] > size:
-        raise ValueError(f"cannot pad {t.shape[dim]} to {size} along dim {dim}")
-    if t.shape[dim] == size:
-        return t.contiguous()
-    shape = list(t.shape)
-    shape[dim] = size
-    out = t.new_zeros(shape)
-    out.narrow(dim, 0, t.shape[dim]).copy_(t)
-    return out
-
-
 def gather_padded(comm: Comm, t: Tensor, sizes: Sequence[int], dim: int) -> Tensor:
     """Every rank's t along `dim` (rank r's has sizes[r] entries there): padded to max(sizes), all-gathered,
-    trimmed and concatenated in rank order. Records the held bytes (the result; with copies: parts + result)."""
-    parts = comm.all_gather(padded(t, max(sizes), dim))
-    out = torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
+    trimmed and concatenated in rank order (the padding rule of `sdvae_fast.parallel`). Records the held bytes
+    (the result; with copies: parts + result)."""
+    from sdvae_fast.parallel import _concat_padded, _padded
+
+    parts = comm.all_gather(_padded(t, max(sizes), dim))
+    out = _concat_padded(parts, list(sizes), dim)
     part_bytes = sum(p.numel() * p.element_size() for p in parts)
     comm.hold(out.numel() * out.element_size(), part_bytes + out.numel() * out.element_size())
     return out
@@ -310,7 +299,9 @@ def ring_attention(comm: Comm, q: Tensor, kv: Tensor, sizes: Sequence[int], scal
     d = q.shape[-1]
     if kv.shape[1] != sizes[rank] or kv.shape[-1] != 2 * d or q.shape[:2] != kv.shape[:2]:
         raise ValueError(f"rank {rank}: q {tuple(q.shape)} and kv {tuple(kv.shape)} do not fit sizes {list(sizes)}")
-    cur = padded(kv, max(sizes), 1)
+    from sdvae_fast.parallel import _padded
+
+    cur = _padded(kv, max(sizes), 1)
     nxt = torch.empty_like(cur) if world > 1 else None
     comm.hold(2 * cur.numel() * cur.element_size() if world > 1 else cur.numel() * cur.element_size())
     state = None
