@@ -219,7 +219,15 @@ def _build_vae(args):
             if config:
                 raise CLIError(f"{option} {config} applies to single files and seeded weights; "
                                f"the diffusers folder {path} carries its own config.json")
-            return AutoencoderKL.from_pretrained(str(path), unsafe_pickle=args.unsafe_pickle, **overrides)
+            from sdvae_fast import loading
+
+            if loading.folder_class_name(path) == loading.CONSISTENCY_CLASS_NAME:
+                extra = [f"--{k.replace('_', '-')}" for k in overrides if k != "scaling_factor"]
+                if extra:
+                    raise CLIError(f"{' and '.join(extra)} do not apply to the consistency decoder in {path} (a "
+                                   f"ConsistencyDecoderVAE has no such config field)")
+            # The class config.json's _class_name names: AutoencoderKL or ConsistencyDecoderVAE.
+            return loading.load_vae(path, unsafe_pickle=args.unsafe_pickle, **overrides)
         try:
             return AutoencoderKL.from_single_file(str(path), config=config, unsafe_pickle=args.unsafe_pickle,
                                                   **overrides)
@@ -251,19 +259,23 @@ def _build_vae(args):
 def load_vae(args, *, device=None, dtype=None, backend: Optional[str] = None):
     """Build the VAE that `--vae`/`--preset` name, on `device` in `dtype`, with `backend` (default `--backend`).
 
-    `--vae PATH`: a diffusers folder (config.json + safetensors) or a single checkpoint file in any layout that
-    `AutoencoderKL.from_single_file` detects (`--preset` then names the config family to use; its architecture
-    must fit the weights). `--preset NAME` alone: that architecture with seeded random weights (`--seed`), whose
-    output is not a meaningful image. Neither: the small VAE shipped with the package (`sdvae-fast/tiny`), or,
-    when it is not installed, the sd15 preset with seeded weights. `--config PATH|PRESET` (single files only)
-    is a diffusers config.json (or preset) to read the file with, instead of `--preset`. `--scaling-factor` /
-    `--shift-factor` / `--norm-num-groups` override the config in every case; `--unsafe-pickle` lets pickled checkpoints build arbitrary Python objects.
-    Warnings (meaningless output, a guessed model family) go to stderr as one `sdvae-fast: warning:` line each.
+    `--vae PATH`: a diffusers folder (config.json + safetensors; its `_class_name` decides the model:
+    AutoencoderKL, or ConsistencyDecoderVAE for DALL-E 3's consistency decoder, `sdvae_fast.loading.load_vae`)
+    or a single checkpoint file in any layout that `AutoencoderKL.from_single_file` detects (`--preset` then
+    names the config family to use; its architecture must fit the weights). `--preset NAME` alone: that
+    architecture with seeded random weights (`--seed`), whose output is not a meaningful image. Neither: the
+    small VAE shipped with the package (`sdvae-fast/tiny`), or, when it is not installed, the sd15 preset with
+    seeded weights. `--config PATH|PRESET` (single files only) is a diffusers config.json (or preset) to read the
+    file with, instead of `--preset`. `--scaling-factor` / `--shift-factor` / `--norm-num-groups` override the
+    config in every case (a consistency decoder takes only `--scaling-factor`); `--unsafe-pickle` lets pickled
+    checkpoints build arbitrary Python objects. Warnings (meaningless output, a guessed model family) go to
+    stderr as one `sdvae-fast: warning:` line each.
 
     Raises:
         CLIError: the path does not exist, `--preset`/`--config` is combined with a diffusers folder (or both are
-        given, or `--config` without `--vae`), or their architecture does not fit the file's weights. The loader's CheckpointError (a ValueError) for files it
-        cannot read.
+        given, or `--config` without `--vae`), their architecture does not fit the file's weights, or
+        `--shift-factor` / `--norm-num-groups` is given with a consistency decoder. The loader's CheckpointError
+        (a ValueError) for files it cannot read or whose keys do not fit (listed).
     """
     device = resolve_device(args.device) if device is None else device
     dtype = resolve_dtype(args.dtype, device) if dtype is None else dtype
@@ -350,9 +362,30 @@ def _end_patch_parallel() -> None:
             dist.destroy_process_group()
 
 
+def is_consistency_decoder(vae) -> bool:
+    """Whether `vae` is a consistency decoder (diffusers' ConsistencyDecoderVAE structure: a `decoder_unet`)."""
+    return hasattr(vae, "decoder_unet")
+
+
+def decode_options(vae, args, device) -> dict:
+    """Keyword arguments of `vae.decode` beyond the latents: for a consistency decoder, whose decode draws
+    noise, a fresh `torch.Generator` on `device` seeded with `--seed` (so every decode of the same latents,
+    warm-up or timed, gives the same image); nothing for an AutoencoderKL."""
+    from sdvae_fast.parity import decode_kwargs
+
+    return decode_kwargs(vae, device, seed=args.seed)
+
+
 def _model_for(args, device, dtype):
-    """`load_vae`, with patch parallelism on when torchrun started several processes."""
+    """`load_vae`, with patch parallelism on when torchrun started several processes.
+
+    Raises:
+        CLIError: several processes with a consistency decoder (patch parallelism splits AutoencoderKLs only).
+    """
     vae = load_vae(args, device=device, dtype=dtype)
+    if launched_world_size() > 1 and is_consistency_decoder(vae):
+        raise CLIError("the consistency decoder does not split images over processes (patch parallelism covers "
+                       "AutoencoderKL VAEs); run it without torchrun")
     if launched_world_size() > 1:
         from sdvae_fast.patching import enable_patch_parallel
 
@@ -401,6 +434,9 @@ def _load_images(sources: Sequence[str]):
 def cmd_reconstruct(args) -> int:
     """Encode and decode each image; write `OUT/NAME.png` (input size) and print PSNR, SSIM and ms per image.
 
+    A consistency decoder (`--vae` folder with `_class_name` ConsistencyDecoderVAE) decodes with its noise drawn
+    from a generator seeded with `--seed`, fresh for every decode: the same command writes the same images.
+
     Timing excludes warm-up: the first time an image size (after padding) is seen, one untimed encode + decode
     of that image runs first (on a GPU that is where kernels compile and autotune), so each printed time is a
     steady-state run. The summary's median is over the timed runs, one per image, and says how many.
@@ -420,7 +456,7 @@ def cmd_reconstruct(args) -> int:
 
     def run(padded, h, w):
         z = vae.encode(padded).latent_dist.mode()  # (1, C, H8/8, W8/8), unscaled
-        return vae.decode(z).sample[..., :h, :w]  # (1, 3, H, W), cropped back
+        return vae.decode(z, **decode_options(vae, args, device)).sample[..., :h, :w]  # (1, 3, H, W), cropped
 
     rows, warmed = [], set()
     with torch.no_grad():
@@ -543,7 +579,7 @@ def cmd_decode(args) -> int:
         for key, latents in tqdm(batches.items(), desc="decode", unit="tensor", file=sys.stderr,
                                  disable=args.quiet or rank != 0):
             z = latents.to(device=device, dtype=torch.float32) / scaling + shift  # (N, C, h, w) unscaled
-            y = vae.decode(z.to(dtype)).sample  # (N, 3, 8h, 8w)
+            y = vae.decode(z.to(dtype), **decode_options(vae, args, device)).sample  # (N, 3, 8h, 8w)
             if rank != 0:  # rank 0 writes and prints
                 continue
             if key in sizes:
@@ -708,7 +744,9 @@ def _checkpoint_options(parser: argparse.ArgumentParser, *, with_vae: bool) -> N
     group = parser.add_argument_group("model")
     if with_vae:
         group.add_argument("--vae", metavar="PATH",
-                           help="a diffusers VAE folder (config.json + safetensors) or a single checkpoint file "
+                           help="a diffusers VAE folder (config.json + safetensors; an AutoencoderKL, or DALL-E "
+                                "3's consistency decoder when config.json's _class_name is ConsistencyDecoderVAE) "
+                                "or a single checkpoint file "
                                 "(.safetensors/.ckpt/.pt, any layout: diffusers, LDM, whole-model); auto-detected. "
                                 f"Default: the shipped {DEFAULT_VAE}, else preset sd15 with seeded weights")
     alone = "alone, seeded random weights; " if with_vae else ""
@@ -736,7 +774,8 @@ def _checkpoint_options(parser: argparse.ArgumentParser, *, with_vae: bool) -> N
                             "run code from the file: only for files you trust (by default only tensors are "
                             "unpickled)")
     if with_vae:
-        group.add_argument("--seed", type=int, default=0, help="seed for preset weights and --sample (default 0)")
+        group.add_argument("--seed", type=int, default=0,
+                           help="seed for preset weights, --sample and the consistency decoder's noise (default 0)")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -904,11 +943,24 @@ def _switch_on_interpreter(argv: list[str]) -> Optional[int]:
     return subprocess.call([sys.executable, "-m", "sdvae_fast.cli", *argv], env=env)
 
 
+#: An error's indented list (e.g. missing keys) up to this many lines is printed inline, a longer one is left out.
+INLINE_LIST_LINES = 4
+
+
 def _one_line(exc: BaseException) -> str:
-    """The error message on one line, in CLI wording; an indented list (e.g. every missing key) is left out."""
+    """The error message on one line, in CLI wording; an indented list (e.g. every missing key) is inlined,
+    comma-separated, when it has at most INLINE_LIST_LINES lines, else left out."""
     lines = str(exc).splitlines()
     listed = [line for line in lines[1:] if line.startswith(" ")]
-    if listed:
+    if listed and len(listed) <= INLINE_LIST_LINES:
+        joined: list[str] = []
+        for line in lines:
+            if line.startswith(" ") and joined:
+                joined[-1] += (" " if joined[-1].endswith(":") else ", ") + line.strip()
+            else:
+                joined.append(line)
+        lines = joined
+    elif listed:
         lines = [line for line in lines if not line.startswith(" ")]
         lines.append(f"(set SDVAE_FAST_DEBUG=1 for the {len(listed)} lines listed)")
     text = cli_wording("\n".join(lines)) or type(exc).__name__

@@ -14,6 +14,13 @@ Public functions (the `AutoencoderKL` classmethods `from_pretrained` / `from_sin
   where each value that weights cannot tell came from.
 - `infer_architecture(shapes)`: the architecture config fields that diffusers-named weight shapes imply.
 - `safetensors_metadata(config)`: the metadata our writers store in safetensors files (the config, as JSON).
+- `load_vae(path, subfolder=None, **kwargs)`: a folder (or Hub id) as the class its config.json's `_class_name`
+  names (`MODEL_CLASSES`): `sdvae_fast.AutoencoderKL`, or `sdvae_fast.ConsistencyDecoderVAE` for DALL-E 3's
+  consistency decoder (`openai/consistency-decoder`'s layout) through `load_consistency_decoder(cls, path, ...)`,
+  which checks every key first: missing or mis-shaped weights raise a CheckpointError listing them, where
+  diffusers' `from_pretrained` (without accelerate) initialises missing ones at random and only logs their names.
+  `folder_class_name(folder)` reads the `_class_name`; `load_pretrained` with an AutoencoderKL class refuses a
+  ConsistencyDecoderVAE folder, naming what loads it.
 
 All loaders take `unsafe_pickle=False` (see Pickles below) and return the model in eval mode, on CPU, in float32
 unless `torch_dtype` says otherwise. Local paths only: Hub repository ids are not downloaded.
@@ -539,6 +546,19 @@ def _shape_errors(expected: Mapping[str, torch.Size], state: Mapping[str, torch.
     return missing, misshaped
 
 
+def _misfit_message(path: Path, model: str, missing: list, misshaped: list, hint: str = "") -> str:
+    """The CheckpointError text for weights that do not fit `model` (a description such as
+    "AutoencoderKL(latent_channels=4, ...)"): every missing and mis-shaped key, up to MAX_LISTED_KEYS of each."""
+    lines = [f"{path}: the checkpoint does not fit {model}."]
+    for what, keys in (("missing", missing), ("mis-shaped", misshaped)):
+        if keys:
+            more = f"\n  ... and {len(keys) - MAX_LISTED_KEYS} more" if len(keys) > MAX_LISTED_KEYS else ""
+            lines.append(f"{len(keys)} {what} key(s):\n  " + "\n  ".join(keys[:MAX_LISTED_KEYS]) + more)
+    if hint:
+        lines.append(hint)
+    return "\n".join(lines)
+
+
 def _build_and_load(cls, config: dict, state: dict[str, torch.Tensor], path: Path, torch_dtype, hint: str = ""):
     """Construct `cls(**config)` and load `state` into it, after checking every key and shape.
 
@@ -560,14 +580,8 @@ def _build_and_load(cls, config: dict, state: dict[str, torch.Tensor], path: Pat
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing, misshaped = _shape_errors(expected, state)
     if missing or misshaped:
-        lines = [f"{path}: the checkpoint does not fit {cls.__name__}({_short_config(kwargs)})."]
-        for what, keys in (("missing", missing), ("mis-shaped", misshaped)):
-            if keys:
-                more = f"\n  ... and {len(keys) - MAX_LISTED_KEYS} more" if len(keys) > MAX_LISTED_KEYS else ""
-                lines.append(f"{len(keys)} {what} key(s):\n  " + "\n  ".join(keys[:MAX_LISTED_KEYS]) + more)
-        if hint:
-            lines.append(hint)
-        raise CheckpointError("\n".join(lines))
+        raise CheckpointError(_misfit_message(path, f"{cls.__name__}({_short_config(kwargs)})", missing,
+                                              misshaped, hint))
     # Always copies: tensors of a memory-mapped file must not stay tied to it (a later overwrite would change them).
     weights = {k: state[k].to(dtype=dtype, copy=True).contiguous() for k in expected}
     model.load_state_dict(weights, strict=True, assign=True)
@@ -699,8 +713,9 @@ def load_pretrained(cls, path: PathLike, subfolder: Optional[str] = None, torch_
     (query/key/value/proj_attn) are renamed.
     Raises OSError (no such folder, repository or cached snapshot; no weights file, e.g. only a variant: the
     message names it), FileNotFoundError (bundled VAE absent), CheckpointError (unreadable config or weights,
-    missing or mis-shaped keys: all listed), TypeError (unknown override names), ValueError (`torch_dtype` and
-    `dtype` disagree, a device_map that splits the model).
+    missing or mis-shaped keys: all listed; a folder whose config.json `_class_name` is "ConsistencyDecoderVAE":
+    the message names `ConsistencyDecoderVAE` and `load_vae`, which load it), TypeError (unknown override
+    names), ValueError (`torch_dtype` and `dtype` disagree, a device_map that splits the model).
     """
     if dtype is not None:
         if torch_dtype is not None and torch_dtype != dtype:
@@ -722,6 +737,7 @@ def load_pretrained(cls, path: PathLike, subfolder: Optional[str] = None, torch_
         if not config_path.is_file():
             raise CheckpointError(f"{folder}: no {CONFIG_NAME} (a diffusers model folder holds {CONFIG_NAME} and "
                                   f"{SAFETENSORS_WEIGHTS_NAME}; for a pipeline folder pass subfolder='vae')")
+        _refuse_other_model_type(folder, cls)
         config = {**_read_config_json(config_path), **overrides}
         paths = _find_weights(folder, variant, use_safetensors)
         model = _build_and_load(cls, config, _read_weights(paths, unsafe_pickle), paths[0], torch_dtype)
@@ -1046,9 +1062,24 @@ def inspect_checkpoint(path: PathLike, config=None, unsafe_pickle: bool = False,
     "config.json beside the file", "argument" (config= or an override), "config.json" (a folder's),
     "model family (...)" (decided by the checkpoint's other components), or a text starting with "assumed" (the
     documented default, or the guessed family's value); `notes`: file-side configs that were ignored because
-    they contradict the weights. Raises as `load_single_file` does for unreadable files.
+    they contradict the weights. A folder whose config.json names a ConsistencyDecoderVAE is reported with
+    `model` "ConsistencyDecoderVAE", no family, and config.json's own fields as `config` (every report has
+    `model`: "AutoencoderKL" otherwise). Raises as `load_single_file` does for unreadable files.
     """
     path = Path(path)
+    if path.is_dir() and folder_class_name(path) == CONSISTENCY_CLASS_NAME:
+        weights_path = _find_weights(path, None)[0]
+        checkpoint = _Checkpoint(weights_path, unsafe_pickle)
+        tensors = checkpoint.read(checkpoint.keys)
+        merged = {**_read_config_json(path / CONFIG_NAME), **overrides}
+        return {"model": CONSISTENCY_CLASS_NAME, "path": str(path), "format": "diffusers-folder",
+                "layout": _detect_layout(list(tensors), weights_path), "prefix": "", "family": None,
+                "family_certain": True, "family_reason": "a consistency decoder, not a Stable Diffusion VAE family",
+                "ignored_keys": 0,
+                "config_sources": {"scaling_factor": SOURCE_ARGUMENT if "scaling_factor" in overrides
+                                   else SOURCE_FOLDER},
+                "notes": [], "config": merged, "parameter_count": sum(t.numel() for t in tensors.values()),
+                "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})}
     if path.is_dir() or str(path) in TINY_NAMES:
         folder = _resolve_folder(path, None)
         weights_path = _find_weights(folder, None)[0]
@@ -1069,7 +1100,202 @@ def inspect_checkpoint(path: PathLike, config=None, unsafe_pickle: bool = False,
     else:
         state, merged, report = _read_single_file(path, config, overrides, unsafe_pickle)
         report.pop("inferred")
+    report = {"model": "AutoencoderKL", **report}
     report["config"] = {k: merged[k] for k in CONFIG_FIELDS if k in merged}
     report["parameter_count"] = sum(t.numel() for t in state.values())
     report["dtypes"] = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model type of a folder (config.json's `_class_name`): load_vae and the consistency decoder
+# ---------------------------------------------------------------------------------------------------------------
+
+#: config.json `_class_name` of DALL-E 3's consistency decoder (`openai/consistency-decoder`).
+CONSISTENCY_CLASS_NAME = "ConsistencyDecoderVAE"
+#: The `_class_name` values `load_vae` builds, and the sdvae_fast class ("module.name") each becomes. A folder
+#: without `_class_name` is an AutoencoderKL (what older writers produced).
+MODEL_CLASSES = {"AutoencoderKL": "sdvae_fast.model.AutoencoderKL",
+                 CONSISTENCY_CLASS_NAME: "sdvae_fast.consistency.ConsistencyDecoderVAE"}
+#: The consistency decoder's config fields that the key-mismatch message shows.
+CONSISTENCY_SHORT_FIELDS = ("latent_channels", "encoder_block_out_channels", "encoder_layers_per_block",
+                            "decoder_block_out_channels", "decoder_layers_per_block", "decoder_in_channels",
+                            "decoder_out_channels")
+_HUB_OPTIONS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
+
+
+def folder_class_name(folder: PathLike) -> str:
+    """The model type a diffusers model folder declares: its config.json's `_class_name` ("AutoencoderKL" when
+    the file has none).
+
+    Raises:
+        CheckpointError: no config.json in `folder`, unreadable JSON, not a JSON object, or a `_class_name`
+            that is not a string.
+    """
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_NAME} (a diffusers model folder holds {CONFIG_NAME} and "
+                              f"{SAFETENSORS_WEIGHTS_NAME}; for a pipeline folder pass subfolder='vae')")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON config: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of config fields, got {type(data).__name__}")
+    name = data.get("_class_name", "AutoencoderKL")
+    if not isinstance(name, str):
+        raise CheckpointError(f"{path}: _class_name must be a string such as 'AutoencoderKL', got {name!r}")
+    return name
+
+
+def model_class(class_name: str, folder: PathLike = "") -> type:
+    """sdvae_fast's class for a config.json `_class_name` (`MODEL_CLASSES`): `sdvae_fast.AutoencoderKL` or
+    `sdvae_fast.ConsistencyDecoderVAE`.
+
+    Raises:
+        CheckpointError: any other class name (the message names `folder`, the class and the supported ones).
+    """
+    import importlib
+
+    if class_name not in MODEL_CLASSES:
+        raise CheckpointError(f"{folder}: config.json's _class_name is {class_name!r}; sdvae_fast loads "
+                              f"{' and '.join(MODEL_CLASSES)} folders")
+    module, _, name = MODEL_CLASSES[class_name].rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _is_consistency_class(cls) -> bool:
+    """Whether `cls` is (a subclass of) a class named ConsistencyDecoderVAE (ours or diffusers')."""
+    return any(base.__name__ == CONSISTENCY_CLASS_NAME for base in getattr(cls, "__mro__", ()))
+
+
+def _refuse_other_model_type(folder: Path, cls) -> None:
+    """`load_pretrained` with an AutoencoderKL class on a consistency-decoder folder: a CheckpointError naming
+    what loads it (instead of a list of every missing `decoder.*` key)."""
+    name = folder_class_name(folder)
+    if name == CONSISTENCY_CLASS_NAME and not _is_consistency_class(cls):
+        raise CheckpointError(f"{folder}: config.json's _class_name is {name!r}, not {cls.__name__}: load it with "
+                              f"sdvae_fast.ConsistencyDecoderVAE (sdvae_fast.loading.load_consistency_decoder), or "
+                              f"with sdvae_fast.loading.load_vae, which builds the class the folder names")
+
+
+def load_vae(path: PathLike, subfolder: Optional[str] = None, **kwargs):
+    """Load the VAE of a diffusers model folder (or Hub repository id) as the sdvae_fast class its config.json's
+    `_class_name` names (`MODEL_CLASSES`).
+
+    "AutoencoderKL" (or no `_class_name`) gives `sdvae_fast.AutoencoderKL.from_pretrained(folder)` (diffusers'
+    loader when diffusers is installed, else `load_pretrained`); "ConsistencyDecoderVAE"
+    (`openai/consistency-decoder`'s layout) gives `sdvae_fast.ConsistencyDecoderVAE` through
+    `load_consistency_decoder` (every key checked, missing ones listed). A single checkpoint file is an
+    AutoencoderKL (`AutoencoderKL.from_single_file`), and so is the bundled "sdvae-fast/tiny".
+
+    Args:
+        path: a local folder, a Hub repository id "org/name", a single file, or "sdvae-fast/tiny".
+        subfolder: folder inside `path`, e.g. "vae" of a pipeline (folders only).
+        **kwargs: keyword arguments of the chosen loader (torch_dtype, variant, Hub options, config overrides).
+    Returns:
+        The model in eval mode.
+    Raises:
+        CheckpointError: a `_class_name` other than those two, a consistency-decoder checkpoint that lacks
+            weights or has mis-shaped ones (all listed); otherwise what the chosen loader raises.
+    """
+    from sdvae_fast.model import AutoencoderKL
+
+    if Path(path).is_file():
+        if subfolder:
+            raise ValueError(f"subfolder={subfolder!r} given but path {str(path)!r} is a file, not a folder")
+        return AutoencoderKL.from_single_file(str(path), **kwargs)
+    if not Path(path).exists() and str(path) in TINY_NAMES:
+        return AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, **kwargs)
+    folder = _resolve_folder(path, subfolder, **{k: kwargs.pop(k) for k in _HUB_OPTIONS if k in kwargs})
+    cls = model_class(folder_class_name(folder), folder)
+    if _is_consistency_class(cls):
+        return load_consistency_decoder(cls, folder, **kwargs)
+    return cls.from_pretrained(str(folder), **kwargs)
+
+
+def load_consistency_decoder(cls, path: PathLike, subfolder: Optional[str] = None, torch_dtype=None,
+                             variant: Optional[str] = None, unsafe_pickle: bool = False, *, dtype=None,
+                             use_safetensors: Optional[bool] = None, local_files_only: bool = False,
+                             cache_dir=None, revision: Optional[str] = None, token=None,
+                             force_download: bool = False, low_cpu_mem_usage: bool = True, device_map=None,
+                             output_loading_info: bool = False, ignore_mismatched_sizes: bool = False,
+                             **overrides):
+    """Build `cls` (`sdvae_fast.ConsistencyDecoderVAE`, or diffusers' class) from a consistency-decoder folder:
+    config.json with `_class_name` "ConsistencyDecoderVAE" + `diffusion_pytorch_model.safetensors` (or `.bin`,
+    shards, a variant), the layout of `openai/consistency-decoder` and of diffusers' `save_pretrained`.
+
+    Unlike diffusers' `from_pretrained`, which (without accelerate) initialises weights missing from the file at
+    random and only logs their names, every key and shape is checked first: a file that lacks any of the model's
+    weights, or holds one of another shape, raises a CheckpointError listing them all, and nothing is built.
+    Weights the model does not have are ignored. Old diffusers attention names (query/key/value/proj_attn) of
+    the encoder's mid block are renamed.
+
+    Args: as `load_pretrained` (path a local folder or Hub repository id, subfolder, torch_dtype or dtype,
+        variant, use_safetensors, unsafe_pickle, the Hub options, device_map on one device, output_loading_info;
+        low_cpu_mem_usage is accepted and has no effect: the model is built on the CPU and the weights copied in);
+        `**overrides`: constructor arguments of `cls` that win over config.json's.
+    Returns:
+        The model in eval mode on the CPU (or `device_map`'s device) in `torch_dtype` (float32 when None), its
+        backend as `cls` sets it; or `(model, loading_info)` with empty lists.
+    Raises:
+        CheckpointError: no or unreadable config.json; its `_class_name` is not "ConsistencyDecoderVAE"; unreadable
+            weights; missing or mis-shaped keys (all listed, up to MAX_LISTED_KEYS of each); a config `cls`
+            cannot be built from.
+        OSError: no such folder or repository; no weights file (e.g. only a variant: the message names it).
+        TypeError: an override `cls` does not take. ValueError: `torch_dtype` and `dtype` disagree,
+            ignore_mismatched_sizes=True, a device_map that splits the model.
+        ImportError: diffusers is not installed (`cls` is then sdvae_fast's placeholder).
+    """
+    if dtype is not None:
+        if torch_dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"torch_dtype={torch_dtype} and dtype={dtype} disagree; pass one of them")
+        torch_dtype = dtype
+    if ignore_mismatched_sizes:
+        raise ValueError("ignore_mismatched_sizes=True is not supported: a checkpoint whose shapes differ from the "
+                         "config is never loaded (its keys are listed instead)")
+    device = _placement(device_map)
+    target = _resolve_dtype(torch_dtype) or torch.float32
+    folder = _resolve_folder(path, subfolder, revision=revision, cache_dir=cache_dir,
+                             local_files_only=local_files_only, token=token, force_download=force_download)
+    name = folder_class_name(folder)
+    if name != CONSISTENCY_CLASS_NAME:
+        raise CheckpointError(f"{folder}: config.json's _class_name is {name!r}, not {CONSISTENCY_CLASS_NAME!r}; "
+                              f"sdvae_fast.loading.load_vae loads a folder as the class it names")
+    accepted = _accepted_fields(cls)
+    unknown = sorted(k for k in overrides if accepted is not None and k not in accepted)
+    if unknown:
+        raise TypeError(f"unknown config override(s) {unknown}; {cls.__name__} takes {sorted(accepted)}")
+    config = {**_read_config_json(folder / CONFIG_NAME), **overrides}
+    # Fields the constructor does not take (diffusers registers `block_out_channels` and `force_upcast` itself).
+    kwargs = {k: v for k, v in config.items() if accepted is None or k in accepted}
+    paths = _find_weights(folder, variant, use_safetensors)
+    state = _read_weights(paths, unsafe_pickle)
+    description = ", ".join(f"{k}={kwargs[k]!r}" for k in CONSISTENCY_SHORT_FIELDS if k in kwargs)
+    try:
+        # The expected names and shapes, without memory or random init (the model is built for real below,
+        # because the scheduler's tables and non-persistent buffers are made by the constructor).
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in cls(**kwargs).state_dict().items()}
+    except ImportError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{folder}: cannot build {cls.__name__} from the config {kwargs}: {e}") from e
+    missing, misshaped = _shape_errors(expected, state)
+    if missing or misshaped:
+        where = paths[0] if len(paths) == 1 else folder
+        raise CheckpointError(_misfit_message(
+            where, f"{cls.__name__}({description})", missing, misshaped,
+            "diffusers' from_pretrained would initialise missing weights at random; sdvae_fast refuses: use the "
+            "folder's own config.json, or a complete checkpoint"))
+    model = cls(**kwargs)
+    model.load_state_dict({k: state[k] for k in expected}, strict=True)
+    del state
+    # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast (about fp32 modules this class has none of)
+    model = torch.nn.Module.to(model, dtype=target).eval()
+    if device is not None:
+        model = model.to(device)
+    if output_loading_info:
+        return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    return model

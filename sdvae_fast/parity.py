@@ -3,7 +3,11 @@
 The VAE is cut into *units*, the pieces the fast path fuses: `conv_in`, every ResnetBlock2D, every Downsample2D
 and Upsample2D, the mid-block attention, the output head (GroupNorm -> SiLU -> conv_out) and the quant convs.
 Names are diffusers' module paths (`decoder.up_blocks.1.resnets.2`), so the same code serves our
-`AutoencoderKL` and a diffusers one.
+`AutoencoderKL` and a diffusers one. A consistency decoder (`ConsistencyDecoderVAE`, issue 13) adds its decoder
+UNet's units (`units.unet_units`: `decoder_unet.conv_in`, every scale/shift ResnetBlock2D, the head
+`decoder_unet.conv_out*`); each runs once per decode step, so its rows carry the call number (`[call 2]`), and
+the time embedding each resnet received is handed to its unit. Every decode of a consistency decoder draws its
+noise from a generator seeded with 0 (`decode_kwargs`), so all decodes compared see the same noise.
 
 Method:
 1. Run the reference (fp32, backend "torch", TF32 off) with forward hooks on every unit, recording each unit's
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +50,44 @@ class Capture:
     output: torch.Tensor
 
 
-def units_by_name(model: torch.nn.Module) -> dict:
-    """{name: `sdvae_fast.fast.units.Unit`} of every unit of `model` (`fast.iter_units`), in run order."""
-    from sdvae_fast.fast import iter_units
+#: Seed of the generator every decode of a consistency decoder gets here (its decode draws noise).
+DECODE_SEED = 0
+#: Names of UNet up-block resnets: in a forward their unit pops its skip and concatenates; alone it gets the
+#: recorded concatenation (`_alone`).
+_POPPING = re.compile(r"\.up_blocks\.\d+\.resnets\.\d+$")
 
-    return {unit.name: unit for unit in iter_units(model)}
+
+def model_units(model: torch.nn.Module) -> list:
+    """Every unit of `model`, in run order: `fast.iter_units` (the AutoencoderKL structure: encoder, quant
+    convs, decoder), then, for a consistency decoder (a `decoder_unet`), its UNet's units
+    (`units.unet_units(model.decoder_unet)`, named `decoder_unet.*`; none when `units.unet_why_not` gives a
+    reason, since the UNet's own forward then runs). Raises TypeError as `iter_units` for other models."""
+    from sdvae_fast.fast import iter_units, units
+
+    found = list(iter_units(model))
+    unet = getattr(model, "decoder_unet", None)
+    if unet is not None and units.unet_why_not(unet) is None:
+        listed = {u.name for u in found}
+        found += [u for stage in units.unet_units(unet) for u in stage if u.name not in listed]
+    return found
+
+
+def units_by_name(model: torch.nn.Module) -> dict:
+    """{name: `sdvae_fast.fast.units.Unit`} of every unit of `model` (`model_units`), in run order."""
+    return {unit.name: unit for unit in model_units(model)}
+
+
+def decode_kwargs(model: torch.nn.Module, device, seed: int = DECODE_SEED) -> dict:
+    """Keyword arguments for `model.decode` besides the latents: a fresh generator on `device` seeded with
+    `seed` for a consistency decoder (a `decoder_unet`; its decode draws noise), nothing for an AutoencoderKL."""
+    if getattr(model, "decoder_unet", None) is None:
+        return {}
+    return {"generator": torch.Generator(device=device).manual_seed(seed)}
+
+
+def decode(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """`model.decode(z).sample` with `decode_kwargs`: (N, 3, 8h, 8w) for latents z (N, C, h, w)."""
+    return model.decode(z, **decode_kwargs(model, z.device)).sample
 
 
 def unit_names(model: torch.nn.Module) -> list[str]:
@@ -95,20 +133,41 @@ def record_units(model: torch.nn.Module, captures: list):
             handle.remove()
 
 
-def run_unit(model: torch.nn.Module, name: str, args: tuple, kwargs: dict, fast_path: bool) -> torch.Tensor:
-    """Run unit `name` of `model` on the given inputs.
+def _alone(unit):
+    """The unit to run alone on a recorded input: `unit`, except a UNet up block's resnet, whose unit pops its
+    skip in a forward; its recorded input is the concatenation [x | skip] already, so its plain unit runs."""
+    if unit.name.startswith("decoder_unet.") and _POPPING.search(unit.name):
+        from sdvae_fast.fast import units
 
-    `fast_path`: the unit of `sdvae_fast.fast` (the kernels) fed `args[0]` (N, C, H, W); else the module's own
-    forward with `args`/`kwargs` (for the head: conv_norm_out, conv_act, conv_out in turn).
+        return units.make_unit(unit.name, unit.modules[0])
+    return unit
+
+
+def unit_call(unit, args: tuple, kwargs: dict, fast_path: bool) -> Callable[[], torch.Tensor]:
+    """A call of `unit` on recorded inputs, without arguments (what `run_unit` runs and `profile` times).
+
+    `fast_path`: the unit of `sdvae_fast.fast` (the kernels) fed `args[0]` (N, C, H, W), with the recorded time
+    embedding (a UNet resnet's second argument or `temb=`, (N, C_temb)) as the run context's `temb`; else the
+    module's own forward with `args`/`kwargs` (for the head: conv_norm_out, conv_act, conv_out in turn).
+    """
+    if not fast_path:
+        return lambda: unit.reference(*args, **kwargs)
+    from sdvae_fast.fast import units
+
+    temb = kwargs.get("temb", args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None)
+    alone = _alone(unit)
+    return lambda: alone.run_alone(args[0], units.RunContext(temb=temb))
+
+
+def run_unit(model: torch.nn.Module, name: str, args: tuple, kwargs: dict, fast_path: bool) -> torch.Tensor:
+    """Run unit `name` of `model` on the given inputs (`unit_call`).
+
     Raises KeyError naming the unit when `model` has no unit of that name.
     """
     units = units_by_name(model)
     if name not in units:
         raise KeyError(f"{type(model).__name__} has no unit named {name!r}; its units are {list(units)}")
-    unit = units[name]
-    if fast_path:
-        return unit.run_alone(args[0])
-    return unit.reference(*args, **kwargs)
+    return unit_call(units[name], args, kwargs, fast_path)()
 
 
 def _cast(value, dtype):
@@ -290,14 +349,29 @@ def _psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     return float(peak_signal_noise_ratio(b, a, data_range=255))
 
 
+def call_labels(captures) -> list[str]:
+    """Row names of captures: the unit name, with `[call k]` when the unit ran more than once (a consistency
+    decoder's UNet runs once per decode step)."""
+    total: dict = {}
+    for cap in captures:
+        total[cap.name] = total.get(cap.name, 0) + 1
+    seen: dict = {}
+    labels = []
+    for cap in captures:
+        seen[cap.name] = seen.get(cap.name, 0) + 1
+        labels.append(cap.name if total[cap.name] == 1 else f"{cap.name} [call {seen[cap.name]}]")
+    return labels
+
+
 def _compare_units(captures, fast, fast_path, lowp, dtype, tolerance, rows):
     """Teacher-forced unit comparison: each unit of `fast` and `lowp` gets the reference's inputs."""
-    for cap in captures:
+    fast_units, lowp_units = units_by_name(fast), units_by_name(lowp)  # once, not per capture
+    for cap, label in zip(captures, call_labels(captures)):
         args, kwargs = _cast(cap.args, dtype), _cast(cap.kwargs, dtype)
-        got = run_unit(fast, cap.name, args, kwargs, fast_path)
-        base = run_unit(lowp, cap.name, args, kwargs, False)
+        got = unit_call(fast_units[cap.name], args, kwargs, fast_path)()
+        base = unit_call(lowp_units[cap.name], args, kwargs, False)()
         torch_rel = error_stats(base, cap.output)["rel_l2"]
-        rows.append(Row(cap.name, tuple(cap.output.shape), error_stats(got, cap.output), torch_rel,
+        rows.append(Row(label, tuple(cap.output.shape), error_stats(got, cap.output), torch_rel,
                         tolerance(torch_rel)))
 
 
@@ -308,9 +382,9 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
     """Compare `backend` in `dtype` against `reference` (fp32, backend "torch"), unit by unit and end to end.
 
     Args:
-        reference: an `AutoencoderKL` (ours) in float32 on `device`; copies of it make the tested model and the
-            PyTorch low-precision yardstick. Whatever its backend, the reference runs the PyTorch modules (a
-            copy set to "torch"; the caller's model is left as it is).
+        reference: an `AutoencoderKL` or `ConsistencyDecoderVAE` (ours) in float32 on `device`; copies of it
+            make the tested model and the PyTorch low-precision yardstick. Whatever its backend, the reference
+            runs the PyTorch modules (a copy set to "torch"; the caller's model is left as it is).
         device: torch.device of all runs. dtype: compute dtype of the tested path (float32/float16/bfloat16).
         backend: "triton" or "torch" (or "auto") for the tested copy.
         res: image side in pixels (multiple of 8); the decoder gets the reference encoder's latents of the images.
@@ -365,7 +439,7 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
             ref_mean = reference.encode(x).latent_dist.mean  # (B, C, res/8, res/8) fp32
         dec_caps: list = []
         with record_units(reference, dec_caps):
-            ref_image = reference.decode(ref_mean).sample  # (B, 3, res, res) fp32
+            ref_image = decode(reference, ref_mean)  # (B, 3, res, res) fp32
 
     with torch.no_grad():
         if "encode" in parts:
@@ -377,8 +451,8 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
             compare(rows, "encode: latent_dist.mean", fast_mean, lowp_mean, ref_mean)
             with _exact_fp32():
                 # The encoder's error in image space: the reference decoder on the tested latents.
-                enc_image = reference.decode(fast_mean.float()).sample
-                enc_image_lowp = reference.decode(lowp_mean.float()).sample
+                enc_image = decode(reference, fast_mean.float())
+                enc_image_lowp = decode(reference, lowp_mean.float())
             report.images.append(ImageCheck("encode (reference decoder on tested latents)",
                                             _psnr(enc_image, ref_image), _psnr(enc_image_lowp, ref_image),
                                             psnr_margin))
@@ -387,8 +461,8 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
             rows = report.rows.setdefault("decode", [] if on_row is None else _StreamingRows(on_row))
             _compare_units(dec_caps, fast, fast_path, lowp, dtype, tolerance, rows)
             steps.update()
-            fast_image = fast.decode(ref_mean.to(dtype)).sample
-            lowp_image = lowp.decode(ref_mean.to(dtype)).sample
+            fast_image = decode(fast, ref_mean.to(dtype))
+            lowp_image = decode(lowp, ref_mean.to(dtype))
             compare(rows, "decode: sample", fast_image, lowp_image, ref_image)
             report.images.append(ImageCheck("decode", _psnr(fast_image, ref_image), _psnr(lowp_image, ref_image),
                                             psnr_margin))

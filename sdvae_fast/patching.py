@@ -1,4 +1,5 @@
-"""`patch` / `unpatch`: run a live `diffusers.AutoencoderKL` (or a pipeline's `.vae`) on the fast path, in place.
+"""`patch` / `unpatch`: run a live `diffusers.AutoencoderKL` or `diffusers.ConsistencyDecoderVAE` (or a
+pipeline's `.vae`) on the fast path, in place.
 
     import sdvae_fast
     sdvae_fast.patch(pipe)        # pipe.vae.decode / encode now run the Triton kernels on CUDA
@@ -19,6 +20,14 @@ class method, or an instance override such as an accelerate hook that was there 
 so (`sdvae_fast.fast.use_fast_path`), when any parameter's dtype or device differs from the input's (offloading
 hooks, mixed-dtype modules and mismatched inputs keep diffusers' own behaviour and errors), when extra arguments
 are passed (a decoder's `latent_embeds`), or when autograd is needed.
+
+A live `diffusers.ConsistencyDecoderVAE` (DALL-E 3's consistency decoder) gets two instance attributes:
+`vae.encoder.forward` as above, and `vae.decoder_unet.forward`, which becomes `sdvae_fast.fast.run_unet` (the
+UNet's units) under the same fallback rules (and the UNet's own forward whenever `class_labels` are passed or
+`fast.unet_why_not` gives a reason). `quant_conv`, the scheduler steps and the noise draws stay diffusers' code,
+so a fixed generator gives diffusers' image to fp32 rounding. `sdvae_fast.ConsistencyDecoderVAE` runs the same
+units and, in its own `decode`, also assembles the UNet input inside conv_in and computes only the 3 output
+channels decode keeps; a patched live object keeps diffusers' `decode`. Patch parallelism does not apply to it.
 
 `patch` twice is idempotent (the second call only updates the backend); `unpatch` of an object that is not
 patched is a no-op; both return their argument. `unpatch` restores exactly the instance attributes that were
@@ -80,16 +89,27 @@ class _PatchState:
         return getattr(type(module), name).__get__(module, type(module))
 
 
+def _is_vae(obj) -> bool:
+    """Whether obj looks like an AutoencoderKL (encoder and decoder) or a ConsistencyDecoderVAE (encoder and
+    decoder_unet)."""
+    return hasattr(obj, "encoder") and (hasattr(obj, "decoder") or hasattr(obj, "decoder_unet"))
+
+
+def _is_consistency(vae) -> bool:
+    """Whether a VAE `_find_vae` returned is a consistency decoder (its decoder is a UNet, `decoder_unet`)."""
+    return hasattr(vae, "decoder_unet") and not hasattr(vae, "decoder")
+
+
 def _find_vae(obj):
-    """obj itself when it looks like an AutoencoderKL (has encoder and decoder), else obj.vae."""
-    if hasattr(obj, "encoder") and hasattr(obj, "decoder"):
+    """obj itself when it looks like an AutoencoderKL or a ConsistencyDecoderVAE (`_is_vae`), else obj.vae."""
+    if _is_vae(obj):
         return obj
     vae = getattr(obj, "vae", None)
-    if vae is not None and hasattr(vae, "encoder") and hasattr(vae, "decoder"):
+    if vae is not None and _is_vae(vae):
         return vae
     raise TypeError(
-        f"patch/unpatch expects a diffusers AutoencoderKL (with .encoder and .decoder) or a pipeline holding one "
-        f"as .vae, got {type(obj).__name__}"
+        f"patch/unpatch expects a diffusers AutoencoderKL (with .encoder and .decoder) or ConsistencyDecoderVAE "
+        f"(with .encoder and .decoder_unet), or a pipeline holding one as .vae, got {type(obj).__name__}"
     )
 
 
@@ -149,6 +169,21 @@ def _decoder_forward(self, sample, latent_embeds=None, *args, **kwargs):
     return fast.run_decoder(self, sample)
 
 
+def _unet_forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
+    """Patched `UNet2DModel.forward(sample, timestep, class_labels=None, return_dict=True)` of a consistency
+    decoder's `decoder_unet`: `fast.run_unet` (returning `UNet2DOutput(sample=(N, C_out, H, W))` or a 1-tuple, as
+    diffusers), or the replaced forward when class_labels are given, `fast.unet_why_not` gives a reason, or the
+    module docstring's rules say so."""
+    state = _state_of(self)
+    if class_labels is not None or not _runs_fast(state, (self,), sample) or fast.unet_why_not(self) is not None:
+        original = state.previous(self, "forward") if state is not None else type(self).forward.__get__(self)
+        return original(sample, timestep, class_labels=class_labels, return_dict=return_dict)
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+
+    y = fast.run_unet(self, sample, timestep)  # (N, C_out, H, W)
+    return UNet2DOutput(sample=y) if return_dict else (y,)
+
+
 def _vae_encode(self, x, *args, **kwargs):
     """Patched `AutoencoderKL._encode(x)`: `fast.encode_moments` (quant_conv folded) unless tiling is enabled;
     split by rows under patch parallelism."""
@@ -204,7 +239,8 @@ def _vae_decode_parallel(self, z, *args, **kwargs):
     return _state_of(self).previous(self, "decode")(z, *args, **kwargs)
 
 
-_OURS = (_encoder_forward, _decoder_forward, _vae_encode, _vae_encode_parallel, _vae_decode_parallel)
+_OURS = (_encoder_forward, _decoder_forward, _unet_forward, _vae_encode, _vae_encode_parallel,
+         _vae_decode_parallel)
 
 
 def _install(state: _PatchState, module, name: str, function) -> None:
@@ -261,21 +297,22 @@ def _clear_patch_parallel(vae) -> None:
 
 
 def patch(obj, backend: str = "auto"):
-    """Route a live diffusers `AutoencoderKL`'s encoder and decoder through the fast path, in place.
+    """Route a live diffusers `AutoencoderKL`'s encoder and decoder (a `ConsistencyDecoderVAE`'s encoder and
+    decoder UNet) through the fast path, in place.
 
     Args:
-        obj: a `diffusers.AutoencoderKL` (or any module with diffusers' AutoencoderKL structure), or a pipeline
-            or other object holding one as `.vae`.
+        obj: a `diffusers.AutoencoderKL` or `diffusers.ConsistencyDecoderVAE` (or any module with one's
+            structure), or a pipeline or other object holding one as `.vae`.
         backend: "auto" (kernels on CUDA tensors, diffusers' forwards elsewhere), "triton" (always the kernels;
             on CPU that needs TRITON_INTERPRET=1, else each call raises RuntimeError) or "torch" (diffusers'
             forwards; patched but inert). Read at every call, so the VAE may move between devices.
     Returns:
         obj, patched (the same object; parameters shared, nothing copied).
-    Our own `sdvae_fast.AutoencoderKL` (which has the fast path built in) is not patched: `patch` only calls its
-    `set_backend(backend)`.
+    Our own `sdvae_fast.AutoencoderKL` and `sdvae_fast.ConsistencyDecoderVAE` (which have the fast path built
+    in) are not patched: `patch` only calls their `set_backend(backend)`.
     Raises:
         ValueError: unknown backend name.
-        TypeError: obj is neither an AutoencoderKL-like module nor holds one as `.vae`.
+        TypeError: obj is neither an AutoencoderKL- or ConsistencyDecoderVAE-like module nor holds one as `.vae`.
     """
     check_backend(backend)
     vae = _find_vae(obj)
@@ -287,12 +324,15 @@ def patch(obj, backend: str = "auto"):
         state.backend = backend
         return obj
     state = _PatchState(backend)
-    targets = [(vae.encoder, "forward", _encoder_forward), (vae.decoder, "forward", _decoder_forward)]
-    if hasattr(type(vae), "_encode"):
-        targets.append((vae, "_encode", _vae_encode))
+    if _is_consistency(vae):
+        targets = [(vae.encoder, "forward", _encoder_forward), (vae.decoder_unet, "forward", _unet_forward)]
+    else:
+        targets = [(vae.encoder, "forward", _encoder_forward), (vae.decoder, "forward", _decoder_forward)]
+        if hasattr(type(vae), "_encode"):
+            targets.append((vae, "_encode", _vae_encode))
     for module, name, function in targets:
         _install(state, module, name, function)
-    for module in {id(m): m for m, _, _ in targets}.values():
+    for module in {id(m): m for m in [vae] + [m for m, _, _ in targets]}.values():
         module.__dict__[_STATE] = state
     return obj
 
@@ -305,7 +345,7 @@ def unpatch(obj):
     Returns:
         obj.
     Raises:
-        TypeError: obj is neither an AutoencoderKL-like module nor holds one as `.vae`.
+        TypeError: obj is neither an AutoencoderKL- or ConsistencyDecoderVAE-like module nor holds one as `.vae`.
     """
     vae = _find_vae(obj)
     state = _state_of(vae)
@@ -313,7 +353,7 @@ def unpatch(obj):
         return obj
     for module, name, entry in reversed(state.saved):
         _restore(module, name, entry)
-    for module, _, _ in state.saved:
+    for module in [vae] + [m for m, _, _ in state.saved]:
         module.__dict__.pop(_STATE, None)
     return obj
 
@@ -346,12 +386,16 @@ def enable_patch_parallel(vae_or_pipe, group=None, *, gather: bool = True):
     Returns:
         vae_or_pipe.
     Raises:
-        TypeError: the object is neither a VAE nor holds one as `.vae`.
+        TypeError: the object is neither a VAE nor holds one as `.vae`, or it is a consistency decoder (patch
+            parallelism splits AutoencoderKL VAEs only).
         RuntimeError: torch.distributed is not initialised.
     """
     import torch.distributed as dist
 
     vae = _find_vae(vae_or_pipe)
+    if _is_consistency(vae):
+        raise TypeError(f"enable_patch_parallel splits AutoencoderKL VAEs; {type(vae).__name__} (a consistency "
+                        f"decoder) is not supported")
     if callable(getattr(vae, "enable_patch_parallel", None)):
         vae.enable_patch_parallel(group, gather=gather)
         return vae_or_pipe

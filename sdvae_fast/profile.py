@@ -1,7 +1,8 @@
 """`sdvae-fast profile`: where the time of an encode or decode goes, unit by unit, on a CUDA device.
 
 For each unit (the pieces `sdvae_fast.parity` names: conv_in, every ResnetBlock2D, Downsample2D, Upsample2D, the
-mid-block attention, the output head, the quant convs):
+mid-block attention, the output head, the quant convs; for a consistency decoder also its UNet's units, one row
+per decode step, `[call k]`, each run with the time embedding it received):
 - time: median of repeated calls, CUDA events, the unit run alone on the fast path (`sdvae_fast.fast`'s unit
   function) with inputs recorded from a PyTorch run of the same model; fusions across units (none today) would
   not show here, the end-to-end row has them;
@@ -26,7 +27,7 @@ from typing import Sequence
 import torch
 
 from sdvae_fast.bench import median_ms, peak_extra_gib
-from sdvae_fast.parity import record_units, units_by_name
+from sdvae_fast.parity import call_labels, decode, record_units, unit_call, units_by_name
 
 
 def matmul_tflops(device, dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
@@ -91,22 +92,19 @@ def profile_part(vae, part: str, x: torch.Tensor, budget_s: float = 0.3) -> list
     reference.set_backend("torch")
     captures: list = []
     with record_units(reference, captures):
-        getattr(reference, part)(x)  # records every unit's inputs and output
+        reference.encode(x) if part == "encode" else decode(reference, x)  # records every unit's inputs and output
     rows = []
     units, reference_units = units_by_name(vae), units_by_name(reference)  # once: not inside the timed calls
-    for cap in captures:
+    for cap, label in zip(captures, call_labels(captures)):
         unit = units[cap.name]
-
-        def call(_cap=cap, _unit=unit):
-            return _unit.run_alone(_cap.args[0]) if fast_path else _unit.reference(*_cap.args, **_cap.kwargs)
-
-        gflop = _gflop(lambda: reference_units[cap.name].reference(*cap.args, **cap.kwargs))
+        call = unit_call(unit, cap.args, cap.kwargs, fast_path)
+        gflop = _gflop(unit_call(reference_units[cap.name], cap.args, cap.kwargs, False))
         traffic = _nbytes(cap.args) + _nbytes(cap.output) + _unit_param_bytes(unit)
         peak = peak_extra_gib(call, x.device)
-        rows.append(UnitProfile(cap.name, tuple(cap.output.shape), median_ms(call, device=x.device, budget_s=budget_s),
+        rows.append(UnitProfile(label, tuple(cap.output.shape), median_ms(call, device=x.device, budget_s=budget_s),
                                 gflop, traffic, peak))
     del captures, reference
-    whole = (lambda: vae.encode(x).latent_dist) if part == "encode" else (lambda: vae.decode(x).sample)
+    whole = (lambda: vae.encode(x).latent_dist) if part == "encode" else (lambda: decode(vae, x))
     out_shape = tuple(whole().mean.shape if part == "encode" else whole().shape)
     traffic = _nbytes(x) + _nbytes(list(vae.parameters()))
     rows.append(UnitProfile(f"{part} (end to end)", out_shape,
@@ -153,7 +151,7 @@ def run_profile(vae, *, device, dtype: torch.dtype, res: int, batch: int, parts:
             rows = profile_part(vae, part, x)
             table = format_rows(rows, peak)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                (vae.encode(x).latent_dist.mean if part == "encode" else vae.decode(x).sample)
+                (vae.encode(x).latent_dist.mean if part == "encode" else decode(vae, x))
                 torch.cuda.synchronize(device)
             trace = out_dir / f"trace-{part}-{res}.json"
             prof.export_chrome_trace(str(trace))
