@@ -147,6 +147,11 @@ def tensor_stamp(t: torch.Tensor) -> tuple:
     return (version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
 
 
+#: The profiler range (`torch.profiler.record_function`) around every build of a derived weight: its ops (weight
+#: packing, the upsample fold's stacks) run once per weight and version, not per call.
+DERIVE_RANGE = "sdvae_fast::derive_weight"
+
+
 class DerivedCache:
     """The one cache of weights derived from parameters: packed conv weights, folded upsample phases, the fused
     q/k/v projection, the encoder's folded quant_conv.
@@ -187,7 +192,8 @@ class DerivedCache:
             alive = all((r is None) == (t is None) and (r is None or r() is t) for r, t in zip(refs, sources))
             if alive and old_stamps == stamps:
                 return value
-        with torch.no_grad():
+        # A profiler range, so that traces show the one-time derivation (and its ops) as such.
+        with torch.no_grad(), torch.profiler.record_function(DERIVE_RANGE):
             value = build()
         self.builds[tag[0] if isinstance(tag, tuple) else tag] += 1
         entries = self._entries

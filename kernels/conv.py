@@ -26,6 +26,16 @@ phase is a 2x2 conv with padding top = 1 - a, left = 1 - b, so K = 4*C_in instea
 and the 4x larger upsampled tensor is never stored. (Sub-pixel decomposition; the fold is checked in fp64 to
 1e-14 in tests/test_upsample_conv.py.)
 
+UNet modes (the consistency decoder, issue 13). Two sources (`TWO_SOURCES`): the conv's input is
+`cat([x, x2], dim=1)` with x holding channels [0, C_in1); the K loop visits cdiv(C_in1, BLOCK_K) channel blocks of
+x, then those of x2, so no block straddles the two and each step loads from one tensor (base pointer, row offsets
+and channel stride chosen by one scalar comparison); the weight rows and the prologue's scale/shift are indexed by
+the channel of the concatenation. `X2_SHIFT` = s reads x2 at 1/2^s of x's resolution, input pixel (ih, iw) taking
+x2[ih >> s, iw >> s] (nearest upsampling by indexing; conv_in's 8x-upsampled latents). `RESIDUAL_SHIFT` = 1 reads
+the residual at half the output's resolution, output pixel (oh, ow) adding residual[oh >> 1, ow >> 1] (an
+upsampling ResNet's skip path). Upsample mode also takes the GroupNorm + SiLU prologue: the activation is per
+pixel, so applying it to the low-resolution input before the (index-only) nearest upsampling is exact.
+
 Emitted GroupNorm statistics (`EMIT_STATS`, `stats_groups` in the launchers): the epilogue also reduces the
 stored tile (values rounded to the output dtype, exactly what a later statistics pass would read) to a (count,
 mean, M2) triple per run of STATS_GS channels (a power of two dividing C/G, so a run never straddles a group or a
@@ -179,7 +189,8 @@ def _index(x, WIDE_OFFSETS: tl.constexpr):
     # config, which needs a GPU driver ("0 active drivers" on CPU).
     configs=CONV_CONFIGS[:1] if INTERPRET else CONV_CONFIGS,
     # Per-sample sizes and the mode only (never the batch), so an image runs the same tiles alone or in a batch.
-    key=["C_in", "H", "W", "C_out", "H_out", "W_out", "stride", "KH", "APPLY_GN", "UPSAMPLE_2X"],
+    key=["C_in", "H", "W", "C_out", "H_out", "W_out", "stride", "KH", "APPLY_GN", "UPSAMPLE_2X", "C_in1",
+         "TWO_SOURCES", "X2_SHIFT"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -196,6 +207,8 @@ def _conv_kernel(
     ROUND_TO_BF16: tl.constexpr, EMIT_STATS: tl.constexpr, STATS_GS: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SILU_MODE: tl.constexpr = 0, EVEN_K: tl.constexpr = False,
+    x2_ptr=None, C_in1=0, sx2n=0, sx2c=0, sx2h=0, sx2w=0,
+    TWO_SOURCES: tl.constexpr = False, X2_SHIFT: tl.constexpr = 0, RESIDUAL_SHIFT: tl.constexpr = 0,
 ):
     """Grid (tiles_m * tiles_n [* 4 phases], N). H_out, W_out: the GEMM's output grid per image and phase;
     M = H_out * W_out.
@@ -256,24 +269,60 @@ def _conv_kernel(
     r_off = r_h * sxh + r_w * sxw  # (BLOCK_M,) offset of tap (0, 0) from x_tile
     scale_img = scale_ptr + n * C_in
     shift_img = shift_ptr + n * C_in
+    if TWO_SOURCES:
+        # Channels [0, C_in1) come from x, [C_in1, C_in) from x2 (the concatenation is never written). Channel
+        # blocks never straddle the two: cdiv(C_in1, BLOCK_K) blocks of x, then those of x2, so each K step
+        # reads one source through a selected base pointer, row offsets and channel stride.
+        c_blocks1 = tl.cdiv(C_in1, BLOCK_K)
+        c_blocks = c_blocks1 + tl.cdiv(C_in - C_in1, BLOCK_K)
+        if X2_SHIFT == 0:
+            # x2 has x's resolution: a tile base and row offsets of its own.
+            x2_base = x2_ptr + n * sx2n + ih0.to(tl.int64) * sx2h + iw0.to(tl.int64) * sx2w
+            r_off2 = r_h * sx2h + r_w * sx2w  # (BLOCK_M,)
+        else:
+            # x2 at 1/2^X2_SHIFT of x's resolution, nearest-upsampled by indexing: input pixel (ih, iw) reads
+            # x2[ih >> X2_SHIFT, iw >> X2_SHIFT]; offsets from the image's first pixel (x2 is small).
+            x2_base = x2_ptr + n * sx2n
+    else:
+        c_blocks = tl.cdiv(C_in, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # One flat K loop over (tap, channel block), so the GPU pipelines across taps as well.
-    c_blocks = tl.cdiv(C_in, BLOCK_K)
     for t in range(0, KH * KW * c_blocks):
         tap = t // c_blocks
-        c0 = (t % c_blocks) * BLOCK_K
+        block = t % c_blocks
         kh = tap // KW
         kw = tap % KW
         pix_ok = (m_mask & (r_h + kh >= -ih0) & (r_h + kh < H - ih0)
                   & (r_w + kw >= -iw0) & (r_w + kw < W - iw0))
-        ci = c0 + lane_k  # (BLOCK_K,) input channel
-        if EVEN_K:
-            k_mask = tl.full([BLOCK_K], 1, tl.int1)  # C_in is a multiple of BLOCK_K: no ragged channel block
+        if TWO_SOURCES:
+            first = block < c_blocks1
+            c_local = tl.where(first, block, block - c_blocks1) * BLOCK_K + lane_k  # (BLOCK_K,) source channel
+            ci = c_local + tl.where(first, 0, C_in1)  # (BLOCK_K,) channel of the concatenation
+            if EVEN_K:
+                k_mask = tl.full([BLOCK_K], 1, tl.int1)  # both sources' channels are multiples of BLOCK_K
+            else:
+                k_mask = ci < tl.where(first, C_in1, C_in)
+            if X2_SHIFT == 0:
+                rows2 = r_off2 + (kh * sx2h + kw * sx2w)
+            else:
+                rows2 = (((ih0 + r_h + kh) >> X2_SHIFT) * sx2h
+                         + ((iw0 + r_w + kw) >> X2_SHIFT) * sx2w)  # (BLOCK_M,) masked where in the padding
+            src_tile = tl.where(first, x_tile, x2_base)
+            rows = tl.where(first, r_off + (kh * sxh + kw * sxw), rows2)  # (BLOCK_M,)
+            c_stride = tl.where(first, sxc, sx2c)
         else:
-            k_mask = ci < C_in
+            ci = block * BLOCK_K + lane_k  # (BLOCK_K,) input channel
+            c_local = ci
+            if EVEN_K:
+                k_mask = tl.full([BLOCK_K], 1, tl.int1)  # C_in is a multiple of BLOCK_K: no ragged channel block
+            else:
+                k_mask = ci < C_in
+            src_tile = x_tile
+            rows = r_off + (kh * sxh + kw * sxw)
+            c_stride = sxc
         a_mask = pix_ok[:, None] & k_mask[None, :]
-        a_offs = (r_off + (kh * sxh + kw * sxw))[:, None] + (_index(ci, WIDE_OFFSETS) * sxc)[None, :]
-        a = tl.load(x_tile + a_offs, mask=a_mask, other=0.0)  # (BLOCK_M, BLOCK_K)
+        a_offs = rows[:, None] + (_index(c_local, WIDE_OFFSETS) * c_stride)[None, :]
+        a = tl.load(src_tile + a_offs, mask=a_mask, other=0.0)  # (BLOCK_M, BLOCK_K)
         if APPLY_GN:
             sc = tl.load(scale_img + ci, mask=k_mask, other=0.0)
             sh = tl.load(shift_img + ci, mask=k_mask, other=0.0)
@@ -307,8 +356,14 @@ def _conv_kernel(
     mask = m_mask[:, None] & n_mask[None, :]
     c_out_idx = _index(offs_n, WIDE_OFFSETS)
     if HAS_RESIDUAL:
-        r_tile = res_ptr + n * srn + out_h0.to(tl.int64) * srh + out_w0.to(tl.int64) * srw
-        r_offs = (d_out_h * srh + d_out_w * srw)[:, None] + (c_out_idx * src)[None, :]  # (BLOCK_M, BLOCK_N)
+        # RESIDUAL_SHIFT: the residual is at 1/2^RESIDUAL_SHIFT of the output's resolution, nearest-upsampled
+        # by indexing (an upsampling ResNet's skip path): output pixel (oh, ow) reads (oh >> s, ow >> s).
+        res_h0 = out_h0 >> RESIDUAL_SHIFT
+        res_w0 = out_w0 >> RESIDUAL_SHIFT
+        d_res_h = ((out_h0 + d_out_h) >> RESIDUAL_SHIFT) - res_h0  # (BLOCK_M,)
+        d_res_w = ((out_w0 + d_out_w) >> RESIDUAL_SHIFT) - res_w0
+        r_tile = res_ptr + n * srn + res_h0.to(tl.int64) * srh + res_w0.to(tl.int64) * srw
+        r_offs = (d_res_h * srh + d_res_w * srw)[:, None] + (c_out_idx * src)[None, :]  # (BLOCK_M, BLOCK_N)
         acc += tl.load(r_tile + r_offs, mask=mask, other=0.0).to(tl.float32)
     if ROUND_TO_BF16:
         # The interpreter truncates fp32 -> bf16 on store (the GPU rounds to nearest even).
@@ -444,7 +499,8 @@ def stats_run_size(channels_per_group: int) -> int:
     return run
 
 
-def _needs_wide_offsets(x, residual, out, w_out: int, stride: int, kh: int, upsample: bool) -> bool:
+def _needs_wide_offsets(x, residual, out, w_out: int, stride: int, kh: int, upsample: bool, x2=None,
+                        x2_shift: int = 0) -> bool:
     """Whether some tile's offsets relative to its int64 base may pass int32 (then the kernel uses int64 ones).
 
     A tile of at most `_MAX_BLOCK_M` output pixels spans `_MAX_BLOCK_M // W_out + 2` output rows (per phase),
@@ -461,23 +517,31 @@ def _needs_wide_offsets(x, residual, out, w_out: int, stride: int, kh: int, upsa
 
     spans = [span(x, rows * stride + kh)]
     spans += [span(t, rows * (2 if upsample else 1)) for t in (residual, out) if t is not None]
+    if x2 is not None:
+        # The same rows as x's at x's resolution; offsets from the image's first pixel when upsampled by index.
+        spans.append(span(x2, x2.shape[2] if x2_shift else rows * stride + kh))
     return max(spans) >= 2**31
 
 
 def _launch(*, x, packed, out, h_out, w_out, kernel_size, bias=None, scale=None, shift=None, residual=None,
             silu=False, stride=1, pad_left=0, pad_top=0, upsample=False, stats_groups=0, stats_eps=1e-6,
-            stats_partials=False):
+            stats_partials=False, x2=None, x2_shift=0, residual_shift=0):
     """Launch `_conv_kernel` on validated arguments; unused pointers get a placeholder tensor (never read).
 
     Keyword-only. x: the (prepared) input; packed: the packed weight, (K, C_out) or (4, K, C_out) in upsample
     mode; out: the output tensor; h_out, w_out: the GEMM's output grid per image (and phase); kernel_size: KH =
     KW of the packed weight (2 for the upsample phases); scale/shift: fp32 (N, C_in) or None (no
-    normalisation); pad_left/pad_top: the padding (set per phase inside the kernel in upsample mode).
+    normalisation); pad_left/pad_top: the padding (set per phase inside the kernel in upsample mode);
+    x2: the second source (channels C_in1.. of the concatenation, x holding the first C_in1) or None, read at
+    1/2^x2_shift of x's resolution; residual_shift: the residual is at 1/2^residual_shift of the output's.
     Returns out, or (out, mean, rstd) of out's GroupNorm statistics when `stats_groups` > 0, with the merged
     raw `GroupNormPartials` appended when `stats_partials`.
     """
     kh = kw = kernel_size
     n, c_in, h, w = x.shape
+    c_in1 = c_in
+    if x2 is not None:
+        c_in += x2.shape[1]
     c_out = packed.shape[-1]
     res = residual if residual is not None else out  # placeholder pointer, never read
     gs = 1
@@ -488,6 +552,8 @@ def _launch(*, x, packed, out, h_out, w_out, kernel_size, bias=None, scale=None,
         max_tiles = triton.cdiv(h_out * w_out, _MIN_BLOCK_M) * (4 if upsample else 1)
         partials = torch.empty(n * (c_out // gs) * max_tiles * 3, device=x.device, dtype=torch.float32)
         tiles = torch.empty(1, device=x.device, dtype=torch.int32)
+
+    x2s = x2.stride() if x2 is not None else (0, 0, 0, 0)
 
     def grid(meta):
         tiles = triton.cdiv(h_out * w_out, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"])
@@ -510,8 +576,11 @@ def _launch(*, x, packed, out, h_out, w_out, kernel_size, bias=None, scale=None,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         UPSAMPLE_2X=upsample, DOT_FP32=INTERPRET, INPUT_PRECISION=_input_precision(x.dtype),
         ROUND_TO_BF16=INTERPRET and out.dtype == torch.bfloat16, EMIT_STATS=bool(stats_groups), STATS_GS=gs,
-        WIDE_OFFSETS=_needs_wide_offsets(x, residual, out, w_out, stride, kh, upsample),
-        SILU_MODE=silu_mode(), EVEN_K=c_in % _MAX_BLOCK_K == 0,
+        WIDE_OFFSETS=_needs_wide_offsets(x, residual, out, w_out, stride, kh, upsample, x2, x2_shift),
+        SILU_MODE=silu_mode(), EVEN_K=c_in % _MAX_BLOCK_K == 0 and c_in1 % _MAX_BLOCK_K == 0,
+        x2_ptr=x2 if x2 is not None else x, C_in1=c_in1,
+        sx2n=x2s[0], sx2c=x2s[1], sx2h=x2s[2], sx2w=x2s[3],
+        TWO_SOURCES=x2 is not None, X2_SHIFT=x2_shift, RESIDUAL_SHIFT=residual_shift,
     )
     if not stats_groups:
         return out
@@ -541,16 +610,26 @@ def gn_silu_conv2d(
     stats_groups: int = 0,
     stats_eps: float = 1e-6,
     stats_partials: bool = False,
+    x2: Optional[torch.Tensor] = None,
+    x2_upsample: int = 1,
+    residual_upsample: int = 1,
 ):
     """Launch `conv2d(pad(silu(x * scale + shift)), weight, bias, stride) + residual` as one implicit GEMM.
 
+    Two-source mode (`x2` given): the conv's input is the channel concatenation `cat([x, up(x2)], dim=1)`, read
+    from both tensors in the prologue and never written; `up` is nearest upsampling by `x2_upsample` (a power of
+    two, 1 for none), done by indexing. scale/shift then cover the concatenation's channels.
+
     Args:
-        x: (N, C_in, H, W) fp16/bf16/fp32, any strides; CUDA, or CPU under TRITON_INTERPRET=1.
-        weight: (C_out, C_in, k, k) with k in {1, 3}; packed (cast to x's dtype) once and cached.
+        x: (N, C_in, H, W) fp16/bf16/fp32, any strides; CUDA, or CPU under TRITON_INTERPRET=1. In two-source
+            mode the first C_in1 channels of the conv's input.
+        weight: (C_out, C_in, k, k) with k in {1, 3} (C_in = C_in1 + C_in2 in two-source mode); packed (cast to
+            x's dtype) once and cached.
         bias: (C_out,) or None, any float dtype (added in fp32).
         scale, shift: (N, C_in) per-(sample, channel) normalisation terms (`sdvae_fast.ops.gn_scale_shift`),
             both or neither; None gives a plain conv (no normalisation and no SiLU).
-        residual: (N, C_out, H_out, W_out), any strides and float dtype, added in fp32; or None.
+        residual: (N, C_out, H_out / r, W_out / r) with r = `residual_upsample` (1, or 2 for an upsampling
+            ResNet's skip path, read at (oh // 2, ow // 2)), any strides and float dtype, added in fp32; or None.
         silu: apply SiLU after the normalisation (ignored without scale/shift).
         stride: 1 or 2.
         padding: (left, right, top, bottom) zeros around the normalised tensor.
@@ -560,17 +639,24 @@ def gn_silu_conv2d(
             output (as stored) over stats_groups groups, for the unit that normalises it next.
         stats_partials: with stats_groups > 0, also return the merged raw statistics (count, mean, M2) of each
             (sample, group) (`group_norm.GroupNormPartials`), which merge across image bands.
+        x2: (N, C_in2, H / x2_upsample, W / x2_upsample) in x's dtype and device, any strides, or None.
+        x2_upsample: 1, 2, 4, 8, ...: x2's nearest-upsampling factor (two-source mode only).
+        residual_upsample: 1 or 2 (then H_out and W_out must be even).
     Returns:
         (N, C_out, H_out, W_out) in x's dtype, channels_last unless `out` was given; with stats_groups > 0 the
         tuple (out, mean, rstd), mean and rstd (N, stats_groups) float32; with stats_partials the tuple
         (out, mean, rstd, partials), each field of partials (N, stats_groups) float32.
     Raises:
         TypeError / ValueError naming the argument for unsupported dtypes, kernel sizes, strides, shapes,
-        devices, a C_out not divisible by stats_groups, or stats_partials without stats_groups; RuntimeError
+        devices, a C_out not divisible by stats_groups, or stats_partials without stats_groups, an x2 whose
+        size times x2_upsample is not x's, an upsampling factor that is not a power of two; RuntimeError
         when the kernels cannot run on x's device.
     """
     check_image_input(x)
     n, c_in, h, w = x.shape
+    x2_shift = _check_second_source(x, x2, x2_upsample)
+    if x2 is not None:
+        c_in += x2.shape[1]
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[1] != c_in:
         raise ValueError(f"weight must be (C_out, C_in={c_in}, k, k), got {getattr(weight, 'shape', weight)}")
     kh, kw = weight.shape[2], weight.shape[3]
@@ -598,15 +684,40 @@ def gn_silu_conv2d(
         _check_tensor("shift", shift, (n, c_in), x.device)
         scale = scale.to(torch.float32).contiguous()
         shift = shift.to(torch.float32).contiguous()
+    if residual_upsample not in (1, 2):
+        raise ValueError(f"residual_upsample must be 1 or 2, got {residual_upsample!r}")
     if residual is not None:
-        _check_tensor("residual", residual, (n, c_out, h_out, w_out), x.device)
+        if h_out % residual_upsample or w_out % residual_upsample:
+            raise ValueError(f"residual_upsample={residual_upsample} needs an even output size, got {h_out}x{w_out}")
+        _check_tensor("residual", residual, (n, c_out, h_out // residual_upsample, w_out // residual_upsample),
+                      x.device)
     out = _output(out, (n, c_out, h_out, w_out), x)
     require_kernels(x.device, "gn_silu_conv2d")
     packed = _pack_weight(weight, x.dtype, upsample=False)
     return _launch(x=_prepare_input(x), packed=packed, out=out, h_out=h_out, w_out=w_out, kernel_size=kh,
                    bias=bias, scale=scale, shift=shift, residual=residual, silu=silu, stride=stride,
                    pad_left=pad_left, pad_top=pad_top, stats_groups=stats_groups, stats_eps=stats_eps,
-                   stats_partials=stats_partials)
+                   stats_partials=stats_partials, x2=None if x2 is None else _prepare_input(x2), x2_shift=x2_shift,
+                   residual_shift=residual_upsample.bit_length() - 1 if residual is not None else 0)
+
+
+def _check_second_source(x: torch.Tensor, x2: Optional[torch.Tensor], x2_upsample: int) -> int:
+    """Validate two-source mode's x2 against x; return log2(x2_upsample) (0 without x2)."""
+    if x2 is None:
+        if x2_upsample != 1:
+            raise ValueError(f"x2_upsample={x2_upsample} needs a second source x2")
+        return 0
+    if not isinstance(x2_upsample, int) or x2_upsample < 1 or x2_upsample & (x2_upsample - 1):
+        raise ValueError(f"x2_upsample must be a power of two (1, 2, 4, ...), got {x2_upsample!r}")
+    n, _, h, w = x.shape
+    if not isinstance(x2, torch.Tensor) or x2.dim() != 4:
+        raise ValueError(f"x2 must be a 4-D (N, C_in2, h, w) tensor, got {getattr(x2, 'shape', x2)}")
+    if x2.shape[0] != n or x2.shape[2] * x2_upsample != h or x2.shape[3] * x2_upsample != w:
+        raise ValueError(f"x2 must be ({n}, C_in2, {h} / {x2_upsample}, {w} / {x2_upsample}) to upsample onto x "
+                         f"{tuple(x.shape)}, got {tuple(x2.shape)}")
+    if x2.dtype != x.dtype or x2.device != x.device:
+        raise TypeError(f"x2 must be {x.dtype} on {x.device} like x, got {x2.dtype} on {x2.device}")
+    return x2_upsample.bit_length() - 1
 
 
 def upsample_conv2d(
@@ -618,14 +729,21 @@ def upsample_conv2d(
     stats_groups: int = 0,
     stats_eps: float = 1e-6,
     stats_partials: bool = False,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    silu: bool = True,
 ):
-    """Launch `conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)` as four
-    2x2 phase convolutions on x (weights folded once by `fold_upsample_weight` and cached).
+    """Launch `conv2d(interpolate(act(x), scale_factor=2, mode="nearest"), weight, bias, padding=1)` as four
+    2x2 phase convolutions on x (weights folded once by `fold_upsample_weight` and cached), with
+    `act(x) = silu(x * scale + shift)` (an upsampling ResNet's norm1 + SiLU: per-pixel, so it commutes with the
+    nearest upsampling and runs on the low-resolution pixels in the prologue) or the identity.
 
     Args:
         x: (N, C_in, H, W) fp16/bf16/fp32, any strides; CUDA, or CPU under TRITON_INTERPRET=1.
         weight: (C_out, C_in, 3, 3).
         bias: (C_out,) or None.
+        scale, shift: (N, C_in) per-(sample, channel) normalisation terms, both or neither.
+        silu: apply SiLU after the normalisation (ignored without scale/shift).
         out: optional preallocated (N, C_out, 2H, 2W) output of x's dtype (any strides).
         stats_groups, stats_eps, stats_partials: as in `gn_silu_conv2d`: also emit the output's GroupNorm
             statistics (and their raw partials).
@@ -644,9 +762,17 @@ def upsample_conv2d(
     _check_stats_groups(c_out, stats_groups, stats_partials)
     if bias is not None:
         _check_tensor("bias", bias, (c_out,), x.device)
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift must be given together (or both None)")
+    if scale is not None:
+        _check_tensor("scale", scale, (n, c_in), x.device)
+        _check_tensor("shift", shift, (n, c_in), x.device)
+        scale = scale.to(torch.float32).contiguous()
+        shift = shift.to(torch.float32).contiguous()
     out = _output(out, (n, c_out, 2 * h, 2 * w), x)
     require_kernels(x.device, "upsample_conv2d")
     packed = _pack_weight(weight, x.dtype, upsample=True)
     # Each phase is a 2x2 conv over the H x W input grid; its padding is set per phase inside the kernel.
     return _launch(x=_prepare_input(x), packed=packed, out=out, h_out=h, w_out=w, kernel_size=2, bias=bias,
-                   upsample=True, stats_groups=stats_groups, stats_eps=stats_eps, stats_partials=stats_partials)
+                   scale=scale, shift=shift, silu=silu, upsample=True, stats_groups=stats_groups,
+                   stats_eps=stats_eps, stats_partials=stats_partials)

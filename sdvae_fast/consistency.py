@@ -44,17 +44,12 @@ _BACKEND_KEY = "_sdvae_fast_backend"
 
 
 def _unet_runs_fast(unet: torch.nn.Module, backend: str, sample) -> bool:
-    """Whether the UNet call on `sample` takes the fast path (see the module docstring). Off CUDA with backend
-    "auto" (and for "torch") the fast package is never imported."""
-    if backend == "torch" or (backend == "auto" and getattr(sample, "device", torch.device("cpu")).type != "cuda"):
-        return False
-    if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or not parameters_match((unet,), sample):
+    """Whether the UNet call on `sample` takes the fast path (see the module docstring)."""
+    if not _runs_fast(unet, backend, sample):
         return False
     from sdvae_fast import fast
 
-    if fast.needs_autograd(unet, sample) or fast.unet_why_not(unet) is not None:
-        return False
-    return fast.use_fast_path(backend, sample.device)
+    return fast.unet_why_not(unet) is None
 
 
 def _decoder_unet_forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
@@ -75,10 +70,37 @@ def _decoder_unet_forward(self, sample, timestep, class_labels=None, return_dict
     return type(self).forward(self, sample, timestep, class_labels=class_labels, return_dict=return_dict)
 
 
+def _encoder_forward(self, sample):
+    """The instance `forward` of `ConsistencyDecoderVAE.encoder` (diffusers' Encoder): `fast.run_encoder` when
+    the backend says so (as `_unet_runs_fast` decides for the UNet), else the class's forward. sample
+    (N, 3, H, W) -> (N, 2 * latent_channels, H/8, W/8); errors are then diffusers'."""
+    if _runs_fast(self, self.__dict__.get(_BACKEND_KEY, "torch"), sample):
+        from sdvae_fast import fast
+
+        return fast.run_encoder(self, sample)
+    return type(self).forward(self, sample)
+
+
+def _runs_fast(module: torch.nn.Module, backend: str, sample) -> bool:
+    """Whether a call of `module` on `sample` takes the kernels: the backend allows it on sample's device, the
+    parameters are in sample's dtype and device, and autograd is not needed. Off CUDA with backend "auto" (and
+    for "torch") the fast package is never imported."""
+    if backend == "torch" or (backend == "auto" and getattr(sample, "device", torch.device("cpu")).type != "cuda"):
+        return False
+    if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or not parameters_match((module,), sample):
+        return False
+    from sdvae_fast import fast
+
+    return not fast.needs_autograd(module, sample) and fast.use_fast_path(backend, sample.device)
+
+
 if HAS_DIFFUSERS:
     import functools
 
     from diffusers import ConsistencyDecoderVAE as _DiffusersConsistencyDecoderVAE
+    from diffusers.models.autoencoders.vae import DecoderOutput
+    from diffusers.utils.accelerate_utils import apply_forward_hook
+    from diffusers.utils.torch_utils import randn_tensor
 
     class ConsistencyDecoderVAE(_DiffusersConsistencyDecoderVAE):
         """`diffusers.ConsistencyDecoderVAE` with sdvae-fast's backends (see the module docstring).
@@ -97,6 +119,7 @@ if HAS_DIFFUSERS:
             unet = self.decoder_unet
             # A bound method in the instance dict shadows UNet2DModel.forward; copy.deepcopy rebinds it.
             unet.__dict__["forward"] = types.MethodType(_decoder_unet_forward, unet)
+            self.encoder.__dict__["forward"] = types.MethodType(_encoder_forward, self.encoder)
             self.backend = check_backend(os.environ.get(BACKEND_ENV) or "auto", f"environment variable {BACKEND_ENV}")
             # Read by diffusers' pipelines for their model_index.json: diffusers' class loads the saved folder.
             self.__dict__["__module__"] = "diffusers"
@@ -108,7 +131,60 @@ if HAS_DIFFUSERS:
 
         @backend.setter
         def backend(self, name: str) -> None:
-            self.decoder_unet.__dict__[_BACKEND_KEY] = check_backend(name, "backend")
+            name = check_backend(name, "backend")
+            self.decoder_unet.__dict__[_BACKEND_KEY] = name
+            self.encoder.__dict__[_BACKEND_KEY] = name
+
+        def _decode_runs_fast(self, z) -> bool:
+            """Whether `decode` assembles the UNet input inside conv_in (the kernels path), see `decode`."""
+            from sdvae_fast import fast
+
+            return _runs_fast(self.decoder_unet, self.backend, z) and fast.unet_why_not(self.decoder_unet) is None
+
+        @apply_forward_hook
+        def decode(self, z: torch.Tensor, generator: "torch.Generator | None" = None, return_dict: bool = True,
+                   num_inference_steps: int = 2):
+            """Decode latents with the consistency decoder: `num_inference_steps` (2) UNet steps at full resolution.
+
+            Args:
+                z: (N, latent_channels, h, w) latents as `encode` gives them (unscaled), in the model's dtype.
+                generator: the noise draws (diffusers' order: the initial noise, then one draw per step but the
+                    last), so the same generator gives diffusers' image.
+                return_dict: return `DecoderOutput(sample=...)` (else a 1-tuple).
+                num_inference_steps: 2 (the scheduler raises ValueError otherwise, as diffusers').
+            Returns:
+                `DecoderOutput` with sample (N, 3, 8h, 8w) in z's dtype, or `(sample,)`.
+
+            On the kernels (`backend`, as the UNet call decides), the scheduler arithmetic is diffusers'
+            (`ConsistencyDecoderScheduler`: timesteps, `c_in` / `c_skip` / `c_out`, `step`, the noise draws), and
+            the UNet input `cat([x_t * c_in[t], up8((z * scaling_factor - means) / stds)])` is never built: the
+            UNet's conv_in reads x_t and the low-resolution z directly, with `c_in[t]`, `scaling_factor / stds`
+            and `-means / stds` as its prologue's per-channel scale and shift (`fast.run_unet(..., sample2=z)`),
+            and conv_out computes only the 3 channels decode keeps. Otherwise diffusers' decode runs as is.
+            """
+            if not self._decode_runs_fast(z):
+                return super().decode(z, generator=generator, return_dict=return_dict,
+                                      num_inference_steps=num_inference_steps)
+            from sdvae_fast import fast
+
+            scheduler = self.decoder_scheduler
+            up = 2 ** (len(self.config.block_out_channels) - 1)
+            n, c, h, w = z.shape
+            scheduler.set_timesteps(num_inference_steps, device=self.device)
+            x_t = scheduler.init_noise_sigma * randn_tensor((n, 3, h * up, w * up), generator=generator,
+                                                            dtype=z.dtype, device=z.device)
+            # conv_in's per-channel prologue: [c_in[t] x3 | scaling_factor / stds], [0 x3 | -means / stds]
+            stds = self.stds.reshape(-1).to(device=z.device, dtype=torch.float32)  # (C,)
+            scale = torch.empty(n, 3 + c, device=z.device, dtype=torch.float32)  # (N, 3 + C)
+            shift = torch.zeros_like(scale)
+            scale[:, 3:] = self.config.scaling_factor / stds
+            shift[:, 3:] = -self.means.reshape(-1).to(device=z.device, dtype=torch.float32) / stds
+            for t in scheduler.timesteps:
+                scale[:, :3] = scheduler.c_in[t].to(device=z.device, dtype=torch.float32)
+                model_output = fast.run_unet(self.decoder_unet, x_t, t, sample2=z, sample2_upsample=up,
+                                             input_scale=scale, input_shift=shift, out_channels=3)
+                x_t = scheduler.step(model_output, t, x_t, generator).prev_sample
+            return DecoderOutput(sample=x_t) if return_dict else (x_t,)
 
         def set_backend(self, name: str) -> None:
             """Choose the UNet's forward: "auto" (the kernels on CUDA when available, else PyTorch), "triton"

@@ -16,6 +16,10 @@ normalises that output next can skip its statistics pass; the `*_partials` ops (
 return the raw per-(sample, group) (count, mean, M2), and `group_norm_partials` computes them for any tensor, so
 partials of image bands (patch parallelism) merge with `merge_group_norm_partials` in a fixed order.
 
+`fused_conv2d` is the general form of the conv ops (two sources, one upsampled by indexing, the 4-phase upsample
+conv with a prologue, a half-resolution residual: the consistency decoder's UNet), and
+`group_norm_stats_two_sources` the GroupNorm statistics over a concatenation that is never written.
+
 Layout of this file: one section per op (reference, registered op, fake, public wrapper).
 """
 from __future__ import annotations
@@ -593,6 +597,229 @@ def upsample_conv2d(
         return y, (mean, rstd), GroupNormPartials(*partials)
     y, mean, rstd = torch.ops.sdvae_fast.upsample_conv2d_stats(x, weight, bias, groups, stats_eps)
     return y, (mean, rstd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The general conv: two sources, an upsampled second source, a prologue before the upsampling, a half-resolution
+# residual (the consistency decoder's UNet; docs/design.md, "The consistency decoder")
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _conv_input_reference(x: Tensor, x2: Optional[Tensor], x2_upsample: int) -> Tensor:
+    """The conv input the general op reads: `cat([x, nearest_up(x2, x2_upsample)], dim=1)`, or x."""
+    if x2 is None:
+        return x
+    if x2_upsample > 1:
+        x2 = F.interpolate(x2, scale_factor=float(x2_upsample), mode="nearest")
+    return torch.cat([x, x2.to(x.dtype)], dim=1)
+
+
+def _fused_conv2d_reference(x, x2, weight, bias, scale, shift, residual, silu, stride, padding, upsample,
+                            x2_upsample, residual_upsample) -> Tensor:
+    """`fused_conv2d` in fp32 (fp64 for fp64 x), built from the plain references: channels_last in x's dtype."""
+    cdt = _compute_dtype(x.dtype)
+    h = _conv_input_reference(x, x2, x2_upsample).to(cdt)
+    if scale is not None:
+        h = h * scale.to(cdt)[:, :, None, None] + shift.to(cdt)[:, :, None, None]
+        if silu:
+            h = F.silu(h)
+    if upsample:
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+    y = F.conv2d(F.pad(h, tuple(padding)), weight.to(cdt), None if bias is None else bias.to(cdt), stride=stride)
+    if residual is not None:
+        r = residual.to(cdt)
+        if residual_upsample > 1:
+            r = F.interpolate(r, scale_factor=float(residual_upsample), mode="nearest")
+        y = y + r
+    return y.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _fused_output_shape(x: Tensor, weight: Tensor, stride: int, padding: Sequence[int], upsample: bool) -> tuple:
+    n, _, h, w = x.shape
+    if upsample:
+        return n, weight.shape[0], 2 * h, 2 * w
+    return (n, weight.shape[0], conv_output_size(h, weight.shape[2], padding[2], padding[3], stride),
+            conv_output_size(w, weight.shape[3], padding[0], padding[1], stride))
+
+
+@torch.library.custom_op("sdvae_fast::fused_conv2d", mutates_args=())
+def _fused_conv2d_op(
+    x: Tensor,
+    x2: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    residual: Optional[Tensor],
+    silu: bool,
+    stride: int,
+    padding: list[int],
+    upsample: bool,
+    x2_upsample: int,
+    residual_upsample: int,
+    stats_groups: int,
+    stats_eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # kernels/conv.py's `_conv_kernel` with TWO_SOURCES / X2_SHIFT / RESIDUAL_SHIFT, or UPSAMPLE_2X with the
+    # prologue; the reference otherwise. Statistics (N, stats_groups) are empty (N, 0) when stats_groups is 0.
+    if upsample:  # the 4-phase kernel: any 3x3 weight
+        runs = kernels_available(x.device) and x.dtype in _KERNEL_DTYPES and x.numel() > 0
+    else:
+        runs = _conv_kernel_runs(x, weight, stride)
+    if runs and upsample:
+        result = _conv_kernels.upsample_conv2d(x, weight, bias, scale=scale, shift=shift, silu=silu,
+                                               stats_groups=stats_groups, stats_eps=stats_eps)
+    elif runs:
+        result = _conv_kernels.gn_silu_conv2d(
+            x, weight, bias, scale, shift, residual, silu=silu, stride=stride, padding=padding,
+            stats_groups=stats_groups, stats_eps=stats_eps, x2=x2, x2_upsample=x2_upsample,
+            residual_upsample=residual_upsample)
+    else:
+        result = _fused_conv2d_reference(x, x2, weight, bias, scale, shift, residual, silu, stride, padding,
+                                         upsample, x2_upsample, residual_upsample)
+        if stats_groups:
+            result = (result, *_output_stats(result, stats_groups, stats_eps))
+    if stats_groups:
+        return tuple(result)
+    empty = result.new_empty((x.shape[0], 0), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return result, empty, empty.clone()
+
+
+@_fused_conv2d_op.register_fake
+def _(x, x2, weight, bias, scale, shift, residual, silu, stride, padding, upsample, x2_upsample,
+      residual_upsample, stats_groups, stats_eps):
+    y = x.new_empty(_fused_output_shape(x, weight, stride, padding, upsample))
+    return y.contiguous(memory_format=torch.channels_last), *_stats_fake(x, stats_groups)
+
+
+def fused_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    silu: bool = True,
+    x2: Optional[Tensor] = None,
+    x2_upsample: int = 1,
+    upsample: bool = False,
+    stride: int = 1,
+    padding: Union[int, Sequence[int], None] = None,
+    residual: Optional[Tensor] = None,
+    residual_upsample: int = 1,
+    emit_stats: Optional[tuple[int, float]] = None,
+):
+    """The general form of the GSC conv, one implicit GEMM: with `a = cat([x, up(x2)], dim=1)` (or x alone),
+
+        y = conv2d(pad(U(act(a))), weight, bias, stride) + up(residual)
+        act(a) = silu(a * scale + shift)  (or a * scale + shift when silu is False, or a without scale/shift)
+
+    where U is nearest-2x upsampling when `upsample` (the 4-phase form, 3x3 weights, padding 1, stride 1) and
+    up(t) nearest upsampling by `x2_upsample` / `residual_upsample`, all done by indexing inside the kernel:
+    neither the concatenation, nor an upsampled tensor, nor the activation is written. The per-(sample, channel)
+    scale/shift are GroupNorm folded with anything else per channel (`gn_scale_shift`, a time embedding's scale
+    and shift, the consistency decoder's input normalisation); `group_norm_stats_two_sources` gives GroupNorm
+    statistics over a two-source concatenation.
+
+    Args:
+        x: (N, C1, H, W), fp16/bf16/fp32/fp64, any strides.
+        weight: (C_out, C1 + C2, k, k); k in {1, 3} on the kernel path (3 in upsample mode).
+        bias: (C_out,) or None.
+        scale, shift: (N, C1 + C2) any float dtype, both or neither.
+        silu: apply SiLU after scale/shift.
+        x2: (N, C2, H / x2_upsample, W / x2_upsample) in x's dtype, or None. Not with `upsample`.
+        x2_upsample: a power of two, x2's nearest-upsampling factor.
+        upsample: nearest-2x upsampling between the prologue and the 3x3 conv (output (N, C_out, 2H, 2W)).
+        stride: 1 or 2. padding: int or (left, right, top, bottom); default k // 2 (1 in upsample mode).
+        residual: (N, C_out, H_out / r, W_out / r) with r = residual_upsample (1 or 2), or None. Not with
+            `upsample`.
+        emit_stats: (num_groups, eps) of the GroupNorm applied to the output next, or None.
+    Returns:
+        (N, C_out, H_out, W_out) in x's dtype, channels_last; with `emit_stats` the pair (output, (mean, rstd)),
+        each (N, num_groups) float32 (float64 for fp64 x).
+    Raises:
+        ValueError / TypeError naming the argument: wrong ranks, channel counts, shapes, upsampling factors,
+        dtypes, or a combination the kernel has no mode for (x2 or residual with upsample).
+    """
+    check_image("x", x)
+    if x2 is not None:
+        check_image("x2", x2)
+        if x2.dtype != x.dtype or x2.device != x.device:
+            raise TypeError(f"x2 must be {x.dtype} on {x.device} like x, got {x2.dtype} on {x2.device}")
+    for name, factor, allowed in (("x2_upsample", x2_upsample, None), ("residual_upsample", residual_upsample, (1, 2))):
+        if (not isinstance(factor, int) or isinstance(factor, bool) or factor < 1 or factor & (factor - 1)
+                or (allowed is not None and factor not in allowed)):
+            raise ValueError(f"{name} must be {'1 or 2' if allowed else 'a power of two'}, got {factor!r}")
+    if upsample and (x2 is not None or residual is not None or stride != 1):
+        raise ValueError("upsample=True takes no x2, no residual and stride 1 (no kernel mode combines them)")
+    c_in = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[1] != c_in:
+        raise ValueError(f"weight must be (C_out, C_in={c_in}, k, k), got {getattr(weight, 'shape', weight)}")
+    if upsample and tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"upsample=True needs a 3x3 weight, got {tuple(weight.shape)}")
+    n, _, h, w = x.shape
+    if x2 is not None and (x2.shape[0] != n or x2.shape[2] * x2_upsample != h or x2.shape[3] * x2_upsample != w):
+        raise ValueError(f"x2 must be ({n}, C2, {h}/{x2_upsample}, {w}/{x2_upsample}), got {tuple(x2.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift must be given together (or both None)")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and tuple(t.shape) != (n, c_in):
+            raise ValueError(f"{name} must be ({n}, {c_in}), got shape {tuple(t.shape)}")
+    pad = _normalize_padding(weight.shape[-1] // 2 if padding is None else padding)
+    shape = _fused_output_shape(x, weight, stride, pad, upsample)
+    if min(shape[2:]) < 1:
+        raise ValueError(f"x of spatial size {h}x{w} is too small for a {weight.shape[2]}x{weight.shape[3]} conv")
+    if residual is not None:
+        r = residual_upsample
+        expected = (n, shape[1], shape[2] // r, shape[3] // r)
+        if shape[2] % r or shape[3] % r or tuple(residual.shape) != expected:
+            raise ValueError(f"residual must be {expected} (output {tuple(shape)} / residual_upsample {r}), "
+                             f"got shape {tuple(residual.shape)}")
+    groups, stats_eps = _check_emit_stats(emit_stats, weight.shape[0]) if emit_stats is not None else (0, 1e-6)
+    y, mean, rstd = torch.ops.sdvae_fast.fused_conv2d(
+        x, x2, weight, bias, scale, shift, residual, bool(silu), int(stride), pad, bool(upsample), int(x2_upsample),
+        int(residual_upsample), groups, stats_eps)
+    return y if emit_stats is None else (y, (mean, rstd))
+
+
+def group_norm_stats_two_sources(x: Tensor, x2: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """GroupNorm (mean, rstd) of `cat([x, x2], dim=1)` without the concatenation; groups may straddle the two.
+
+    With g = C/G channels per group and r = gcd(g, C1), every run of r channels lies in one group and one
+    source: the statistics kernels give (count, mean, M2) per run of each source (`group_norm_partials` with
+    C1/r and C2/r "groups"), and each group's g/r runs merge left to right with Chan's update
+    (`merge_group_norm_partials`): a fixed order, no atomics, batch invariant.
+
+    Args:
+        x: (N, C1, H, W) and x2: (N, C2, H, W), fp16/bf16/fp32/fp64, any strides, one dtype and device.
+        num_groups: G; C1 + C2 must be divisible by G. eps: added to the biased variance.
+    Returns:
+        (mean, rstd), each (N, G) float32 (float64 for fp64 input).
+    Raises:
+        ValueError / TypeError naming the argument on wrong ranks, shapes, dtypes or group counts.
+    """
+    import math
+
+    check_image("x", x)
+    check_image("x2", x2)
+    if x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:] or x2.dtype != x.dtype:
+        raise ValueError(f"x2 must be (N={x.shape[0]}, C2, {x.shape[2]}, {x.shape[3]}) {x.dtype} like x, "
+                         f"got {tuple(x2.shape)} {x2.dtype}")
+    c1, c = x.shape[1], x.shape[1] + x2.shape[1]
+    _check_groups(c, num_groups)
+    run = math.gcd(c // num_groups, c1)
+    first, second = group_norm_partials(x, c1 // run), group_norm_partials(x2, x2.shape[1] // run)
+    n, per_group = x.shape[0], c // num_groups // run
+    fields = []
+    for a, b in zip(first, second):  # count, mean, m2 of every run: (N, C1/r) then (N, C2/r)
+        both = a.new_empty((n, c // run))  # (N, C/r), runs in channel order; no cat op in the trace
+        both[:, : c1 // run] = a
+        both[:, c1 // run:] = b
+        fields.append(both.view(n, num_groups, per_group))  # (N, G, g/r)
+    runs = [tuple(t[:, :, j] for t in fields) for j in range(per_group)]  # each (N, G)
+    return merge_group_norm_partials(runs, eps)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""The consistency decoder (issue 13, first slice): `sdvae_fast.ConsistencyDecoderVAE` against diffusers' class.
+"""The consistency decoder (issue 13): `sdvae_fast.ConsistencyDecoderVAE` against diffusers' class.
 
 A narrow full-depth decoder (4 UNet blocks of each kind, widths 8/16/24/24, 8 groups, layers_per_block=1, 7 input
 channels, perturbed GroupNorm and time-embedding weights) with identical weights and generator: decode on the
 torch backend is diffusers' code (bitwise), on the triton backend under the interpreter within fp32 1e-4
-relative L2 (tests/helpers.py). The triton cases are the slow ones (~30-60 s each on 2 CPU cores).
+relative L2 (tests/helpers.py), bf16 within twice diffusers' own bf16 error. The triton cases are the slow ones
+(each decode is 2 full-depth UNet calls under the interpreter).
 """
 import copy
 import os
@@ -15,7 +16,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, error_report  # noqa: E402
 from sdvae_fast import ConsistencyDecoderVAE, fast, ops  # noqa: E402
 from sdvae_fast.fast import units  # noqa: E402
 
@@ -106,15 +107,17 @@ def test_which_unet_units_run_on_the_kernels(pair):
     stages = units.unet_units(ours.decoder_unet)
     listed = {u.name: u for stage in stages for u in stage}
     fused = sorted(n for n, u in listed.items() if u.kind == "ResnetBlock2D[scale_shift]" and u.reason is None)
-    # every non-resampling resnet: 4 down blocks x 1, mid 2, 4 up blocks x 2
-    assert len(fused) == 4 + 2 + 8, fused
+    # every resnet: 4 down blocks x 1 + 3 downsampling, mid 2, 4 up blocks x 2 + 3 upsampling
+    assert len(fused) == 4 + 3 + 2 + 8 + 3, fused
+    assert {units.resampling(u.modules[0]) for n, u in listed.items() if "samplers" in n} == {"up", "down"}
     assert listed["decoder_unet.conv_in"].reason is None and listed["decoder_unet.conv_out*"].reason is None
-    fallbacks = {n: u.reason for n, u in listed.items() if u.reason is not None}
-    assert set(fallbacks) == ({f"decoder_unet.down_blocks.{i}.downsamplers.0" for i in range(3)}
-                              | {f"decoder_unet.up_blocks.{i}.upsamplers.0" for i in range(3)}), fallbacks
-    assert all(r == "it resamples (up=True or down=True)" for r in fallbacks.values())
+    assert not {n: u.reason for n, u in listed.items() if u.reason is not None}
     # up-block resnets read [x | popped skip]: no statistics are emitted for their norm1 by the previous unit
     assert listed["decoder_unet.up_blocks.0.resnets.0"].input_norm is None
+    # a resampling resnet with a shortcut conv, or a FIR resampler, falls back with its reason
+    up = diffusers.models.resnet.ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=16, groups=4, up=True,
+                                               time_embedding_norm="scale_shift")
+    assert "resamples other than" in units.make_unit("r", up).reason
     # the VAE's ResnetBlock2D registration is untouched; a 'default' time norm falls back with its reason
     resnet = diffusers.models.resnet.ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4)
     assert "time_embedding_norm is 'default'" in units.make_unit("r", resnet).reason
@@ -139,28 +142,82 @@ def test_modulated_gsc_folds_the_time_scale_shift(pair):
     assert_close(y, expected, rel_l2=1e-5, name="modulated_gsc")
 
 
-def test_triton_decode_matches_diffusers(pair, monkeypatch):
+def _aten_ops(fn):
+    """Names of the ops `fn()` runs per call (torch.profiler, CPU activities): those inside the one-time weight
+    derivations (`kernels._common.DERIVE_RANGE`: packing, the upsample fold) are left out."""
+    from sdvae_fast.kernels._common import DERIVE_RANGE
+
+    def derived(event):
+        while event is not None:
+            if event.name == DERIVE_RANGE:
+                return True
+            event = event.cpu_parent
+        return False
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events() if not derived(event)}
+
+
+def test_triton_decode_batch2_odd_size_matches_diffusers_with_every_resnet_fused(pair, monkeypatch):
+    """Decode of 2 x 4 x 1 x 3 latents (8 x 24 pixels, odd latent width) on the kernels against diffusers' decode:
+    fp32 within 1e-4 relative L2, all 20 resnets fused in both steps."""
     reference, _ = pair
     ours = _ours(reference, "triton")
     calls = []
     original = units.modulated_gsc
     monkeypatch.setattr(units, "modulated_gsc", lambda *a, **k: calls.append(1) or original(*a, **k))
-    z = torch.randn(1, 4, 2, 3, generator=torch.Generator().manual_seed(11))
-    assert_close(_decode(ours, z), _decode(reference, z), rel_l2=1e-4, name="decode triton 1x4x2x3")
-    assert len(calls) == 2 * 14  # 2 steps x 14 fused scale/shift resnets: the kernels really ran
+    z = torch.randn(2, 4, 1, 3, generator=torch.Generator().manual_seed(11))
+    assert_close(_decode(ours, z), _decode(reference, z), rel_l2=1e-4, name="decode triton 2x4x1x3")
+    assert len(calls) == 2 * 20  # 2 steps x 20 fused scale/shift resnets: the kernels really ran
 
 
-def test_triton_unet_batch2_odd_size_per_sample_timesteps(pair):
-    """One UNet call (the decode's inner call) with batch 2, an odd latent size (1x3 -> 8x24 pixels) and a
-    different timestep per sample, against UNet2DModel's forward."""
+def test_triton_bf16_decode_without_aten_group_norm_upsample_or_cat_and_bf16_encode(pair):
+    """bf16 on the kernels against diffusers in fp32, within 2x diffusers' own bf16 error plus 1e-2 (decode of
+    1 x 4 x 1 x 1 latents) / 1e-3 (encode of a 2 x 3 x 8 x 16 image on our encoder) relative L2. The decode's
+    profiler trace holds no aten group_norm, upsample or cat: conv_in reads x_t and the latents, the up blocks
+    read [x | skip], the upsampling resnets upsample by indexing."""
+    reference, _ = pair
+    ours = _ours(reference, "triton").to(torch.bfloat16)
+    low = copy.deepcopy(reference).to(torch.bfloat16)
+    z = torch.randn(1, 4, 1, 1, generator=torch.Generator().manual_seed(12))
+    expected = _decode(reference, z)
+    torch_rel = error_report(_decode(low, z.bfloat16()), expected)["rel_l2"]
+    result = {}
+    names = _aten_ops(lambda: result.setdefault("y", _decode(ours, z.bfloat16())))
+    assert_close(result["y"], expected, rel_l2=2 * torch_rel + 1e-2,
+                 name=f"decode bf16 (diffusers bf16 rel {torch_rel:.1e})")
+    forbidden = sorted(n for n in names if n.startswith("aten::") and any(k in n for k in ("group_norm", "upsample",
+                                                                                            "aten::cat")))
+    assert not forbidden, forbidden
+    assert "sdvae_fast::fused_conv2d" in names and "sdvae_fast::gn_silu_conv2d" in names
+    x = torch.rand(2, 3, 8, 16, generator=torch.Generator().manual_seed(14)) * 2 - 1
+    with torch.no_grad():
+        expected = reference.encode(x).latent_dist.mean
+        torch_rel = error_report(low.encode(x.bfloat16()).latent_dist.mean, expected)["rel_l2"]
+        assert_close(ours.encode(x.bfloat16()).latent_dist.mean, expected, rel_l2=2 * torch_rel + 1e-3,
+                     name=f"encode bf16 (diffusers bf16 rel {torch_rel:.1e})")
+
+
+def test_triton_encode_runs_our_encoder_and_matches_diffusers(pair, monkeypatch):
     reference, _ = pair
     ours = _ours(reference, "triton")
-    sample = torch.randn(2, 7, 8, 24, generator=torch.Generator().manual_seed(13))
-    t = torch.tensor([1008, 512])
+    calls = []
+    original = fast.run_encoder
+    monkeypatch.setattr(fast, "run_encoder", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(15)) * 2 - 1
     with torch.no_grad():
-        expected = reference.decoder_unet(sample, t).sample
-        actual = ours.decoder_unet(sample, t).sample
-    assert_close(actual, expected, rel_l2=1e-4, name="UNet triton 2x7x8x24")
+        actual, expected = ours.encode(x).latent_dist, reference.encode(x).latent_dist
+    assert calls == [1]
+    assert_close(actual.mean, expected.mean, rel_l2=1e-5, name="encode triton mean")
+    assert_close(actual.logvar, expected.logvar, rel_l2=1e-5, name="encode triton logvar")
+
+
+def test_other_step_counts_raise_diffusers_error(pair):
+    _, ours = pair
+    ours = _ours(ours, "triton")
+    with pytest.raises(ValueError, match="more than 2 inference steps are not supported"):
+        ours.decode(torch.randn(1, 4, 1, 1), num_inference_steps=3)
 
 
 def test_without_diffusers_a_clear_import_error():

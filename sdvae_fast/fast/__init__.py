@@ -94,6 +94,7 @@ from sdvae_fast.fast.units import (
     ParallelHooks,
     RunContext,
     Unit,
+    UNetInput,
     decoder_units,
     encoder_units,
     folded_quant_conv,
@@ -256,7 +257,8 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return dtype
 
 
-def _run_fast(stages: Stages, x: Tensor, temb: Optional[Tensor] = None) -> Tensor:
+def _run_fast(stages: Stages, x: Tensor, temb: Optional[Tensor] = None,
+              unet_input: Optional[UNetInput] = None) -> Tensor:
     """Run the stages on x with the precision policy: under `torch.autocast` (fp16/bf16, fp32 model) the
     activations run in the autocast dtype, parameters are converted by the ops (packed weights cached per dtype)
     and the result is in the autocast dtype, as the reference's last conv returns it; an fp16 autocast run is
@@ -264,10 +266,10 @@ def _run_fast(stages: Stages, x: Tensor, temb: Optional[Tensor] = None) -> Tenso
     fallback units and the ops' PyTorch fallbacks compute in the dtypes given to them. `temb` (N, C_temb), a
     UNet's time embedding, goes into the run context (cast with the activations). Returns contiguous NCHW."""
     dtype = autocast_dtype(x)
-    ctx = RunContext(emit_stats=EMIT_GN_STATS, temb=temb)
+    ctx = RunContext(emit_stats=EMIT_GN_STATS, temb=temb, unet_input=unet_input)
     if dtype is not None:
         x = x.to(dtype)
-        ctx = RunContext(dtype=dtype, emit_stats=EMIT_GN_STATS, temb=None if temb is None else temb.to(dtype))
+        ctx = RunContext(emit_stats=EMIT_GN_STATS, temb=temb, unet_input=unet_input).widened(dtype)
     device_type = x.device.type
     try:
         autocast_on = torch.is_autocast_enabled(device_type)
@@ -392,7 +394,9 @@ def unet_time_embedding(unet: nn.Module, timestep, batch: int, device) -> Tensor
     return unet.time_embedding(unet.time_proj(timesteps).to(dtype=dtype))
 
 
-def run_unet(unet: nn.Module, sample: Tensor, timestep) -> Tensor:
+def run_unet(unet: nn.Module, sample: Tensor, timestep, *, sample2: Optional[Tensor] = None,
+             sample2_upsample: int = 1, input_scale: Optional[Tensor] = None, input_shift: Optional[Tensor] = None,
+             out_channels: Optional[int] = None) -> Tensor:
     """A diffusers UNet2DModel forward (the consistency decoder's `decoder_unet`) on the units.
 
     The time embedding runs in PyTorch (`unet_time_embedding`); everything after it runs as the units of
@@ -401,18 +405,60 @@ def run_unet(unet: nn.Module, sample: Tensor, timestep) -> Tensor:
     VAE walker (stages: conv_in, each block, the head). Falls back to the UNet's own forward when autograd is
     needed or `units.unet_why_not(unet)` gives a reason.
 
+    The consistency decoder's decode passes its UNet input in pieces (`sample2` and after): conv_in then reads
+    `cat([sample, nearest_up(sample2, sample2_upsample)], dim=1) * input_scale + input_shift` inside the conv
+    (units.UNetInput; nothing of it is written), and `out_channels` restricts conv_out to its first channels.
+
     Args:
         unet: a UNet2DModel with diffusers' attribute names.
-        sample: (N, in_channels, H, W), the UNet's dtype and device, H and W divisible by 2**(blocks - 1).
+        sample: (N, in_channels, H, W) (with sample2: (N, C1, H, W)), the UNet's dtype and device, H and W
+            divisible by 2**(blocks - 1).
         timestep: a Python number, a 0-d tensor, or an (N,) / (1,) tensor of timesteps.
+        sample2: (N, in_channels - C1, H / sample2_upsample, W / sample2_upsample) in sample's dtype, or None.
+        sample2_upsample: a power of two. input_scale, input_shift: (N, in_channels) float32, with sample2 only.
+        out_channels: compute only conv_out's first `out_channels` channels (None: all).
     Returns:
         (N, out_channels, H, W) contiguous NCHW in sample's dtype (the autocast dtype under `torch.autocast`
-        with an fp32 model): what `unet(sample, timestep).sample` returns.
+        with an fp32 model): what `unet(sample, timestep).sample` (or `unet(cat(...) * scale + shift,
+        timestep).sample[:, :out_channels]`) returns.
     Raises:
-        ValueError / TypeError on a wrong shape, channel count, dtype or device of `sample`.
+        ValueError / TypeError on a wrong shape, channel count, dtype or device of `sample` or `sample2`, or
+        input_scale / input_shift without sample2 or of the wrong shape.
     """
-    _check_input("sample", sample, unet.conv_in, "a UNet input")
+    unet_input = None
+    if sample2 is None:
+        if input_scale is not None or input_shift is not None or sample2_upsample != 1:
+            raise ValueError("input_scale, input_shift and sample2_upsample need sample2")
+        _check_input("sample", sample, unet.conv_in, "a UNet input")
+    else:
+        unet_input = _unet_input(unet, sample, sample2, sample2_upsample, input_scale, input_shift)
     if needs_autograd(unet, sample) or unet_why_not(unet) is not None:
-        return type(unet).forward(unet, sample, timestep).sample  # the class's forward: not an instance override
+        x = sample if unet_input is None else unet_input.assemble(sample)
+        y = type(unet).forward(unet, x, timestep).sample  # the class's forward: not an instance override
+        return y if out_channels is None else y[:, :out_channels]
     temb = unet_time_embedding(unet, timestep, sample.shape[0], sample.device)
-    return _run_fast(unet_units(unet), sample, temb=temb)
+    return _run_fast(unet_units(unet, out_channels=out_channels), sample, temb=temb, unet_input=unet_input)
+
+
+def _unet_input(unet: nn.Module, sample: Tensor, sample2: Tensor, upsample: int, scale, shift) -> UNetInput:
+    """Validate run_unet's pieces of a UNet input and bundle them (see `run_unet`)."""
+    weight = unet.conv_in.weight
+    for name, t in (("sample", sample), ("sample2", sample2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got {getattr(t, 'shape', t)}")
+        if t.dtype != weight.dtype or t.device != weight.device:
+            raise TypeError(f"{name} is {t.dtype} on {t.device}, the UNet's parameters are {weight.dtype} on "
+                            f"{weight.device}")
+    n, c1, h, w = sample.shape
+    c_in = unet.conv_in.in_channels
+    if sample2.shape[1] + c1 != c_in:
+        raise ValueError(f"sample ({c1} channels) and sample2 ({sample2.shape[1]}) must have {c_in} together")
+    if (not isinstance(upsample, int) or upsample < 1 or upsample & (upsample - 1) or sample2.shape[0] != n
+            or sample2.shape[2] * upsample != h or sample2.shape[3] * upsample != w):
+        raise ValueError(f"sample2 must be ({n}, {c_in - c1}, {h}/u, {w}/u) with sample2_upsample u a power of "
+                         f"two, got shape {tuple(sample2.shape)} and u={upsample!r}")
+    for name, t in (("input_scale", scale), ("input_shift", shift)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n, c_in):
+            raise ValueError(f"{name} must be a ({n}, {c_in}) tensor, got {getattr(t, 'shape', t)}")
+    return UNetInput(sample2, upsample, scale.to(device=sample.device, dtype=torch.float32).contiguous(),
+                     shift.to(device=sample.device, dtype=torch.float32).contiguous())

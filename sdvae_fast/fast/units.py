@@ -99,6 +99,7 @@ class RunContext:
         skips: stack of skip tensors (N, C, H, W) that UNet down blocks push and up blocks pop.
         latents: SpatialNorm's quantised latents (N, C_z, h, w), or None.
         parallel: `ParallelHooks` of patch parallelism, or None for one process holding the whole image.
+        unet_input: `UNetInput` (a UNet's conv_in assembles its input from two sources), or None.
     """
 
     dtype: Optional[torch.dtype] = None
@@ -107,6 +108,7 @@ class RunContext:
     skips: List[Tensor] = dataclasses.field(default_factory=list)
     latents: Optional[Tensor] = None
     parallel: Optional[ParallelHooks] = None
+    unet_input: Optional["UNetInput"] = None
 
     @property
     def emits(self) -> bool:
@@ -129,7 +131,11 @@ class RunContext:
     def widened(self, dtype: torch.dtype) -> "RunContext":
         """This context with parameters cast to `dtype` (and `temb`/`latents` too)."""
         wide = dataclasses.replace(self, dtype=dtype)
-        return dataclasses.replace(wide, temb=wide.cast(self.temb), latents=wide.cast(self.latents))
+        unet_input = self.unet_input
+        if unet_input is not None:
+            unet_input = dataclasses.replace(unet_input, sample2=wide.cast(unet_input.sample2))
+        return dataclasses.replace(wide, temb=wide.cast(self.temb), latents=wide.cast(self.latents),
+                                   unet_input=unet_input)
 
 
 class Carry:
@@ -403,14 +409,36 @@ def _dropout_inactive(module) -> bool:
     return module is None or not module.training or getattr(module, "p", 0.0) == 0.0
 
 
-def _resnet_checks(block, time_check: tuple) -> list:
-    """The (ok, message) checks of a ResnetBlock2D on the kernels, with `time_check` in the time embedding's place."""
+def resampling(block) -> Optional[str]:
+    """"up" for a ResnetBlock2D with a nearest-2x `Upsample2D` without conv (diffusers' `up=True`), "down" for
+    one with an average-pooling `Downsample2D` (`down=True`: AvgPool2d(2, 2)), None for neither. Other
+    resamplers (FIR kernels, convs, functions) give "other"."""
+    up, down = getattr(block, "upsample", None), getattr(block, "downsample", None)
+    if up is None and down is None:
+        return None
+    if (type(up).__name__ == "Upsample2D" and not getattr(up, "use_conv", True)
+            and not getattr(up, "use_conv_transpose", True) and getattr(up, "interpolate", False)
+            and getattr(up, "norm", None) is None):
+        return "up"
+    pool = getattr(down, "conv", None)
+    if (type(down).__name__ == "Downsample2D" and not getattr(down, "use_conv", True)
+            and type(pool) is nn.AvgPool2d and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
+            and pool.padding in (0, (0, 0)) and not pool.ceil_mode and getattr(down, "norm", None) is None):
+        return "down"
+    return "other"
+
+
+def _resnet_checks(block, time_check: tuple, resample: bool = False) -> list:
+    """The (ok, message) checks of a ResnetBlock2D on the kernels, with `time_check` in the time embedding's place;
+    `resample`: nearest-2x / average-pool resampling without a shortcut conv is accepted too (`resampling`)."""
+    mode = resampling(block)
+    resample_ok = mode is None or (resample and mode in ("up", "down") and block.conv_shortcut is None)
     return [
         (_group_norm_why_not(block.norm1, "norm1") is None, _group_norm_why_not(block.norm1, "norm1")),
         (_group_norm_why_not(block.norm2, "norm2") is None, _group_norm_why_not(block.norm2, "norm2")),
         (type(getattr(block, "nonlinearity", None)) is nn.SiLU, "nonlinearity is not SiLU"),
-        (getattr(block, "upsample", None) is None and getattr(block, "downsample", None) is None,
-         "it resamples (up=True or down=True)"),
+        (resample_ok, "it resamples (up=True or down=True)" if not resample else
+         "it resamples other than by nearest-2x / 2x2 average pool, or with a shortcut conv"),
         time_check,
         (getattr(block, "output_scale_factor", 1.0) == 1.0, "output_scale_factor != 1"),
         (_dropout_inactive(getattr(block, "dropout", None)), "dropout is active (training)"),
@@ -432,10 +460,10 @@ def resnet_scale_shift_why_not(block) -> Optional[str]:
     """Why a ResnetBlock2D with a time embedding projection is not the fused scale/shift unit, or None.
 
     Accepted: diffusers' `time_embedding_norm == "scale_shift"` with `time_emb_proj` an nn.Linear(C_temb, 2*C)
-    over norm2's C channels, and otherwise what `resnet_why_not` accepts (no up/down resampling, SiLU,
-    `output_scale_factor` 1, 3x3 convs, a plain 1x1 shortcut). Rejected, so run as module forwards: the
-    "default" norm (temb added before norm2), "ada_group"/"spatial" (ResnetBlockCondNorm2D, another class),
-    and the UNet's up/down resnets (nearest-2x / average-pool inside the block).
+    over norm2's C channels, and otherwise what `resnet_why_not` accepts (SiLU, `output_scale_factor` 1, 3x3
+    convs, a plain 1x1 shortcut), plus the UNet's resampling resnets (`resampling`: nearest-2x up or 2x2
+    average-pool down, no shortcut conv). Rejected, so run as module forwards: the "default" norm (temb added
+    before norm2), "ada_group"/"spatial" (ResnetBlockCondNorm2D, another class), FIR / conv resamplers.
     """
     proj = getattr(block, "time_emb_proj", None)
     mode = getattr(block, "time_embedding_norm", None)
@@ -446,7 +474,7 @@ def resnet_scale_shift_why_not(block) -> Optional[str]:
         (type(proj) is not nn.Linear or channels is None or proj.out_features == 2 * channels,
          f"time_emb_proj has {getattr(proj, 'out_features', None)} outputs, not 2 * {channels}"),
     ])
-    return _first(_resnet_checks(block, (time_check is None, time_check)))
+    return _first(_resnet_checks(block, (time_check is None, time_check), resample=True))
 
 
 # Processors whose math is plain scaled-dot-product self-attention with diffusers' default scale.
@@ -820,9 +848,24 @@ def folded_quant_conv(conv: nn.Conv2d, quant_conv: nn.Conv2d) -> Tuple[Tensor, O
     return derived_weights.get(sources, "folded_quant_conv", build)
 
 
+def leading_channels(conv: nn.Conv2d, channels: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """conv's weight (channels, C_in, k, k) and bias (channels,) restricted to its first `channels` outputs,
+    cached in `derived_weights` (so the packed weight is cached too). Raises ValueError for a count outside
+    1..C_out."""
+    if not 1 <= channels <= conv.weight.shape[0]:
+        raise ValueError(f"out_channels must be in 1..{conv.weight.shape[0]}, got {channels}")
+
+    def build():
+        bias = None if conv.bias is None else conv.bias[:channels].contiguous()
+        return conv.weight[:channels].contiguous(), bias
+
+    return derived_weights.get((conv.weight, conv.bias), ("leading_channels", channels), build)
+
+
 def head_unit(name: str, norm: nn.Module, act: nn.Module, conv: nn.Module,
-              quant_conv: Optional[nn.Module] = None) -> Unit:
-    """conv_norm_out -> conv_act -> conv_out (-> quant_conv, folded in when it is a plain 1x1) as one GSC op."""
+              quant_conv: Optional[nn.Module] = None, out_channels: Optional[int] = None) -> Unit:
+    """conv_norm_out -> conv_act -> conv_out (-> quant_conv, folded in when it is a plain 1x1) as one GSC op;
+    with `out_channels` (no quant_conv), only conv_out's first `out_channels` channels are computed."""
     reason = _first([
         (_group_norm_why_not(norm, "conv_norm_out") is None, _group_norm_why_not(norm, "conv_norm_out")),
         (type(act) is nn.SiLU, f"conv_act is {type(act).__name__}, not nn.SiLU"),
@@ -841,7 +884,10 @@ def head_unit(name: str, norm: nn.Module, act: nn.Module, conv: nn.Module,
         if reason is not None:
             for module in modules:
                 x = _call_module(module, x, ctx)
-            return x, None
+            return (x, None) if out_channels is None else (x[:, :out_channels], None)
+        if out_channels is not None:
+            weight, bias = leading_channels(conv, out_channels)
+            return gsc(x, conv, ctx, norm, weight=weight, bias=bias, stats=stats)
         if quant_conv is None:
             return gsc(x, conv, ctx, norm, stats=stats)
         if not fold:
@@ -937,9 +983,43 @@ def time_scale_shift(block: nn.Module, temb: Tensor, ctx: RunContext) -> Tuple[T
     return proj.chunk(2, dim=1)
 
 
+def norm_scale_shift(x: Tensor, norm: nn.GroupNorm, ctx: RunContext, stats: Optional[Stats] = None,
+                     x2: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """GroupNorm `norm` of x (or of `cat([x, x2], dim=1)`) as per-(sample, channel) `x * scale + shift`.
+
+    Statistics: `stats` (emitted by x's producer) when given, else computed (`ops.group_norm_stats`, or
+    `ops.group_norm_stats_two_sources` over the concatenation without writing it); merged across ranks under
+    patch parallelism (one source only). Returns (scale, shift), each (N, C) float32 (float64 for fp64 x)."""
+    if x2 is None:
+        stats = input_stats(x, norm, stats, ctx)
+        if stats is None:
+            stats = ops.group_norm_stats(x, norm.num_groups, norm.eps)
+    else:
+        stats = ops.group_norm_stats_two_sources(x, x2, norm.num_groups, norm.eps)
+    mean, rstd = stats
+    c = norm.num_channels
+    if norm.affine:
+        gamma, beta = norm.weight, norm.bias
+    else:
+        gamma = torch.ones(c, dtype=mean.dtype, device=x.device)
+        beta = torch.zeros_like(gamma)
+    return ops.gn_scale_shift(mean, rstd, gamma, beta)
+
+
+def _fused(x: Tensor, conv: nn.Conv2d, *, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+           emit: Optional[tuple] = None, **kwargs) -> tuple:
+    """`ops.fused_conv2d` with a conv module's weight, bias and padding (unless given): (y, y's stats or None)."""
+    weight = conv.weight if weight is None else weight
+    bias = conv.bias if weight is conv.weight else bias
+    if not kwargs.get("upsample", False):
+        kwargs.setdefault("padding", conv.padding[0])
+    result = ops.fused_conv2d(x, weight, bias, emit_stats=emit, **kwargs)
+    return result if emit is not None else (result, None)
+
+
 def modulated_gsc(x: Tensor, conv: nn.Conv2d, ctx: RunContext, norm: nn.GroupNorm, time_scale: Tensor,
                   time_shift: Tensor, *, residual: Optional[Tensor] = None, stats: Optional[Stats] = None,
-                  emit: Optional[tuple] = None) -> tuple:
+                  emit: Optional[tuple] = None, residual_upsample: int = 1) -> tuple:
     """`conv(silu(group_norm(x) * (1 + time_scale) + time_shift)) + residual` as ONE `gn_silu_conv2d` op.
 
     The kernel's prologue applies `x * scale[n, c] + shift[n, c]` per (sample, channel) (the custom op
@@ -953,7 +1033,8 @@ def modulated_gsc(x: Tensor, conv: nn.Conv2d, ctx: RunContext, norm: nn.GroupNor
     Args:
         x: (N, C, H, W) activation, any strides. conv: a 3x3 or 1x1 nn.Conv2d over C channels (its padding).
         ctx: the run context (parallel hooks). norm: nn.GroupNorm over C (affine or not).
-        time_scale, time_shift: (N, C), any float dtype. residual: (N, C_out, H, W) added in the epilogue.
+        time_scale, time_shift: (N, C), any float dtype. residual: (N, C_out, H, W) added in the epilogue,
+            or (N, C_out, H/2, W/2) nearest-upsampled by indexing with `residual_upsample=2`.
         stats: x's GroupNorm (mean, rstd), each (N, G), or None (computed here; merged across ranks when
             `ctx.parallel`). emit: (num_groups, eps) to emit the output's statistics for, or None.
     Returns:
@@ -965,19 +1046,14 @@ def modulated_gsc(x: Tensor, conv: nn.Conv2d, ctx: RunContext, norm: nn.GroupNor
     for label, t in (("time_scale", time_scale), ("time_shift", time_shift)):
         if tuple(t.shape) != (n, c):
             raise ValueError(f"{label} must be ({n}, {c}), got shape {tuple(t.shape)}")
-    stats = input_stats(x, norm, stats, ctx)
-    if stats is None:
-        stats = ops.group_norm_stats(x, norm.num_groups, norm.eps)
-    mean, rstd = stats
-    if norm.affine:
-        gamma, beta = norm.weight, norm.bias
-    else:
-        gamma = torch.ones(c, dtype=mean.dtype, device=x.device)
-        beta = torch.zeros_like(gamma)
-    gn_scale, gn_shift = ops.gn_scale_shift(mean, rstd, gamma, beta)  # (N, C) in mean's dtype
+    gn_scale, gn_shift = norm_scale_shift(x, norm, ctx, stats)  # (N, C) fp32 (fp64 for fp64 x)
     one_plus = 1.0 + time_scale.to(gn_scale.dtype)
     scale = (gn_scale * one_plus).contiguous()
     shift = (gn_shift * one_plus + time_shift.to(gn_scale.dtype)).contiguous()
+    if residual_upsample != 1:
+        # An upsampling ResNet's conv2: the residual is the block's input, nearest-upsampled by indexing.
+        return _fused(x, conv, scale=scale, shift=shift, residual=residual, residual_upsample=residual_upsample,
+                      emit=emit)
     padding = conv.padding[0]
     pad = [padding] * 4
     if ctx.parallel is not None and conv.weight.shape[-1] > 1:
@@ -1011,16 +1087,54 @@ def _run_resnet_scale_shift(block, carry, ctx, emit):
     3. `conv2(SiLU(norm2(h) * (1 + s) + t)) + residual` as ONE op (`modulated_gsc`), s, t from
        `time_scale_shift(block, ctx.temb)`.
     Raises ValueError when `ctx.temb` is None (diffusers raises too: scale_shift needs a time embedding)."""
+    x, stats = carry.take()
+    return scale_shift_resnet(block, x, ctx, emit, stats=stats)
+
+
+def scale_shift_resnet(block: nn.Module, x: Tensor, ctx: RunContext, emit: Optional[tuple], *,
+                       stats: Optional[Stats] = None, skip: Optional[Tensor] = None) -> tuple:
+    """A scale/shift ResnetBlock2D (`resnet_scale_shift_why_not` accepts it) on x, or on `cat([x, skip])`.
+
+    Three ops at most, by the block's resampling (`resampling`):
+    - none: `GSC(conv1)` (norm1 + SiLU in the prologue, emitting norm2's statistics), the 1x1 shortcut as a plain
+      conv when present, and `conv2(SiLU(norm2(h) * (1 + s) + t)) + residual` as ONE op (`modulated_gsc`). With
+      `skip` (an up block's resnet), norm1, conv1 and the shortcut read `cat([x, skip], dim=1)` from the two
+      tensors (two-source mode; statistics by `ops.group_norm_stats_two_sources`), never concatenated.
+    - "up": conv1 on the nearest-2x upsampled `SiLU(norm1(x))` in the 4-phase form with norm1 + SiLU in its
+      prologue (at low resolution), and conv2's residual `up2(x)` read at half resolution in its epilogue.
+    - "down": `avg_pool2d(SiLU(norm1(x)), 2)` and `avg_pool2d(x, 2)` in PyTorch (the statistics by our kernel,
+      no aten GroupNorm), then the two convs as above.
+    s, t come from `time_scale_shift(block, ctx.temb)`. Raises ValueError when `ctx.temb` is None (diffusers
+    raises too: scale_shift needs a time embedding). Returns (y, y's statistics for `emit` or None)."""
     if ctx.temb is None:
         raise ValueError("a ResnetBlock2D with time_embedding_norm='scale_shift' needs the run context's temb")
-    x, stats = carry.take()
     inner_emit = norm_key(block.norm2) if ctx.emits else None
-    h, h_stats = gsc(x, block.conv1, ctx, block.norm1, stats=stats, emit=inner_emit)
-    residual = x if block.conv_shortcut is None else gsc(x, block.conv_shortcut, ctx)[0]
-    del x
+    mode = resampling(block)
+    residual_upsample = 1
+    if skip is not None:
+        scale, shift = norm_scale_shift(x, block.norm1, ctx, x2=skip)
+        h, h_stats = _fused(x, block.conv1, x2=skip, scale=scale, shift=shift, emit=inner_emit)
+        if block.conv_shortcut is not None:
+            residual = _fused(x, block.conv_shortcut, x2=skip)[0]
+        else:
+            residual = torch.cat([x, skip], dim=1)
+    elif mode == "up":
+        scale, shift = norm_scale_shift(x, block.norm1, ctx, stats)
+        h, h_stats = _fused(x, block.conv1, scale=scale, shift=shift, upsample=True, emit=inner_emit)
+        residual, residual_upsample = x, 2
+    elif mode == "down":
+        scale, shift = norm_scale_shift(x, block.norm1, ctx, stats)
+        act = torch.nn.functional.silu(x.to(scale.dtype) * scale[:, :, None, None] + shift[:, :, None, None])
+        h, h_stats = gsc(torch.nn.functional.avg_pool2d(act, 2).to(x.dtype), block.conv1, ctx, emit=inner_emit)
+        del act
+        residual = block.downsample(x)
+    else:
+        h, h_stats = gsc(x, block.conv1, ctx, block.norm1, stats=stats, emit=inner_emit)
+        residual = x if block.conv_shortcut is None else gsc(x, block.conv_shortcut, ctx)[0]
+    del x, skip
     time_scale, time_shift = time_scale_shift(block, ctx.temb, ctx)
     return modulated_gsc(h, block.conv2, ctx, block.norm2, time_scale, time_shift, residual=residual,
-                         stats=h_stats, emit=emit)
+                         stats=h_stats, emit=emit, residual_upsample=residual_upsample)
 
 
 @register_block("ResnetDownsampleBlock2D")
@@ -1057,17 +1171,66 @@ def pushing_unit(unit: Unit) -> Unit:
 
 
 def popping_unit(unit: Unit) -> Unit:
-    """`unit` on `cat([x, ctx.skips.pop()], dim=1)` (a UNet up block's resnet). The concatenation is
-    materialised (issue 13's two-source prologue is future work) and its GroupNorm statistics are computed
-    by the op, so the previous unit emits none for it (input_norm None)."""
+    """`unit` on `cat([x, ctx.skips.pop()], dim=1)` (a UNet up block's resnet). A scale/shift ResnetBlock2D on
+    the kernels reads the two tensors in its convs' prologues (`scale_shift_resnet` with `skip`); any other
+    unit gets the concatenation materialised. The statistics over the concatenation are computed from both
+    tensors, so the previous unit emits none for it (input_norm None)."""
+    block = unit.modules[0]
+    two_sources = unit.reason is None and unit.kind == "ResnetBlock2D[scale_shift]" and resampling(block) is None
+
     def run(carry, ctx, emit):
         x, _ = carry.take()
-        skip = ctx.skips.pop()
-        cat = torch.cat([x, skip.to(x.dtype)], dim=1)
+        skip = ctx.skips.pop().to(x.dtype)
+        if two_sources:
+            return scale_shift_resnet(block, x, ctx, emit, skip=skip)
+        cat = torch.cat([x, skip], dim=1)
         del x, skip
         return unit._run(Carry(cat), ctx, emit)
 
     return _wrapped(unit, run, None)
+
+
+@dataclasses.dataclass
+class UNetInput:
+    """How a UNet's `conv_in` input is assembled inside the conv (the consistency decoder's decode): the
+    conv reads `cat([x, nearest_up(sample2, upsample)], dim=1) * scale + shift` per (sample, channel), with x
+    the units' input (N, C1, H, W), sample2 (N, C2, H/upsample, W/upsample) in x's dtype, scale and shift
+    (N, C1 + C2) float32 (no SiLU); nothing of it is written."""
+
+    sample2: Tensor
+    upsample: int
+    scale: Tensor
+    shift: Tensor
+
+    def assemble(self, x: Tensor) -> Tensor:
+        """The input `conv_in` reads, materialised (for a conv_in that runs its module forward)."""
+        up = torch.nn.functional.interpolate(self.sample2.to(self.scale.dtype), scale_factor=float(self.upsample),
+                                             mode="nearest")
+        a = torch.cat([x.to(self.scale.dtype), up], dim=1)
+        return (a * self.scale[:, :, None, None] + self.shift[:, :, None, None]).to(x.dtype)
+
+
+def unet_conv_in_unit(name: str, conv: nn.Module) -> Unit:
+    """The UNet's conv_in as a unit that pushes its output (the first skip); with `ctx.unet_input` set, its input
+    is assembled inside the conv (`UNetInput`: two sources, the second upsampled by indexing, an affine
+    prologue without SiLU), else it is the plain conv unit."""
+    base = make_unit(name, conv)
+
+    def run(carry, ctx, emit):
+        extra = ctx.unet_input
+        if extra is None:
+            y, stats = base._run(carry, ctx, emit)
+        elif base.reason is not None:
+            x, _ = carry.take()
+            y, stats = base._run(Carry(extra.assemble(x)), ctx, emit)
+        else:
+            x, _ = carry.take()
+            y, stats = _fused(x, conv, x2=extra.sample2, x2_upsample=extra.upsample, scale=extra.scale,
+                              shift=extra.shift, silu=False, emit=emit)
+        ctx.skips.append(y)
+        return y, stats
+
+    return _wrapped(base, run, None)
 
 
 def _unet_block_fallback(name: str, block: nn.Module, reason: str, role: str) -> Unit:
@@ -1111,11 +1274,13 @@ def unet_why_not(unet: nn.Module) -> Optional[str]:
     ])
 
 
-def unet_units(unet: nn.Module, prefix: str = "decoder_unet") -> List[List[Unit]]:
+def unet_units(unet: nn.Module, prefix: str = "decoder_unet", out_channels: Optional[int] = None
+               ) -> List[List[Unit]]:
     """Stages of a diffusers UNet2DModel's forward after the time embedding, as units, linked for emitted
     statistics: [conv_in (pushes)], each down block (every child pushes its output), the mid block, each up
     block (each resnet pops a skip and runs on the concatenation), and the head
-    (conv_norm_out -> conv_act -> conv_out, one GSC op). The units need `RunContext.temb` (N, C_temb).
+    (conv_norm_out -> conv_act -> conv_out, one GSC op; computing only the first `out_channels` channels when
+    given). The units need `RunContext.temb` (N, C_temb); conv_in reads `RunContext.unet_input` when set.
 
     A block whose class is not registered becomes one unit running its own forward with UNet2DModel's calling
     convention (`_unet_block_fallback`); a child the kernels cannot run, its own forward (with temb).
@@ -1124,7 +1289,7 @@ def unet_units(unet: nn.Module, prefix: str = "decoder_unet") -> List[List[Unit]
     reason = unet_why_not(unet)
     if reason is not None:
         raise TypeError(f"unet: {reason}")
-    stages = [[pushing_unit(make_unit(f"{prefix}.conv_in", unet.conv_in))]]
+    stages = [[unet_conv_in_unit(f"{prefix}.conv_in", unet.conv_in)]]
 
     def block_stage(name, block, role):
         units = block_units(name, block)
@@ -1145,6 +1310,7 @@ def unet_units(unet: nn.Module, prefix: str = "decoder_unet") -> List[List[Unit]
     if getattr(unet, "mid_block", None) is not None:
         stages.append(block_stage(f"{prefix}.mid_block", unet.mid_block, "mid"))
     stages += [block_stage(f"{prefix}.up_blocks.{i}", b, "up") for i, b in enumerate(unet.up_blocks)]
-    stages.append([head_unit(f"{prefix}.conv_out*", unet.conv_norm_out, unet.conv_act, unet.conv_out)])
+    stages.append([head_unit(f"{prefix}.conv_out*", unet.conv_norm_out, unet.conv_act, unet.conv_out,
+                             out_channels=out_channels)])
     link([unit for stage in stages for unit in stage])
     return stages
