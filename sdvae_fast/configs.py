@@ -267,3 +267,6 @@ FLUX2_PRESETS: dict[str, dict[str, Any]] = {
     "flux2": dict(_FLUX2),
     "flux2-small": dict(_FLUX2, decoder_block_out_channels=(96, 192, 384, 384)),
 }
+# The presets the command line's `--preset` of the VAE commands offers: the AutoencoderKL ones, then FLUX.2's
+# (`train --preset` keeps PUBLIC_PRESETS: it trains AutoencoderKLs only).
+CLI_PRESETS = PUBLIC_PRESETS + tuple(FLUX2_PRESETS)

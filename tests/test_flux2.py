@@ -278,3 +278,47 @@ def test_bad_input_raises_clear_errors(small_pair):
         AutoencoderKLFlux2.from_preset("flux1")
     with pytest.raises(NotImplementedError, match="from_pretrained"):
         AutoencoderKLFlux2.from_single_file("ae.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_detects_flux2_folders_and_round_trips_normalised_latents(small_pair, tmp_path, capsys):
+    """`encode --vae FOLDER` (found to be FLUX.2 by its `_class_name`) writes patchified, BatchNorm-normalised
+    latents and says so in the metadata; `decode` undoes it; scaled latents of another VAE are refused."""
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    from sdvae_fast import cli
+    from sdvae_fast.images import load_image, pad_to_multiple, to_uint8
+
+    _, vae = small_pair
+    folder = tmp_path / "pipeline"
+    vae.save_pretrained(folder / "vae")  # a pipeline folder: the VAE in vae/
+    image = tmp_path / "cat.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (21, 35, 3), dtype=np.uint8)).save(image)
+    latents_path = tmp_path / "latents.safetensors"
+    common = ["--vae", str(folder), "--backend", "torch", "-q"]
+    assert cli.main(["encode", str(image), "-o", str(latents_path), *common]) == 0
+    assert "latents (1, 128, 2, 3)" in capsys.readouterr().out  # 21x35 padded to 32x48: latents 4x6, patched 2x3
+    with safe_open(str(latents_path), "pt") as f:
+        meta, stored = f.metadata(), f.get_tensor("cat")
+    assert meta["model"] == "AutoencoderKLFlux2" and meta["normalization"] == "flux2_batch_norm"
+    with torch.no_grad():
+        padded, _ = pad_to_multiple(load_image(image), 16)
+        z = vae.encode(padded).latent_dist.mode()
+        assert torch.equal(stored, vae.normalize_latents(vae.patchify_latents(z)))
+        expected = vae.decode(vae.unpatchify_latents(vae.denormalize_latents(stored))).sample[..., :21, :35]
+    out_dir = tmp_path / "out"
+    assert cli.main(["decode", str(latents_path), "-o", str(out_dir), *common]) == 0
+    assert np.array_equal(np.asarray(Image.open(out_dir / "cat.png")), to_uint8(expected)[0])
+    capsys.readouterr()
+    assert cli.main(["decode", str(latents_path), "-o", str(out_dir), "--preset", "sd15", "--backend", "torch",
+                     "-q"]) == 2
+    assert "decode them with FLUX.2's VAE" in capsys.readouterr().err
+    assert cli.main(["encode", str(image), "-o", str(latents_path), "--scaling-factor", "0.5", *common]) == 2
+    assert "do not apply" in capsys.readouterr().err
