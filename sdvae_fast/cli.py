@@ -672,6 +672,27 @@ def _decode_flux2(args, vae, batches: dict, metadata: dict, sizes: dict, device,
     return 0
 
 
+def _flux2_info(info: dict, config_path: Path) -> None:
+    """Correct `inspect_checkpoint`'s report of a FLUX.2 VAE folder in place: the model class, the family
+    ("flux2", "flux2-small", or FLUX.2 with other widths), the whole config.json (decoder widths and BatchNorm
+    fields included), no scaling_factor source, and how its latents are normalised."""
+    data = json.loads(config_path.read_text())
+    public = {k: v for k, v in data.items() if not k.startswith("_")}
+    family = next((name for name, preset in FLUX2_PRESETS.items()
+                   if all(json.dumps(public.get(k)) == json.dumps(list(v) if isinstance(v, tuple) else v)
+                          for k, v in preset.items() if k in ("block_out_channels", "decoder_block_out_channels",
+                                                               "latent_channels", "norm_num_groups"))), None)
+    info["model"] = "AutoencoderKLFlux2"
+    info["family"] = family or "FLUX.2 (widths of no preset)"
+    info["family_certain"] = True
+    info["family_reason"] = "_class_name AutoencoderKLFlux2 in config.json"
+    info["config"] = public
+    info["config_sources"] = {"norm_num_groups": "config.json"}
+    info["latent_normalization"] = (f"BatchNorm statistics (bn.running_mean, bn.running_var, batch_norm_eps "
+                                    f"{public.get('batch_norm_eps')}) over {public.get('patch_size')}-patchified "
+                                    f"latents, applied by pipelines around encode/decode; no scaling_factor")
+
+
 def cmd_info(args) -> int:
     """Print what `inspect_checkpoint` detects: layout, model family, config, parameter count and dtype.
 
@@ -698,6 +719,9 @@ def cmd_info(args) -> int:
         if mismatch:
             raise CLIError(mismatch)
     info = inspect_checkpoint(str(path), config=config, unsafe_pickle=args.unsafe_pickle, **_overrides(args))
+    subfolder = _flux2_subfolder(path) if path.is_dir() else None
+    if subfolder is not None:
+        _flux2_info(info, path / subfolder / "config.json")
     if args.preset:
         info["family"], info["family_certain"], info["family_reason"] = args.preset, True, f"--preset {args.preset}"
     sources = info.get("config_sources", {})

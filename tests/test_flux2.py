@@ -322,3 +322,8 @@ def test_cli_detects_flux2_folders_and_round_trips_normalised_latents(small_pair
     assert "decode them with FLUX.2's VAE" in capsys.readouterr().err
     assert cli.main(["encode", str(image), "-o", str(latents_path), "--scaling-factor", "0.5", *common]) == 2
     assert "do not apply" in capsys.readouterr().err
+    assert cli.main(["info", str(folder / "vae")]) == 0
+    text = capsys.readouterr().out
+    assert "family reason: _class_name AutoencoderKLFlux2 in config.json" in text
+    assert "decoder_block_out_channels: [24, 48, 96, 96]" in text and "scaling_factor" in text  # "no scaling_factor"
+    assert "model: AutoencoderKLFlux2" in text and "scaling_factor: config.json" not in text
