@@ -462,5 +462,6 @@ def attention_flops(batch_heads: int, n_q: int, n_kv: int, head_dim: int) -> flo
 
 
 __all__ = [
-    "attention_forward", "attention_supported", "attention_configs", "attention_flops", "head_dim_block", "MAX_HEAD_DIM",
+    "attention_forward", "attention_supported", "attention_configs", "attention_flops", "head_dim_block",
+    "MAX_HEAD_DIM",
 ]

@@ -32,7 +32,7 @@ import functools
 import importlib.util
 import inspect
 import os
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -305,8 +305,3 @@ def _has_vae_subfolder(folder: str) -> bool:
     return (not os.path.isfile(os.path.join(folder, "config.json"))
             and os.path.isfile(os.path.join(folder, "vae", "config.json")))
 
-
-def is_flux2_config(config: Any) -> bool:
-    """Whether a config (mapping, FrozenDict) is FLUX.2's VAE: its `_class_name` is "AutoencoderKLFlux2"."""
-    get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
-    return get("_class_name") == CLASS_NAME

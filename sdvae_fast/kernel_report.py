@@ -850,7 +850,8 @@ def analyze_variant(variant: Variant, config: Tuple[dict, int, int], arch: int =
 def useful_macs(variant: Variant, config: Tuple[dict, int, int]) -> Optional[int]:
     """MACs one main-loop iteration of a CTA needs by the algorithm (None where not modelled): conv
     BLOCK_M * BLOCK_N * BLOCK_K; attention (one K/V step) BLOCK_M * BLOCK_N * (QK^T depth) + BLOCK_M * BLOCK_DV *
-    DV_CHUNKS * BLOCK_N. More executed than useful MACs means warpgroups repeat work (a layout that broadcasts a tile)."""
+    DV_CHUNKS * BLOCK_N. More executed than useful MACs means warpgroups repeat work (a layout that broadcasts a
+    tile)."""
     t = config[0]
     if variant.kernel == "_conv_kernel":
         return t["BLOCK_M"] * t["BLOCK_N"] * t["BLOCK_K"]
