@@ -1,5 +1,7 @@
 """Benchmark the head-dim-512 flash attention kernel against PyTorch's scaled_dot_product_attention (GPU only).
 
+`--head-dim 384` times FLUX.2's small-decoder case instead (three column chunks per program, no padding to 512).
+
 The VAE mid-block case: bf16, one head of dim 512, N = 4096 / 16384 / 65536 tokens (512^2, 1024^2, 2048^2
 images). For each N the script first checks correctness (rows spread over the sequence, the last rows included,
 against an fp32 reference computed row-block-wise), then times with `triton.testing.do_bench(...,
@@ -14,7 +16,8 @@ FLOPs are 4 * N^2 * D per head (QK^T and PV, 2 per multiply-add); "% peak" is ag
 bf16 matrix rate measured on an H200 (docs/design.md, section 2). Targets from issue 4: at least 1.5x faster than SDPA
 at N >= 16384 and at least half the matrix rate.
 
-Usage: python bench/bench_attention.py --out DIR   (writes DIR/attention.csv and DIR/attention.md; ~60 s on an H200)
+Usage: python bench/bench_attention.py --out DIR [--head-dim 384]   (writes DIR/attention.csv and DIR/attention.md,
+or attention_d384.*; ~60 s on an H200)
 """
 from __future__ import annotations
 
@@ -42,19 +45,24 @@ VARIANTS = {
 
 
 def fitting_variants(device) -> dict:
-    """The VARIANTS whose shared memory (kernels/attention.py's estimate for this triton, bf16) fits `device`;
-    the others are named on stdout and skipped (split2 with BLOCK_N 64 needs 256 KiB on triton 3.6)."""
+    """The VARIANTS (head dim 384: kernels/attention.py's configs for it) whose shared memory (kernels/attention.py's
+    estimate for this triton, bf16) fits `device`; the others are named on stdout and skipped (split2 with
+    BLOCK_N 64 needs 256 KiB on triton 3.6)."""
     import triton
 
-    from sdvae_fast.kernels.attention import _smem_bytes
     from sdvae_fast.kernels._common import max_shared_memory
+    from sdvae_fast.kernels.attention import _smem_bytes, attention_configs, head_dim_block
 
+    variants = VARIANTS
+    if HEAD_DIM == 384:  # the kernel's own configs for 384 (three column chunks per program)
+        variants = {f"BLOCK_N {c.kwargs['BLOCK_N']}, {c.kwargs['DV_CHUNKS']} x BLOCK_DV {c.kwargs['BLOCK_DV']}":
+                    dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in attention_configs(384)}
     limit = max_shared_memory(device)
     kept = {}
-    for name, cfg in VARIANTS.items():
-        tiles = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+    for name, cfg in variants.items():
+        tiles = {k: v for k, v in cfg.items() if k.startswith("BLOCK") or k == "DV_CHUNKS"}
         need = _smem_bytes(triton.Config(tiles, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
-                           HEAD_DIM, 2)
+                           head_dim_block(HEAD_DIM), 2)
         if need <= limit:
             kept[name] = cfg
         else:
@@ -67,6 +75,9 @@ def parse_args():
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for attention.csv/.md")
     parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536], help="sequence lengths")
     parser.add_argument("--no-variants", action="store_true", help="skip timing the fixed-tile variants")
+    parser.add_argument("--head-dim", type=int, choices=(512, 384), default=512,
+                        help="512 (every kl-f8 VAE's mid block) or 384 (FLUX.2's small decoder, unpadded: three "
+                             "column chunks per program); 384 writes attention_d384.csv/.md")
     return parser.parse_args()
 
 
@@ -99,15 +110,20 @@ def rel_l2(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _stem() -> str:
+    return "attention" if HEAD_DIM == 512 else f"attention_d{HEAD_DIM}"
+
+
 def write_results(out: Path, rows_out: list, support: dict) -> None:
-    """attention.csv and attention.md in `out` (rewritten after every N, so a run cut short keeps its rows)."""
-    with open(out / "attention.csv", "w", newline="") as f:
+    """attention.csv and attention.md in `out` (attention_d384.* for head dim 384), rewritten after every N, so a
+    run cut short keeps its rows."""
+    with open(out / f"{_stem()}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
         writer.writeheader()
         writer.writerows(rows_out)
-    with open(out / "attention.md", "w") as f:
+    with open(out / f"{_stem()}.md", "w") as f:
         f.write(f"# Attention, bf16, 1 head, head dim {HEAD_DIM} ({torch.cuda.get_device_name()})\n\n")
-        f.write("SDPA backends accepting head dim 512 (bf16): "
+        f.write(f"SDPA backends accepting head dim {HEAD_DIM} (bf16): "
                 + ", ".join(f"{name}: {status}" for name, status in support.items()) + "\n\n")
         f.write("| " + " | ".join(rows_out[0]) + " |\n|" + "---|" * len(rows_out[0]) + "\n")
         for row in rows_out:
@@ -115,7 +131,9 @@ def write_results(out: Path, rows_out: list, support: dict) -> None:
 
 
 def main() -> int:
+    global HEAD_DIM
     args = parse_args()
+    HEAD_DIM = args.head_dim
     if not torch.cuda.is_available():
         print("bench_attention.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.",
               file=sys.stderr)
@@ -123,14 +141,14 @@ def main() -> int:
     import triton.testing
 
     from sdvae_fast import autotune_table
-    from sdvae_fast.kernels.attention import _autotuned_kernel, attention_flops, attention_forward
+    from sdvae_fast.kernels.attention import _autotuned_kernel, attention_flops, attention_forward, head_dim_block
 
     start = time.time()
     device = torch.device("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
     scale = HEAD_DIM ** -0.5
     support = sdpa_backend_support(device)
-    print("SDPA backends for bf16 head dim 512:", support)
+    print(f"SDPA backends for bf16 head dim {HEAD_DIM}:", support)
 
     rows_out = []
     for n in args.n:
@@ -146,7 +164,7 @@ def main() -> int:
         reference = reference_rows(q, k, v, rows, scale)
         err_ours, err_sdpa = rel_l2(ours[:, :, rows], reference), rel_l2(theirs[:, :, rows], reference)
         ok = bool(torch.isfinite(ours).all()) and err_ours <= 2 * err_sdpa + 1e-3
-        config = autotune_table.last_config(_autotuned_kernel(HEAD_DIM))
+        config = autotune_table.last_config(_autotuned_kernel(head_dim_block(HEAD_DIM)))
         print(f"N={n}: rel L2 ours {err_ours:.2e}, SDPA {err_sdpa:.2e} -> {'ok' if ok else 'WRONG'}; "
               f"autotuned {config}")
 
@@ -178,7 +196,7 @@ def main() -> int:
         torch.cuda.empty_cache()
         write_results(args.out, rows_out, support)
 
-    print(f"wrote {args.out / 'attention.csv'} and {args.out / 'attention.md'} in {time.time() - start:.1f} s")
+    print(f"wrote {args.out / (_stem() + '.csv')} and {args.out / (_stem() + '.md')} in {time.time() - start:.1f} s")
     return 0 if all(row["correct"] for row in rows_out) else 1
 
 

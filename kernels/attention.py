@@ -32,6 +32,13 @@ registers and no spill, (64, 32, 64, 256, 8) 203; (128, 64, 64, 128, 8) spills 4
 Shared memory measured the same way is num_stages * BLOCK_N * (D + BLOCK_DV) * 2 + BLOCK_M * BLOCK_DK * 2
 bytes for 16-bit inputs (the whole K tile is staged): `_smem_bytes` uses that formula.
 
+Head dims of 3 * 2^j (FLUX.2's small decoder has 384) are not padded to the next power of two, which at 384 would
+waste a quarter of the P V work: a program holds DV_CHUNKS = 3 accumulators of BLOCK_DV columns each, updated from
+the same P tile (`head_dim_block`). Measured as above (triton 3.9, bf16): D = 384 unsplit (64, 64, 64, 3 x 128,
+8 warps, 1 stage) 240 registers, (64, 32, 64, 3 x 128, 8, 2) 209, split S = 2 (64, 64, 64, 3 x 64, 8, 2) 207;
+D = 96 (64, 64, 32, 3 x 32, 4, 2) 162; none spills. With one stage the compile needs less shared memory than the
+formula (65536 bytes against 106496 for the first D = 384 config): the estimate is an upper bound there.
+
 Memory layout: q, k, v, out are (B, H, N, D) with arbitrary strides (the mid-block passes strided views into one
 channels_last qkv tensor). The scalar base pointer of each program (batch, head, first row, first column) is
 computed in int64, so B*N*D and batch strides may exceed 2^31 (N = 262144, D = 512 reaches it at B >= 16, and
@@ -70,12 +77,15 @@ def _attention_fwd_kernel(
     DOT_FP32: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    DV_CHUNKS: tl.constexpr = 1,
 ):
-    """One program: BLOCK_M query rows x BLOCK_DV output columns of one (batch, head).
+    """One program: BLOCK_M query rows x DV_CHUNKS * BLOCK_DV output columns of one (batch, head).
 
-    Grid: (cdiv(n_q, BLOCK_M), B * num_heads, cdiv(HEAD_DIM, BLOCK_DV)). `qk_scale` is scale * log2(e).
-    BLOCK_DK and BLOCK_DV are powers of two; columns past HEAD_DIM are masked. DOT_FP32 and ROUND_BF16 are the
-    interpreter workarounds (docs/design.md, section 9): fp32 dot operands, and round-to-nearest before bf16 casts.
+    Grid: (cdiv(n_q, BLOCK_M), B * num_heads, cdiv(HEAD_DIM, DV_CHUNKS * BLOCK_DV)). `qk_scale` is
+    scale * log2(e). BLOCK_DK and BLOCK_DV are powers of two; DV_CHUNKS is 1 or 3: with 3, a program's columns
+    are three BLOCK_DV-wide accumulators, so a head dim of 3 * 2^k (384) is covered without padding it to the
+    next power of two. Columns past HEAD_DIM are masked. DOT_FP32 and ROUND_BF16 are the interpreter
+    workarounds (docs/design.md, section 9): fp32 dot operands, and round-to-nearest before bf16 casts.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -83,7 +93,7 @@ def _attention_fwd_kernel(
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     row0 = pid_m.to(tl.int64) * BLOCK_M  # first query row of this program
-    col0 = pid_dv.to(tl.int64) * BLOCK_DV  # first output column of this program
+    col0 = pid_dv.to(tl.int64) * (DV_CHUNKS * BLOCK_DV)  # first output column of this program
 
     # int64 only in the scalar base pointers (batch, head, row and column block); offsets inside a tile are
     # int32 (the launcher keeps per-row and per-column strides below 2^21 elements, so they cannot overflow).
@@ -102,10 +112,14 @@ def _attention_fwd_kernel(
         dk_mask = tl.full([BLOCK_DK], 1, tl.int1)
     else:
         dk_mask = offs_dk < HEAD_DIM
-    if HEAD_DIM % BLOCK_DV == 0:
+    if HEAD_DIM % (DV_CHUNKS * BLOCK_DV) == 0:
         dv_mask = tl.full([BLOCK_DV], 1, tl.int1)
+        dv_mask1 = dv_mask
+        dv_mask2 = dv_mask
     else:
-        dv_mask = (pid_dv * BLOCK_DV + offs_dv) < HEAD_DIM
+        dv_mask = (pid_dv * (DV_CHUNKS * BLOCK_DV) + offs_dv) < HEAD_DIM
+        dv_mask1 = (pid_dv * (DV_CHUNKS * BLOCK_DV) + BLOCK_DV + offs_dv) < HEAD_DIM
+        dv_mask2 = (pid_dv * (DV_CHUNKS * BLOCK_DV) + 2 * BLOCK_DV + offs_dv) < HEAD_DIM
 
     q_ptrs = q_base + (offs_m[:, None] * stride_qn + offs_dk[None, :] * stride_qd)  # (BLOCK_M, BLOCK_DK)
     kt_ptrs = k_base + (offs_n[None, :] * stride_kn + offs_dk[:, None] * stride_kd)  # K^T tile (BLOCK_DK, BLOCK_N)
@@ -114,6 +128,9 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 scaled scores)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if DV_CHUNKS == 3:
+        acc1 = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # columns BLOCK_DV .. 2 BLOCK_DV of this program
+        acc2 = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # columns 2 BLOCK_DV .. 3 BLOCK_DV
 
     if BLOCK_DK >= HEAD_DIM:
         # The whole query tile fits: load it once for all K/V steps.
@@ -152,25 +169,46 @@ def _attention_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
 
-        v = tl.load(v_ptrs, mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
         if ROUND_BF16:
             p = round_to_bf16(p)
         p = p.to(V.dtype.element_ty)  # P enters the PV product in the input dtype, as in FlashAttention
         if DOT_FP32:
             p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        acc = _pv_step(acc, alpha, p, v_ptrs, n_mask, dv_mask, DOT_FP32, INPUT_PRECISION)
+        if DV_CHUNKS == 3:
+            acc1 = _pv_step(acc1, alpha, p, v_ptrs + BLOCK_DV * stride_vd, n_mask, dv_mask1, DOT_FP32,
+                            INPUT_PRECISION)
+            acc2 = _pv_step(acc2, alpha, p, v_ptrs + 2 * BLOCK_DV * stride_vd, n_mask, dv_mask2, DOT_FP32,
+                            INPUT_PRECISION)
         m_i = m_new
 
         kt_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows without any key (never for n_kv >= 1) stay 0, not NaN
+    o_ptrs = o_base + (offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od)
+    _store_out(acc, l_safe, o_ptrs, m_mask, dv_mask, ROUND_BF16)
+    if DV_CHUNKS == 3:
+        _store_out(acc1, l_safe, o_ptrs + BLOCK_DV * stride_od, m_mask, dv_mask1, ROUND_BF16)
+        _store_out(acc2, l_safe, o_ptrs + 2 * BLOCK_DV * stride_od, m_mask, dv_mask2, ROUND_BF16)
+
+
+@triton.jit
+def _pv_step(acc, alpha, p, v_ptrs, n_mask, dv_mask, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One K/V step of one accumulator chunk: `acc * alpha + p @ v` for the (BLOCK_N, BLOCK_DV) tile at v_ptrs."""
+    v = tl.load(v_ptrs, mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
+    if DOT_FP32:
+        v = v.to(tl.float32)
+    return tl.dot(p, v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _store_out(acc, l_safe, o_ptrs, m_mask, dv_mask, ROUND_BF16: tl.constexpr):
+    """Normalise one accumulator chunk by the row sums and store it (masked rows and columns are not written)."""
     out = acc / l_safe[:, None]
     if ROUND_BF16:
         out = round_to_bf16(out)
-    o_ptrs = o_base + (offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
+    tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -178,23 +216,54 @@ def _attention_fwd_kernel(
 # -----------------------------------------------------------------------------------------------------------------
 
 
-def _config(block_m, block_n, block_dk, block_dv, num_warps, num_stages) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv},
-        num_warps=num_warps, num_stages=num_stages,
-    )
+def _config(block_m, block_n, block_dk, block_dv, num_warps, num_stages, dv_chunks=1) -> triton.Config:
+    tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv}
+    if dv_chunks != 1:  # the kernel's default; configs of power-of-two head dims keep their recorded keys
+        tiles["DV_CHUNKS"] = dv_chunks
+    return triton.Config(tiles, num_warps=num_warps, num_stages=num_stages)
+
+
+def head_dim_block(head_dim: int) -> int:
+    """The head dim the configs are chosen for: the smallest power of two 2^k or 3 * 2^(k-2) >= head_dim.
+
+    A head dim of 3 * 2^j (48, 96, 192, 384: FLUX.2's small decoder has 384) runs as three power-of-two column
+    chunks (DV_CHUNKS = 3) instead of being padded to the next power of two (a quarter of the work wasted at
+    384). Chunks stay at least 16 wide (the smallest `tl.dot` tile). Raises ValueError for head_dim < 1.
+    """
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be positive, got {head_dim}")
+    power = triton.next_power_of_2(head_dim)
+    three_quarters = 3 * power // 4
+    return three_quarters if power >= 64 and head_dim <= three_quarters else power
 
 
 def attention_configs(block_d: int) -> list[triton.Config]:
-    """Autotune configs for a head dim padded to the power of two `block_d`; the first is the default.
+    """Autotune configs for the head dim block `block_d` (`head_dim_block`); the first is the default.
 
-    block_d <= 128: the usual flash tiling, one program owns all output columns and holds its query tile.
+    block_d <= 128 (power of two): the usual flash tiling, one program owns all output columns and holds its
+    query tile.
     block_d 256: unsplit with the query tile chunked or held, or split in two column halves.
     block_d 512: column splits S = 2 (BLOCK_DV 256) and S = 4 (BLOCK_DV 128), plus the unsplit variant
     (BLOCK_DV 512, whose accumulator spills a little) so the autotuner measures it too.
+    block_d 3 * 2^j (48 .. 384): three column chunks of 2^j (DV_CHUNKS 3), QK^T reduced in chunks of 2^j (or
+    64); at 384 the unsplit program (three 128-wide accumulators, QK^T computed once) and the split S = 2 (three
+    64-wide chunks per program).
     The interpreter and any CPU run use the first config only; on a GPU the autotuner skips any config that
     runs out of shared memory. Register use of these configs on sm_90 is in the module docstring.
     """
+    if block_d & (block_d - 1):
+        chunk = block_d // 3
+        if block_d <= 192:
+            return [
+                _config(64, 64, chunk, chunk, 8 if block_d > 96 else 4, 2, 3),
+                _config(128, 64, chunk, chunk, 8, 2, 3),
+                _config(64, 32, chunk, chunk, 4, 3, 3),
+            ]
+        return [
+            _config(64, 64, 64, 128, 8, 1, 3),  # unsplit, the default
+            _config(64, 32, 64, 128, 8, 2, 3),
+            _config(64, 64, 64, 64, 8, 2, 3),  # S = 2
+        ]
     if block_d <= 128:
         return [
             _config(64, 64, block_d, block_d, 4, 2),
@@ -230,7 +299,7 @@ def _smem_bytes(config: triton.Config, block_d: int, elem_size: int) -> int:
     [BLOCK_M, BLOCK_DK] query chunk with triton 3.9, all D columns of it with earlier releases.
     """
     kw = config.kwargs
-    kv_tiles = config.num_stages * kw["BLOCK_N"] * (block_d + kw["BLOCK_DV"])
+    kv_tiles = config.num_stages * kw["BLOCK_N"] * (block_d + kw["BLOCK_DV"] * kw.get("DV_CHUNKS", 1))
     query = kw["BLOCK_M"] * (max(block_d, kw["BLOCK_DK"]) if _QUERY_HOISTED else kw["BLOCK_DK"])
     return (kv_tiles + query) * elem_size
 
@@ -239,7 +308,7 @@ _AUTOTUNED: dict[int, object] = {}
 
 
 def _autotuned_kernel(block_d: int):
-    """The autotuned kernel for padded head dim `block_d` (one autotuner per config list, built on first use).
+    """The autotuned kernel for head dim block `block_d` (one autotuner per config list, built on first use).
 
     The key holds the sequence lengths and head dim (and, implicitly, the dtypes) but never the batch, so every
     batch size runs the same config: one sample's output is bitwise the same alone or in a batch.
@@ -307,8 +376,9 @@ def attention_forward(
         out: optional preallocated output, same shape/dtype/device as q, any strides; every element is written
             (tests fill it with NaN to prove that).
         config: optional fixed tile config, a dict with BLOCK_M, BLOCK_N, BLOCK_DK, BLOCK_DV (powers of two,
-            BLOCK_* >= 16) and optionally num_warps, num_stages; bypasses the autotuner (tests and benchmarks
-            use it to run the split and unsplit variants). Default: autotuned (first config off the GPU).
+            BLOCK_* >= 16) and optionally DV_CHUNKS (1 or 3 column chunks per program), num_warps,
+            num_stages; bypasses the autotuner (tests and benchmarks use it to run the split and unsplit
+            variants). Default: autotuned (first config off the GPU).
     Returns:
         The output, shape of q, dtype of q (a new contiguous tensor unless `out` is given).
     Raises:
@@ -364,15 +434,19 @@ def attention_forward(
     )
 
     def grid(meta):
-        return (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads, triton.cdiv(head_dim, meta["BLOCK_DV"]))
+        columns = meta["BLOCK_DV"] * meta.get("DV_CHUNKS", 1)  # output columns per program
+        return (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads, triton.cdiv(head_dim, columns))
 
     if config is None:
-        launch(_autotuned_kernel(triton.next_power_of_2(head_dim)), grid, *args, **consts)
+        launch(_autotuned_kernel(head_dim_block(head_dim)), grid, *args, **consts)
     else:
         tiles = {key: int(config[key]) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_DK", "BLOCK_DV")}
         for key, value in tiles.items():
             if value < 16 or value & (value - 1):
                 raise ValueError(f"config[{key!r}] must be a power of two >= 16, got {value}")
+        tiles["DV_CHUNKS"] = int(config.get("DV_CHUNKS", 1))
+        if tiles["DV_CHUNKS"] not in (1, 3):
+            raise ValueError(f"config['DV_CHUNKS'] must be 1 or 3, got {tiles['DV_CHUNKS']}")
         _attention_fwd_kernel[grid(tiles)](
             *args, **consts, **tiles,
             num_warps=int(config.get("num_warps", 4)), num_stages=int(config.get("num_stages", 2)),
@@ -387,4 +461,7 @@ def attention_flops(batch_heads: int, n_q: int, n_kv: int, head_dim: int) -> flo
     return 4.0 * batch_heads * n_q * n_kv * head_dim
 
 
-__all__ = ["attention_forward", "attention_supported", "attention_configs", "attention_flops", "MAX_HEAD_DIM"]
+__all__ = [
+    "attention_forward", "attention_supported", "attention_configs", "attention_flops", "head_dim_block",
+    "MAX_HEAD_DIM",
+]

@@ -14,6 +14,7 @@ import importlib
 __all__ = [
     "AutoencoderKL",
     "ConsistencyDecoderVAE",
+    "AutoencoderKLFlux2",
     "StandaloneAutoencoderKL",
     "AutoencoderKLOutput",
     "DecoderOutput",
@@ -31,6 +32,7 @@ __all__ = [
 _LAZY = {
     "AutoencoderKL": "sdvae_fast.model",
     "ConsistencyDecoderVAE": "sdvae_fast.consistency",
+    "AutoencoderKLFlux2": "sdvae_fast.flux2",
     "StandaloneAutoencoderKL": "sdvae_fast.model",
     "AutoencoderKLOutput": "sdvae_fast.model",
     "DecoderOutput": "sdvae_fast.model",

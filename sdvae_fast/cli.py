@@ -34,8 +34,8 @@ from typing import Optional, Sequence
 
 # Backend names and the variable the model reads for its default backend; `--backend` wins over it.
 from sdvae_fast.backends import BACKEND_ENV, BACKENDS
-from sdvae_fast.configs import PUBLIC_PRESETS, config_dict, family_of, scaling_of
-from sdvae_fast.latents_io import check_latents, json_field, read_latents, write_latents
+from sdvae_fast.configs import CLI_PRESETS, FLUX2_PRESETS, PUBLIC_PRESETS, config_dict, family_of, scaling_of
+from sdvae_fast.latents_io import FLUX2_BATCH_NORM, check_latents, json_field, read_latents, write_latents
 
 PROG = "sdvae-fast"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -201,12 +201,71 @@ def preset_mismatch(path, preset: str, unsafe_pickle: bool = False, option: str 
     return f"{option} {preset} does not fit {path}: the weights have {has}; {what} says {says}. {advice}."
 
 
+def _flux2_subfolder(path: Path) -> Optional[str]:
+    """"" (config.json at the top) or "vae" (a pipeline folder) when `path` is a diffusers folder of FLUX.2's VAE
+    (`_class_name` "AutoencoderKLFlux2"), else None."""
+    for sub in ("", "vae"):
+        candidate = path / sub / "config.json"
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except (OSError, ValueError):
+                return None
+            return sub if isinstance(data, dict) and data.get("_class_name") == "AutoencoderKLFlux2" else None
+    return None
+
+
+def _build_flux2(args, overrides: dict):
+    """FLUX.2's VAE (`sdvae_fast.AutoencoderKLFlux2`) when `--preset flux2|flux2-small` or `--vae` names a folder
+    whose config's `_class_name` is AutoencoderKLFlux2; None otherwise (see `load_vae`).
+
+    Raises:
+        CLIError: scaling options (FLUX.2's latents are normalised by its BatchNorm, not scaled), `--preset` or
+        `--config` with such a folder, or a FLUX.2 preset with a single checkpoint file (not supported).
+    """
+    preset = args.preset if args.preset in FLUX2_PRESETS else None
+    subfolder = _flux2_subfolder(Path(args.vae)) if args.vae and Path(args.vae).is_dir() else None
+    if preset is None and subfolder is None:
+        return None
+    from sdvae_fast.flux2 import AutoencoderKLFlux2
+
+    what = f"--preset {preset}" if subfolder is None else f"--vae {args.vae} (FLUX.2's VAE)"
+    scaling = [f"--{k.replace('_', '-')}" for k in ("scaling_factor", "shift_factor") if k in overrides]
+    if scaling:
+        raise CLIError(f"{' / '.join(scaling)} do not apply to {what}: FLUX.2's latents are normalised by the VAE's "
+                       f"BatchNorm statistics, not scaled")
+    if subfolder is not None:
+        if args.preset or getattr(args, "config", None):
+            option = "--preset" if args.preset else "--config"
+            raise CLIError(f"{option} applies to single files and seeded weights; the diffusers folder {args.vae} "
+                           f"carries its own config.json")
+        return AutoencoderKLFlux2.from_pretrained(str(args.vae), subfolder=subfolder or None, **overrides)
+    if args.vae:
+        raise CLIError(f"--preset {preset}: single checkpoint files of FLUX.2's VAE are not supported; pass a "
+                       f"diffusers folder (its config.json says _class_name AutoencoderKLFlux2) with --vae")
+    if getattr(args, "config", None):
+        raise CLIError(f"--config {args.config} describes how to read a single checkpoint file; give it with "
+                       f"--vae FILE (for seeded random weights use --preset)")
+    vae = AutoencoderKLFlux2.from_preset(preset, seed=args.seed, **overrides)
+    _warn(f"no --vae given: preset {preset!r} with seeded random weights (seed {args.seed}); its output is not a "
+          f"meaningful image. Pass --vae PATH for real weights.")
+    return vae
+
+
+def _is_flux2(vae) -> bool:
+    """Whether `vae` is FLUX.2's VAE (latents normalised by its BatchNorm `bn`, no scaling_factor)."""
+    return type(vae).__name__ == "AutoencoderKLFlux2"
+
+
 def _build_vae(args):
     """The model `--vae`/`--preset`/scaling options name, on CPU in float32 (see `load_vae`)."""
     from sdvae_fast.loading import TINY_FOLDER, TINY_NAMES, CheckpointError
     from sdvae_fast.model import AutoencoderKL
 
     overrides = _overrides(args)
+    flux2 = _build_flux2(args, overrides)
+    if flux2 is not None:
+        return flux2
     if args.vae:
         path = Path(args.vae)
         if not path.exists() and args.vae in TINY_NAMES:
@@ -508,24 +567,34 @@ def cmd_encode(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     vae = load_vae(args, device=device, dtype=dtype)
-    scaling, shift = scaling_of(vae)
+    flux2 = _is_flux2(vae)
+    # FLUX.2: latents are patchified (2x2), so images are padded to 16 pixels, and normalised by the BatchNorm.
+    scaling, shift = (1.0, 0.0) if flux2 else scaling_of(vae)
+    multiple = vae.downsample_factor * max(vae.patch_size) if flux2 else 8
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.sample else None
 
     tensors, entries = {}, []
     with torch.no_grad():
         for name, src, x in tqdm(list(zip(_unique_names(args.images), args.images, images)), desc="encode",
                                  unit="img", file=sys.stderr, disable=args.quiet):
-            padded, (h, w) = pad_to_multiple(x, 8)
+            padded, (h, w) = pad_to_multiple(x, multiple)
             dist = vae.encode(padded.to(device=device, dtype=dtype)).latent_dist
             z = dist.sample(generator=generator) if args.sample else dist.mode()
-            tensors[name] = ((z.float() - shift) * scaling).cpu().contiguous()  # (1, C, h, w) scaled
+            if flux2:  # (1, 4C, h/2, w/2): what FLUX.2 pipelines hand their transformer
+                tensors[name] = vae.normalize_latents(vae.patchify_latents(z.float())).cpu().contiguous()
+            else:
+                tensors[name] = ((z.float() - shift) * scaling).cpu().contiguous()  # (1, C, h, w) scaled
             entries.append({"key": name, "source": src, "height": h, "width": w})
     out = write_latents(args.output, tensors, scaling=scaling, shift=shift,
-                        posterior="sample" if args.sample else "mode", config=config_dict(vae), entries=entries)
+                        posterior="sample" if args.sample else "mode", config=config_dict(vae), entries=entries,
+                        model=type(vae).__name__, normalization=FLUX2_BATCH_NORM if flux2 else "scaling")
     for entry in entries:
         shape = tuple(tensors[entry["key"]].shape)
         print(f"{entry['key']}: {entry['width']}x{entry['height']} -> latents {shape}")
-    print(f"wrote {out} (scaled: (z - {shift}) * {scaling})")
+    if flux2:
+        print(f"wrote {out} (FLUX.2: patchified 2x2, normalised by the VAE's BatchNorm statistics)")
+    else:
+        print(f"wrote {out} (scaled: (z - {shift}) * {scaling})")
     return 0
 
 
@@ -551,6 +620,9 @@ def cmd_decode(args) -> int:
     device, rank = start_patch_parallel(args)
     dtype = resolve_dtype(args.dtype, device)
     vae = _model_for(args, device, dtype)
+    normalization = metadata.get("normalization", "scaling")
+    if _is_flux2(vae) or normalization == FLUX2_BATCH_NORM:
+        return _decode_flux2(args, vae, batches, metadata, sizes, device, dtype, rank)
     model_scaling, model_shift = scaling_of(vae)
     scaling = float(metadata.get("scaling_factor", model_scaling))
     shift = float(metadata.get("shift_factor", model_shift))
@@ -592,6 +664,71 @@ def cmd_decode(args) -> int:
     return 0
 
 
+def _decode_flux2(args, vae, batches: dict, metadata: dict, sizes: dict, device, dtype, rank: int) -> int:
+    """`decode` of FLUX.2 latents: each (N, 4C, h, w) tensor denormalised with the VAE's BatchNorm statistics and
+    unpatchified to (N, C, 2h, 2w) before `decode`, as FLUX.2 pipelines do. A file marked
+    `normalization: scaling` (another VAE's scaled latents) or FLUX.2 latents with another VAE are CLI errors,
+    as are tensors whose channel count is not the BatchNorm's."""
+    torch = _torch()
+    from tqdm import tqdm
+
+    from sdvae_fast.images import to_pil
+
+    normalization = metadata.get("normalization", "scaling" if "scaling_factor" in metadata else FLUX2_BATCH_NORM)
+    if not _is_flux2(vae):
+        raise CLIError(f"{args.latents} holds FLUX.2 latents (normalised by its BatchNorm); decode them with "
+                       f"FLUX.2's VAE (--vae FOLDER of an AutoencoderKLFlux2, or --preset flux2 / flux2-small)")
+    if normalization != FLUX2_BATCH_NORM:
+        raise CLIError(f"{args.latents} holds latents scaled by scaling_factor={metadata.get('scaling_factor')} "
+                       f"(model {metadata.get('model', 'AutoencoderKL')}), not FLUX.2's BatchNorm-normalised "
+                       f"latents; decode them with the VAE that encoded them")
+    channels = vae.bn.num_features
+    for key, latents in batches.items():
+        if latents.shape[1] != channels:
+            raise CLIError(f"{args.latents}: tensor {key!r} has shape {tuple(latents.shape)}; FLUX.2's VAE expects "
+                           f"patchified latents (N, {channels}, h, w)")
+    out_dir = Path(args.out)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for key, latents in tqdm(batches.items(), desc="decode", unit="tensor", file=sys.stderr,
+                                 disable=args.quiet or rank != 0):
+            tokens = latents.to(device=device, dtype=torch.float32)  # (N, 4C, h, w) normalised
+            z = vae.unpatchify_latents(vae.denormalize_latents(tokens))  # (N, C, 2h, 2w)
+            y = vae.decode(z.to(dtype)).sample  # (N, 3, 16h, 16w)
+            if rank != 0:
+                continue
+            if key in sizes:
+                h, w = sizes[key]
+                y = y[..., :h, :w]
+            for j, img in enumerate(to_pil(y)):
+                path = out_dir / (f"{key}.png" if y.shape[0] == 1 else f"{key}_{j}.png")
+                img.save(path)
+                print(f"{path}  {img.width}x{img.height}")
+    return 0
+
+
+def _flux2_info(info: dict, config_path: Path) -> None:
+    """Correct `inspect_checkpoint`'s report of a FLUX.2 VAE folder in place: the model class, the family
+    ("flux2", "flux2-small", or FLUX.2 with other widths), the whole config.json (decoder widths and BatchNorm
+    fields included), no scaling_factor source, and how its latents are normalised."""
+    data = json.loads(config_path.read_text())
+    public = {k: v for k, v in data.items() if not k.startswith("_")}
+    family = next((name for name, preset in FLUX2_PRESETS.items()
+                   if all(json.dumps(public.get(k)) == json.dumps(list(v) if isinstance(v, tuple) else v)
+                          for k, v in preset.items() if k in ("block_out_channels", "decoder_block_out_channels",
+                                                               "latent_channels", "norm_num_groups"))), None)
+    info["model"] = "AutoencoderKLFlux2"
+    info["family"] = family or "FLUX.2 (widths of no preset)"
+    info["family_certain"] = True
+    info["family_reason"] = "_class_name AutoencoderKLFlux2 in config.json"
+    info["config"] = public
+    info["config_sources"] = {"norm_num_groups": "config.json"}
+    info["latent_normalization"] = (f"BatchNorm statistics (bn.running_mean, bn.running_var, batch_norm_eps "
+                                    f"{public.get('batch_norm_eps')}) over {public.get('patch_size')}-patchified "
+                                    f"latents, applied by pipelines around encode/decode; no scaling_factor")
+
+
 def cmd_info(args) -> int:
     """Print what `inspect_checkpoint` detects: layout, model family, config, parameter count and dtype.
 
@@ -618,6 +755,9 @@ def cmd_info(args) -> int:
         if mismatch:
             raise CLIError(mismatch)
     info = inspect_checkpoint(str(path), config=config, unsafe_pickle=args.unsafe_pickle, **_overrides(args))
+    subfolder = _flux2_subfolder(path) if path.is_dir() else None
+    if subfolder is not None:
+        _flux2_info(info, path / subfolder / "config.json")
     if args.preset:
         info["family"], info["family_certain"], info["family_reason"] = args.preset, True, f"--preset {args.preset}"
     sources = info.get("config_sources", {})
@@ -750,11 +890,13 @@ def _checkpoint_options(parser: argparse.ArgumentParser, *, with_vae: bool) -> N
                                 "(.safetensors/.ckpt/.pt, any layout: diffusers, LDM, whole-model); auto-detected. "
                                 f"Default: the shipped {DEFAULT_VAE}, else preset sd15 with seeded weights")
     alone = "alone, seeded random weights; " if with_vae else ""
-    group.add_argument("--preset", metavar="NAME", choices=PUBLIC_PRESETS,
-                       help=f"architecture and scaling preset ({', '.join(PUBLIC_PRESETS)}): {alone}with a single "
+    group.add_argument("--preset", metavar="NAME", choices=CLI_PRESETS if with_vae else PUBLIC_PRESETS,
+                       help=f"architecture and scaling preset ({', '.join(CLI_PRESETS if with_vae else PUBLIC_PRESETS)}"
+                            f"): {alone}with a single "
                             "checkpoint file, the model family to read it as (SD 1.x and SDXL VAEs, and SD3 and "
                             "FLUX.1 VAEs, have the same weight shapes); the preset's architecture must fit the "
-                            "weights")
+                            "weights. flux2 / flux2-small (FLUX.2's VAE and its small decoder) take seeded weights "
+                            "only; a FLUX.2 diffusers folder is detected from its config's _class_name")
     group.add_argument("--scaling-factor", type=float, metavar="X",
                        help="the config's scaling_factor (latents are scaled (z - shift_factor) * scaling_factor); "
                             "default: the checkpoint's or preset's")

@@ -235,3 +235,38 @@ def family_of(scaling: float, shift: float) -> str:
         if preset["scaling_factor"] == scaling and float(preset.get("shift_factor") or 0.0) == shift:
             return name
     return ""
+
+
+# FLUX.2's VAE (`sdvae_fast.AutoencoderKLFlux2`, diffusers' `AutoencoderKLFlux2`): its own config fields, so its
+# presets live apart from `PRESETS` (AutoencoderKL fields only). Values: the defaults of diffusers 0.42.1's
+# `AutoencoderKLFlux2.__init__`, which are the published FLUX.2 `vae/config.json` (kl-f8, 32 latent channels, quant
+# convs, BatchNorm eps 1e-4 and momentum 0.1 over 2x2-patchified latents, no scaling_factor / shift_factor); the
+# small decoder (black-forest-labs/FLUX.2-small-decoder, diffusers pull request 13428 added
+# `decoder_block_out_channels` for it) has decoder widths 96/192/384/384 with the full encoder.
+_FLUX2 = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": _SD_WIDTHS,
+    "decoder_block_out_channels": None,
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 32,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+    "batch_norm_eps": 1e-4,
+    "batch_norm_momentum": 0.1,
+    "patch_size": (2, 2),
+}
+
+FLUX2_PRESETS: dict[str, dict[str, Any]] = {
+    "flux2": dict(_FLUX2),
+    "flux2-small": dict(_FLUX2, decoder_block_out_channels=(96, 192, 384, 384)),
+}
+# The presets the command line's `--preset` of the VAE commands offers: the AutoencoderKL ones, then FLUX.2's
+# (`train --preset` keeps PUBLIC_PRESETS: it trains AutoencoderKLs only).
+CLI_PRESETS = PUBLIC_PRESETS + tuple(FLUX2_PRESETS)

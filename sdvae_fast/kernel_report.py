@@ -752,7 +752,7 @@ def collect_variants(launches: Iterable[Tuple[str, str, dict]] = VAE_LAUNCHES, d
 
 
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-_TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_DK", "BLOCK_DV")
+_TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_DK", "BLOCK_DV", "DV_CHUNKS")
 
 
 def _plan_spec(name: str, named: dict, constexprs: dict) -> Tuple[str, dict]:
@@ -850,13 +850,14 @@ def analyze_variant(variant: Variant, config: Tuple[dict, int, int], arch: int =
 def useful_macs(variant: Variant, config: Tuple[dict, int, int]) -> Optional[int]:
     """MACs one main-loop iteration of a CTA needs by the algorithm (None where not modelled): conv
     BLOCK_M * BLOCK_N * BLOCK_K; attention (one K/V step) BLOCK_M * BLOCK_N * (QK^T depth) + BLOCK_M * BLOCK_DV *
-    BLOCK_N. More executed than useful MACs means warpgroups repeat work (a layout that broadcasts a tile)."""
+    DV_CHUNKS * BLOCK_N. More executed than useful MACs means warpgroups repeat work (a layout that broadcasts a
+    tile)."""
     t = config[0]
     if variant.kernel == "_conv_kernel":
         return t["BLOCK_M"] * t["BLOCK_N"] * t["BLOCK_K"]
     if variant.kernel == "_attention_fwd_kernel":
         depth = -(-int(variant.launch.constexprs["HEAD_DIM"]) // t["BLOCK_DK"]) * t["BLOCK_DK"]
-        return t["BLOCK_M"] * t["BLOCK_N"] * (depth + t["BLOCK_DV"])
+        return t["BLOCK_M"] * t["BLOCK_N"] * (depth + t["BLOCK_DV"] * t.get("DV_CHUNKS", 1))
     return None
 
 

@@ -2,8 +2,10 @@
 
 Layout: one float32 tensor per image, (1, C, h, w) scaled latents `(z - shift_factor) * scaling_factor`, keyed by
 the image's name. Metadata (all strings): `format` (`LATENTS_FORMAT`), `scaling_factor` and `shift_factor`
-(Python reprs), `posterior` ("mode" or "sample"), `config` (the VAE config as JSON) and `images` (JSON list of
-{"key", "source", "height", "width"}: the original size, so decoding can crop the padding away). `decode` also
+(Python reprs), `posterior` ("mode" or "sample"), `config` (the VAE config as JSON), `images` (JSON list of
+{"key", "source", "height", "width"}: the original size, so decoding can crop the padding away), `model` (the
+class that encoded them) and `normalization` ("scaling", or `FLUX2_BATCH_NORM` for FLUX.2's (1, 128, h/2, w/2)
+patchified latents normalised by its BatchNorm; files without it are "scaling"). `decode` also
 reads plain safetensors files of (N, C, h, w) or (C, h, w) scaled latents without metadata.
 
 Torch-free at import (safetensors is imported when a file is read or written).
@@ -15,6 +17,9 @@ from pathlib import Path
 from typing import Any, Union
 
 LATENTS_FORMAT = "sdvae-fast latents v1"
+#: The `normalization` metadata of FLUX.2 latents: `normalize_latents(patchify_latents(z))` of
+#: `sdvae_fast.AutoencoderKLFlux2`, what FLUX.2 pipelines hand their transformer.
+FLUX2_BATCH_NORM = "flux2_batch_norm"
 
 
 class LatentsError(ValueError):
@@ -22,7 +27,8 @@ class LatentsError(ValueError):
 
 
 def write_latents(path: Union[str, Path], tensors: dict, *, scaling: float, shift: float, posterior: str,
-                  config: dict, entries: list[dict[str, Any]]) -> Path:
+                  config: dict, entries: list[dict[str, Any]], model: str = "AutoencoderKL",
+                  normalization: str = "scaling") -> Path:
     """Write scaled latents and their metadata; returns the path (its folder is created).
 
     Args:
@@ -32,6 +38,9 @@ def write_latents(path: Union[str, Path], tensors: dict, *, scaling: float, shif
         posterior: "mode" or "sample".
         config: the VAE config (plain dict; values JSON can't encode are written with str()).
         entries: one {"key", "source", "height", "width"} per image.
+        model: the class of the VAE that encoded them ("AutoencoderKL", "AutoencoderKLFlux2").
+        normalization: how the latents were normalised: "scaling" (`(z - shift) * scaling`) or `FLUX2_BATCH_NORM`
+            (FLUX.2: 2x2-patchified, then normalised by the VAE's BatchNorm statistics; scaling 1, shift 0).
     """
     from safetensors.torch import save_file
 
@@ -42,6 +51,8 @@ def write_latents(path: Union[str, Path], tensors: dict, *, scaling: float, shif
         "posterior": posterior,
         "config": json.dumps(config, default=str),
         "images": json.dumps(entries),
+        "model": model,
+        "normalization": normalization,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

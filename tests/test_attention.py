@@ -9,6 +9,7 @@ import copy
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -112,6 +113,68 @@ def test_kernel_split_and_unsplit_variants_agree_with_reference(case, dtype):
     shape, config = VARIANTS[case]
     q, k, v = _qkv(shape, dtype, seed=1)
     _check_kernel(q, k, v, config=config, name=case)
+
+
+# Head dims of 3 * 2^j (FLUX.2's small decoder: 384; its narrow test model: 96) run as three column chunks per
+# program (DV_CHUNKS = 3) instead of being padded to the next power of two.
+THREE_CHUNK_CASES = {
+    "d384_default_b2_n37": ((2, 37, 384), None),
+    "d384_split2_h2_n21": ((1, 2, 21, 384), dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DK=64, BLOCK_DV=64, DV_CHUNKS=3)),
+    "d96_default_b3_n67": ((3, 67, 96), None),
+    "d80_masked_in_last_chunk_b2_n19": ((2, 19, 80), None),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(THREE_CHUNK_CASES), ids=list(THREE_CHUNK_CASES))
+def test_head_dims_of_three_power_of_two_chunks_match_reference(case, dtype):
+    shape, config = THREE_CHUNK_CASES[case]
+    q, k, v = _qkv(shape, dtype, seed=2)
+    _check_kernel(q, k, v, config=config, name=case)
+
+
+def test_head_dim_384_runs_unpadded_as_three_chunks():
+    """384 is covered by programs of exactly 384 (unsplit) or 192 (split) columns: no padding to 512."""
+    from sdvae_fast.kernels import attention
+
+    assert [attention.head_dim_block(d) for d in (48, 64, 80, 96, 128, 384, 400, 512)] == \
+        [48, 64, 96, 96, 128, 384, 512, 512]
+    for config in attention.attention_configs(384):
+        columns = config.kwargs["BLOCK_DV"] * config.kwargs["DV_CHUNKS"]
+        assert config.kwargs["DV_CHUNKS"] == 3 and 384 % columns == 0, config
+
+
+def test_head_dim_384_configs_compile_for_hopper_without_spills():
+    """Without a GPU: every head-dim-384 config (and 96's default) compiled for sm_90 with Triton's bundled ptxas
+    uses at most 255 registers, no stack (spills), and no more shared memory than `_smem_bytes` estimates, which
+    fits an H100/H200's 227 KiB."""
+    code = textwrap.dedent("""
+        import torch
+        from sdvae_fast import kernel_report as kr
+        from sdvae_fast.kernels import attention as A
+
+        for d, configs in ((384, A.attention_configs(384)), (96, A.attention_configs(96)[:1])):
+            q = torch.empty((1, 1, 4096, d), device="meta", dtype=torch.bfloat16)
+            args = (q, q, q, q, *q.stride() * 4, 1, 4096, 4096, 0.1)
+            for c in configs:
+                consts = dict(HEAD_DIM=d, DOT_FP32=False, ROUND_BF16=False, INPUT_PRECISION="tf32", **c.kwargs)
+                kernel = kr.compile_for_sm90(A._attention_fwd_kernel, args, consts, c.num_warps, c.num_stages)
+                _, res = kr.disassemble(kernel.asm["cubin"])
+                estimate = A._smem_bytes(c, A.head_dim_block(d), 2)
+                print(d, c.kwargs, res, kernel.metadata.shared, estimate)
+                assert res["REG"] <= 255 and res["STACK"] == 0, (d, c, res)
+                assert kernel.metadata.shared <= estimate <= 227 * 1024, (d, c, kernel.metadata.shared, estimate)
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if done.returncode != 0 and ("ptxas" in done.stderr or "cuobjdump" in done.stderr) and \
+            "not found" in done.stderr.lower():
+        pytest.skip("Triton's bundled ptxas/cuobjdump is missing on this machine")
+    print(done.stdout)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
 def test_kernel_reads_strided_views_in_place_and_writes_strided_output():
@@ -220,6 +283,8 @@ def test_invalid_arguments_raise_clear_errors():
         attention_forward(q[..., :4], k[..., :4], v[..., :4])
     with pytest.raises(ValueError, match="BLOCK_DV"):
         attention_forward(q, k, v, config=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_DK=64, BLOCK_DV=48))
+    with pytest.raises(ValueError, match="DV_CHUNKS"):
+        attention_forward(q, k, v, config=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_DK=64, BLOCK_DV=32, DV_CHUNKS=2))
     with pytest.raises(ValueError, match="out must be"):
         attention_forward(q, k, v, out=torch.empty(2, 67, 32))
 

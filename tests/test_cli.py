@@ -729,18 +729,20 @@ def test_rgba_images_are_composited_over_white_with_a_warning(tmp_path, capsys):
 
 
 def test_readme_and_help_list_exactly_the_public_presets():
-    from sdvae_fast.configs import PUBLIC_PRESETS, TEST_PRESETS
+    """README lists the model presets (PUBLIC_PRESETS) and the command line's (CLI_PRESETS: those plus FLUX.2's),
+    as `--preset` offers them."""
+    from sdvae_fast.configs import CLI_PRESETS, PUBLIC_PRESETS, TEST_PRESETS
 
     assert set(PUBLIC_PRESETS) | set(TEST_PRESETS) == set(PRESETS)
     readme = (REPO / "README.md").read_text()
-    lists = re.findall(r"`(?:--preset )?((?:\w+\|)+\w+)`", readme)
-    preset_lists = [found for found in lists if "sd15" in found]
-    assert len(preset_lists) >= 2, lists
-    for found in preset_lists:
-        assert found.split("|") == list(PUBLIC_PRESETS), found
+    lists = re.findall(r"`(--preset )?((?:[\w-]+\|)+[\w-]+)`", readme)
+    preset_lists = [(flag, found) for flag, found in lists if "sd15" in found]
+    assert {bool(flag) for flag, _ in preset_lists} == {False, True}, lists
+    for flag, found in preset_lists:
+        assert found.split("|") == list(CLI_PRESETS if flag else PUBLIC_PRESETS), found
     preset_action = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["reconstruct"]._actions
                          if "--preset" in a.option_strings)
-    assert tuple(preset_action.choices) == PUBLIC_PRESETS
+    assert tuple(preset_action.choices) == CLI_PRESETS
     from sdvae_fast.train import add_train_arguments
 
     train_action = next(a for a in add_train_arguments(argparse.ArgumentParser())._actions

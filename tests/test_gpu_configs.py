@@ -17,7 +17,7 @@ GROUPS = 32
 # (N, C_in, H, W) of the small conv inputs; C_out is 32 for the narrow tiles (BLOCK_N <= 32), 256 otherwise.
 CONV_INPUT = (1, 64, 24, 20)
 ATTENTION_TOKENS = 160  # not a multiple of any BLOCK_M or BLOCK_N: the masked tail runs too
-ATTENTION_HEAD_DIMS = (64, 512)
+ATTENTION_HEAD_DIMS = (64, 384, 512)
 
 
 def conv_out_channels(config) -> int:
@@ -88,7 +88,7 @@ def attention_config_dicts(head_dim: int, device) -> list:
     from sdvae_fast.kernels import attention
     from sdvae_fast.kernels._common import max_shared_memory
 
-    block_d = 1 << (head_dim - 1).bit_length()
+    block_d = attention.head_dim_block(head_dim)
     limit = max_shared_memory(device)
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
             for c in attention.attention_configs(block_d) if attention._smem_bytes(c, block_d, 2) <= limit]
