@@ -14,6 +14,7 @@ import importlib
 __all__ = [
     "AutoencoderKL",
     "ConsistencyDecoderVAE",
+    "VQModel",
     "StandaloneAutoencoderKL",
     "AutoencoderKLOutput",
     "DecoderOutput",
@@ -31,6 +32,7 @@ __all__ = [
 _LAZY = {
     "AutoencoderKL": "sdvae_fast.model",
     "ConsistencyDecoderVAE": "sdvae_fast.consistency",
+    "VQModel": "sdvae_fast.vq",
     "StandaloneAutoencoderKL": "sdvae_fast.model",
     "AutoencoderKLOutput": "sdvae_fast.model",
     "DecoderOutput": "sdvae_fast.model",

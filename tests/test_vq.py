@@ -1,0 +1,107 @@
+"""`sdvae_fast.VQModel` against diffusers' own VQModel with identical, seeded and perturbed weights.
+
+Two narrow full-depth models (four levels, layers_per_block=1, small images):
+- VQ-f8-like: attention inside the last down block and the first up block (`AttnDownEncoderBlock2D` /
+  `AttnUpDecoderBlock2D`, head dim = that level's width, 32: the flash kernel), GroupNorm with 4 groups;
+- MoVQ-like: `norm_type="spatial"` (SpatialNorm: 32 groups whatever `norm_num_groups` says, so widths are
+  multiples of 32), `lookup_from_codebook=True`.
+Backend "triton" runs the kernels under the interpreter; backend "torch" must be diffusers' bit for bit.
+"""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from helpers import assert_close  # noqa: E402
+from sdvae_fast import VQModel  # noqa: E402
+from sdvae_fast.fast import iter_units  # noqa: E402
+
+FOUR_LEVELS = dict(down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
+                   up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3, layers_per_block=1)
+VQ_F8_LIKE = dict(FOUR_LEVELS, block_out_channels=(8, 16, 16, 32), latent_channels=4, num_vq_embeddings=80,
+                  norm_num_groups=4)
+MOVQ_LIKE = dict(FOUR_LEVELS, block_out_channels=(32, 32, 32, 32), latent_channels=4, vq_embed_dim=4,
+                 num_vq_embeddings=72, norm_num_groups=8, norm_type="spatial", lookup_from_codebook=True)
+
+
+def _pair(config: dict, seed: int):
+    """(diffusers' VQModel, ours) in eval mode with the same perturbed weights (norms and biases non-default)."""
+    torch.manual_seed(seed)
+    reference = diffusers.VQModel(**config).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours = VQModel(**config).eval()
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def _check_torch_backend_is_diffusers(reference, ours, x):
+    ours.set_backend("torch")
+    with torch.no_grad():
+        assert torch.equal(ours.encode(x).latents, reference.encode(x).latents)
+        got, want = ours(x), reference(x)
+    assert torch.equal(got.sample, want.sample) and torch.equal(got.commit_loss, want.commit_loss)
+
+
+def test_vq_f8_like_encode_quantise_decode_match_diffusers():
+    reference, ours = _pair(VQ_F8_LIKE, seed=0)
+    kinds = {u.name: u.kind for u in iter_units(ours)}
+    assert kinds["encoder.down_blocks.3.attentions.0"] == "Attention"  # on the fused attention unit
+    assert kinds["decoder.up_blocks.0.attentions.1"] == "Attention"
+    x = torch.randn(2, 3, 8, 16)
+    _check_torch_backend_is_diffusers(reference, ours, x)
+    ours.set_backend("triton")
+    with torch.no_grad():
+        h_ref = reference.encode(x).latents
+        h = ours.encode(x).latents
+        assert_close(h, h_ref, rel_l2=1e-4, name="encode (triton)")
+        quant_ref, loss_ref, (_, _, idx_ref) = reference.quantize(h_ref)
+        quant, loss, idx = ours.quantize_latents(h_ref)
+        assert torch.equal(idx, idx_ref) and torch.equal(quant, quant_ref) and torch.equal(loss, loss_ref)
+        out_ref = reference.decode(h_ref)
+        out = ours.decode(torch.full_like(h_ref, float("nan")).copy_(h_ref))
+    assert_close(out.sample, out_ref.sample, rel_l2=1e-4, name="decode (triton)")
+    assert torch.equal(out.commit_loss, out_ref.commit_loss)
+
+
+def test_movq_like_spatial_norm_encode_quantise_decode_and_codebook_lookup_match_diffusers():
+    reference, ours = _pair(MOVQ_LIKE, seed=1)
+    reasons = dict((u.name, u.reason) for u in iter_units(ours))
+    assert reasons["decoder.up_blocks.0.attentions.0"] == "spatial_norm is set"  # documented per-unit fallback
+    x = torch.randn(2, 3, 8, 8)
+    _check_torch_backend_is_diffusers(reference, ours, x)
+    ours.set_backend("triton")
+    with torch.no_grad():
+        h_ref = reference.encode(x).latents
+        assert_close(ours.encode(x).latents, h_ref, rel_l2=1e-4, name="encode (triton)")
+        out_ref = reference.decode(h_ref)
+        out = ours.decode(h_ref)
+        assert_close(out.sample, out_ref.sample, rel_l2=1e-4, name="decode (triton)")
+        assert torch.equal(out.commit_loss, out_ref.commit_loss)
+        # the lookup_from_codebook path: indices (N*h*w,) and shape (N, h, w, D)
+        _, _, (_, _, idx) = reference.quantize(h_ref)
+        shape = (h_ref.shape[0], h_ref.shape[2], h_ref.shape[3], h_ref.shape[1])
+        looked = ours.decode(idx, force_not_quantize=True, shape=shape)
+        looked_ref = reference.decode(idx, force_not_quantize=True, shape=shape)
+    assert_close(looked.sample, looked_ref.sample, rel_l2=1e-4, name="decode from indices (triton)")
+    assert torch.equal(looked.commit_loss, looked_ref.commit_loss)
+
+
+def test_bad_inputs_get_clear_errors():
+    _, ours = _pair(dict(VQ_F8_LIKE, lookup_from_codebook=True), seed=2)
+    ours.set_backend("triton")
+    with pytest.raises(ValueError, match=r"h must be 4-D \(N, 4, H, W\)"):
+        ours.decode(torch.randn(4, 2, 2))
+    with pytest.raises(ValueError, match=r"h must be 4-D \(N, 4, H, W\)"):
+        ours.decode(torch.randn(1, 3, 2, 2))
+    with pytest.raises(ValueError, match=r"x must be 4-D \(N, 3, H, W\)"):
+        ours.encode(torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"codebook indices must lie in \[0, 80\)"):
+        ours.decode(torch.tensor([0, 80]), force_not_quantize=True, shape=(1, 1, 2, 4))
+    with pytest.raises(ValueError, match=r"shape must be \(batch, height, width, 4\)"):
+        ours.decode(torch.tensor([0, 1]), force_not_quantize=True, shape=(1, 1, 2, 3))
+    with torch.no_grad():
+        ours.quantize.embedding.weight = torch.nn.Parameter(torch.randn(80, 3))
+    with pytest.raises(ValueError, match=r"quantize.embedding.weight must be \(num_vq_embeddings, 4\)"):
+        ours.quantize_latents(torch.randn(1, 4, 2, 2))
