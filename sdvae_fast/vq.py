@@ -31,12 +31,20 @@ and device and no autograd is needed:
 
 Backend "torch" runs diffusers' code unchanged (cdist + argmin included), the oracle the kernels are tested
 against (tests/test_vq.py). Without diffusers, constructing or loading `VQModel` raises ImportError.
+
+Loading: `VQModel.from_pretrained` is diffusers' (folders with `_class_name` "VQModel"); `VQModel.from_single_file`
+reads latent-diffusion's original VQ checkpoints (`first_stage_model.` prefix or none, `.ckpt` or
+`.safetensors`, `quantize.embedding.weight`, attention in down/up levels as `down.{i}.attn.{j}.{q,k,v,proj_out}`
+1x1 convs) and infers the architecture from the tensor shapes (`vq_config_from_ldm_keys`).
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import os
+import re
+from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -45,7 +53,7 @@ from sdvae_fast.backends import BACKEND_ENV, check_backend, parameters_match
 #: Whether diffusers is installed (then `VQModel` is a subclass of diffusers' class).
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
-__all__ = ["VQModel", "HAS_DIFFUSERS"]
+__all__ = ["VQModel", "HAS_DIFFUSERS", "ldm_vq_state_dict", "vq_config_from_ldm_keys"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -62,6 +70,83 @@ def _check_images(name: str, x, channels: int, device) -> None:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but the model's parameters are on {device}")
+
+
+#: latent-diffusion names of a VQ model that the KL rules of `sdvae_fast.loading` do not cover: the codebook and
+#: attention inside down / up levels (`_LDM_ATTENTION_PART` gives the diffusers names of the parts).
+_LDM_CODEBOOK = "quantize.embedding.weight"
+_LDM_LEVEL_ATTENTION = re.compile(
+    r"^(encoder\.down|decoder\.up)\.(\d+)\.attn\.(\d+)\.(norm|q|k|v|proj_out)\.(weight|bias)$")
+
+
+def ldm_vq_state_dict(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, list]:
+    """latent-diffusion VQ tensors (keys without prefix) -> (diffusers VQModel state dict, keys left unmapped).
+
+    The KL part (resnets, mid block, norms, convs, quant convs) maps by `sdvae_fast.loading`'s rules; here:
+    `quantize.embedding.weight` as is, `encoder.down.{i}.attn.{j}.{norm,q,k,v,proj_out}` ->
+    `encoder.down_blocks.{i}.attentions.{j}.{group_norm,to_q,to_k,to_v,to_out.0}`, and the decoder's
+    `up.{i}.attn.{j}` -> `up_blocks.{L-1-i}.attentions.{j}` (latent-diffusion numbers decoder levels from the
+    lowest resolution up); 1x1 conv projections (C_out, C_in, 1, 1) become linear weights (C_out, C_in).
+    """
+    from sdvae_fast.loading import _LDM_ATTENTION_PART, _to_diffusers_names
+
+    levels = {int(m[1]) for k in tensors if (m := re.match(r"^(?:decoder\.up|encoder\.down)\.(\d+)\.", k))}
+    num_levels = max(levels) + 1 if levels else 0
+    rest, state = {}, {}
+    for key, value in tensors.items():
+        m = _LDM_LEVEL_ATTENTION.match(key)
+        if key == _LDM_CODEBOOK:
+            state[key] = value
+        elif m:
+            side = "encoder.down_blocks" if m[1] == "encoder.down" else "decoder.up_blocks"
+            level = int(m[2]) if m[1] == "encoder.down" else num_levels - 1 - int(m[2])
+            if m[4] != "norm" and m[5] == "weight" and value.dim() == 4:
+                value = value[:, :, 0, 0]  # (C_out, C_in, 1, 1) conv -> (C_out, C_in) linear
+            state[f"{side}.{level}.attentions.{m[3]}.{_LDM_ATTENTION_PART[m[4]]}.{m[5]}"] = value
+        else:
+            rest[key] = value
+    mapped, unmapped = _to_diffusers_names(rest, "ldm")
+    state.update(mapped)
+    return state, unmapped
+
+
+def vq_config_from_ldm_keys(shapes: Mapping[str, torch.Size]) -> dict:
+    """diffusers VQModel config fields inferred from latent-diffusion tensor shapes (keys without prefix).
+
+    block_out_channels from each encoder level's first conv, layers_per_block from the encoder's resnets per level,
+    AttnDownEncoderBlock2D / AttnUpDecoderBlock2D where a level has `attn` tensors, latent_channels from
+    `encoder.conv_out`, vq_embed_dim and num_vq_embeddings from the codebook, in/out channels from the outer convs,
+    mid_block_add_attention from `mid.attn_1`. Not in the file, so diffusers' defaults unless given:
+    norm_num_groups 32 (latent-diffusion's), scaling_factor. Raises CheckpointError when a needed key is missing.
+    """
+    from sdvae_fast.loading import CheckpointError
+
+    needed = ["encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_out.weight", _LDM_CODEBOOK]
+    missing = [k for k in needed if k not in shapes]
+    if missing:
+        raise CheckpointError(f"not a latent-diffusion VQ checkpoint: missing {missing}")
+    levels = sorted({int(m[1]) for k in shapes if (m := re.match(r"^encoder\.down\.(\d+)\.block\.0\.conv1\.", k))})
+    widths = [int(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0]) for i in levels]
+    per_level = len({m[1] for k in shapes if (m := re.match(r"^encoder\.down\.0\.block\.(\d+)\.", k))})
+
+    def attends(side: str, level: int) -> bool:
+        return any(k.startswith(f"{side}.{level}.attn.") for k in shapes)
+
+    count = len(widths)
+    return {
+        "in_channels": int(shapes["encoder.conv_in.weight"][1]),
+        "out_channels": int(shapes["decoder.conv_out.weight"][0]),
+        "down_block_types": tuple("AttnDownEncoderBlock2D" if attends("encoder.down", i) else "DownEncoderBlock2D"
+                                  for i in range(count)),
+        "up_block_types": tuple("AttnUpDecoderBlock2D" if attends("decoder.up", count - 1 - i) else "UpDecoderBlock2D"
+                                for i in range(count)),
+        "block_out_channels": tuple(widths),
+        "layers_per_block": per_level,
+        "latent_channels": int(shapes["encoder.conv_out.weight"][0]),
+        "num_vq_embeddings": int(shapes[_LDM_CODEBOOK][0]),
+        "vq_embed_dim": int(shapes[_LDM_CODEBOOK][1]),
+        "mid_block_add_attention": any(k.startswith("encoder.mid.attn_1.") for k in shapes),
+    }
 
 
 if HAS_DIFFUSERS:
@@ -208,6 +293,50 @@ if HAS_DIFFUSERS:
             latent_embeds = quant if self.config.norm_type == "spatial" else None
             dec = fast.run_decoder(self.decoder, quant, self.post_quant_conv, latent_embeds=latent_embeds)
             return DecoderOutput(sample=dec, commit_loss=commit_loss) if return_dict else (dec, commit_loss)
+
+        @classmethod
+        def from_single_file(cls, path, config=None, torch_dtype=None, unsafe_pickle: bool = False, **overrides):
+            """A VQModel from latent-diffusion's original single file (see the module docstring).
+
+            Args:
+                path: `.ckpt` / `.pt` (pickle, read with `weights_only=True` unless `unsafe_pickle`) or
+                    `.safetensors`; the VQ model under `first_stage_model.` (a whole LDM checkpoint) or no prefix.
+                config: a dict of VQModel fields that replaces the inferred config (else inferred from shapes).
+                torch_dtype: dtype of the returned model (float32 when None).
+                overrides: VQModel fields on top (e.g. `scaling_factor`, `norm_num_groups`).
+            Returns:
+                the model in eval mode on CPU.
+            Raises:
+                FileNotFoundError; CheckpointError (a ValueError) for an unreadable file, no VQ weights, or
+                weights that do not fit the config (listing missing, mis-shaped and unused keys).
+            """
+            from sdvae_fast.loading import CheckpointError, _Checkpoint, _choose_prefix
+
+            path = Path(path)
+            checkpoint = _Checkpoint(path, unsafe_pickle=unsafe_pickle)
+            prefix = _choose_prefix(checkpoint.keys, path)
+            names = [k for k in checkpoint.keys if k.startswith(prefix)]
+            tensors = {k[len(prefix):]: v for k, v in checkpoint.read(names).items()}
+            if _LDM_CODEBOOK not in tensors:
+                raise CheckpointError(f"{path}: no codebook {prefix}{_LDM_CODEBOOK}: not a VQ model (an "
+                                      f"AutoencoderKL file loads with sdvae_fast.AutoencoderKL.from_single_file)")
+            fields = dict(config) if config is not None else vq_config_from_ldm_keys(
+                {k: v.shape for k, v in tensors.items()})
+            fields.update(overrides)
+            state, unmapped = ldm_vq_state_dict(tensors)
+            model = cls(**fields)
+            expected = model.state_dict()
+            missing = sorted(set(expected) - set(state))
+            misshaped = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
+            unused = sorted(set(unmapped) | (set(state) - set(expected)))
+            if missing or misshaped or unused:
+                raise CheckpointError(
+                    f"{path}: the checkpoint does not fit VQModel({fields}): missing {missing[:8]}, mis-shaped "
+                    f"{misshaped[:8]}, unused {unused[:8]} (first 8 of each)")
+            model.load_state_dict(state, strict=True)
+            if torch_dtype is not None:
+                model.to(torch_dtype)
+            return model.eval()
 
         def _check_indices(self, indices, shape) -> None:
             """Clear errors for the `lookup_from_codebook` path (indices and their `shape`)."""

@@ -105,3 +105,52 @@ def test_bad_inputs_get_clear_errors():
         ours.quantize.embedding.weight = torch.nn.Parameter(torch.randn(80, 3))
     with pytest.raises(ValueError, match=r"quantize.embedding.weight must be \(num_vq_embeddings, 4\)"):
         ours.quantize_latents(torch.randn(1, 4, 2, 2))
+
+
+_TO_LDM_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _to_ldm_names(state: dict, levels: int) -> dict:
+    """diffusers VQModel names -> latent-diffusion's (the file layout `from_single_file` reads), written here
+    independently of the loader: attention projections become 1x1 convs, decoder levels count from the bottom."""
+    import re
+
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m[1]) + 1}", new)
+        new = new.replace("mid_block.attentions.0", "mid.attn_1")
+        new = re.sub(r"encoder\.down_blocks\.(\d+)", r"encoder.down.\1", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)", lambda m: f"decoder.up.{levels - 1 - int(m[1])}", new)
+        new = re.sub(r"\.resnets\.(\d+)", r".block.\1", new)
+        new = new.replace("downsamplers.0.conv", "downsample.conv").replace("upsamplers.0.conv", "upsample.conv")
+        for part, ldm in _TO_LDM_ATTENTION.items():
+            new = re.sub(rf"(attentions\.\d+|attn_1)\.{re.escape(part)}\.", lambda m: f"{m[1]}.{ldm}.", new)
+        new = re.sub(r"\.attentions\.(\d+)\.", r".attn.\1.", new)
+        if re.search(r"(attn\.\d+|attn_1)\.(q|k|v|proj_out)\.weight$", new):
+            value = value[:, :, None, None]
+        out[new] = value
+    return out
+
+
+def test_latent_diffusion_single_file_loads_with_inferred_config(tmp_path):
+    reference, _ = _pair(dict(VQ_F8_LIKE, mid_block_add_attention=True), seed=3)
+    ldm = {f"first_stage_model.{k}": v for k, v in _to_ldm_names(reference.state_dict(), 4).items()}
+    assert "first_stage_model.quantize.embedding.weight" in ldm
+    assert "first_stage_model.decoder.up.3.attn.1.q.weight" in ldm  # diffusers' up_blocks.0, a 1x1 conv
+    ldm["cond_stage_model.unrelated"] = torch.zeros(2)
+    path = tmp_path / "vq-f8.ckpt"
+    torch.save({"state_dict": ldm}, path)
+    loaded = VQModel.from_single_file(path, norm_num_groups=4)
+    for field in ("block_out_channels", "down_block_types", "up_block_types"):
+        assert tuple(loaded.config[field]) == tuple(reference.config[field]), field
+    for field in ("layers_per_block", "num_vq_embeddings", "latent_channels", "mid_block_add_attention"):
+        assert loaded.config[field] == reference.config[field], field
+    assert loaded.quantize.vq_embed_dim == reference.quantize.vq_embed_dim
+    want = reference.state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    del ldm["first_stage_model.quantize.embedding.weight"]
+    torch.save(ldm, tmp_path / "kl.ckpt")
+    with pytest.raises(ValueError, match="no codebook"):
+        VQModel.from_single_file(tmp_path / "kl.ckpt")
