@@ -53,7 +53,7 @@ from sdvae_fast.backends import BACKEND_ENV, check_backend, parameters_match
 #: Whether diffusers is installed (then `VQModel` is a subclass of diffusers' class).
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
-__all__ = ["VQModel", "HAS_DIFFUSERS", "ldm_vq_state_dict", "vq_config_from_ldm_keys"]
+__all__ = ["VQModel", "HAS_DIFFUSERS", "ldm_vq_state_dict", "quantize_like_diffusers", "vq_config_from_ldm_keys"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -149,6 +149,41 @@ def vq_config_from_ldm_keys(shapes: Mapping[str, torch.Size]) -> dict:
     }
 
 
+def quantize_like_diffusers(quantizer: torch.nn.Module, h: torch.Tensor):
+    """diffusers' `VectorQuantizer.forward(h)` with the nearest-row search on `ops.vector_quantize` (one kernel).
+
+    Args:
+        quantizer: a diffusers VectorQuantizer (`embedding` nn.Embedding(K, D), `beta`, `legacy`, `remap`,
+            `sane_index_shape`).
+        h: latents (N, D, h, w), any float dtype (the codebook is used in h's dtype).
+    Returns:
+        z_q (N, D, h, w) contiguous in h's dtype (`h + (e - h)` per element, diffusers' values), commit_loss (0-d,
+        diffusers' formula `mean((e - h)^2) + beta * mean((e - h)^2)`, terms swapped when `legacy=False`),
+        indices (N*h*w,) int64 (remapped and shaped as diffusers' VectorQuantizer does with `remap` /
+        `sane_index_shape`). No gradients (the kernel has no backward; callers check autograd first).
+    Raises:
+        ValueError: the codebook's width is not h's channel count (or h is not 4-D).
+    """
+    from sdvae_fast import ops
+
+    ops.check_image("h", h)
+    codebook = quantizer.embedding.weight
+    if codebook.shape[1] != h.shape[1]:
+        raise ValueError(f"quantize.embedding.weight must be (num_vq_embeddings, {h.shape[1]}) to match the "
+                         f"latents' channels, got shape {tuple(codebook.shape)}")
+    z_q, indices = ops.vector_quantize(h, codebook.to(h.dtype))  # (N, D, h, w), (N, h, w)
+    hl = h.permute(0, 2, 3, 1).contiguous()  # (N, h, w, D): diffusers' loss terms, same arithmetic
+    rows = quantizer.embedding(indices)  # (N, h, w, D)
+    first, second = torch.mean((rows - hl) ** 2), quantizer.beta * torch.mean((rows - hl) ** 2)
+    commit_loss = first + second if quantizer.legacy else second + first
+    flat = indices.reshape(-1)
+    if quantizer.remap is not None:
+        flat = quantizer.remap_to_used(flat.reshape(h.shape[0], -1)).reshape(-1, 1)
+    if quantizer.sane_index_shape:
+        flat = flat.reshape(z_q.shape[0], z_q.shape[2], z_q.shape[3])
+    return z_q, commit_loss, flat
+
+
 if HAS_DIFFUSERS:
     from diffusers import VQModel as _DiffusersVQModel
     from diffusers.models.autoencoders.vae import DecoderOutput
@@ -222,36 +257,10 @@ if HAS_DIFFUSERS:
             return VQEncoderOutput(latents=h) if return_dict else (h,)
 
         def quantize_latents(self, h: torch.Tensor):
-            """diffusers' `self.quantize(h)` on the kernel: `(z_q, commit_loss, indices)`.
-
-            Args:
-                h: latents (N, vq_embed_dim, h, w), as `encode` returns them.
-            Returns:
-                z_q (N, vq_embed_dim, h, w) contiguous in h's dtype (`h + (e - h)` per element, diffusers'
-                values), commit_loss (0-d, diffusers' formula `mean((e - h)^2) + beta * mean((e - h)^2)`, the
-                terms swapped when `legacy=False`), indices (N*h*w,) int64 (remapped and shaped as
-                diffusers' VectorQuantizer does with `remap` / `sane_index_shape`).
-            Raises:
-                ValueError: the codebook's width is not h's channel count.
-            """
-            quantizer = self.quantize
-            codebook = quantizer.embedding.weight
-            if codebook.shape[1] != h.shape[1]:
-                raise ValueError(f"quantize.embedding.weight must be (num_vq_embeddings, {h.shape[1]}) to match the "
-                                 f"latents' channels, got shape {tuple(codebook.shape)}")
-            from sdvae_fast import ops
-
-            z_q, indices = ops.vector_quantize(h, codebook.to(h.dtype))  # (N, D, h, w), (N, h, w)
-            hl = h.permute(0, 2, 3, 1).contiguous()  # (N, h, w, D): diffusers' loss terms, same arithmetic
-            rows = quantizer.embedding(indices)  # (N, h, w, D)
-            first, second = torch.mean((rows - hl) ** 2), quantizer.beta * torch.mean((rows - hl) ** 2)
-            commit_loss = first + second if quantizer.legacy else second + first
-            flat = indices.reshape(-1)
-            if quantizer.remap is not None:
-                flat = quantizer.remap_to_used(flat.reshape(h.shape[0], -1)).reshape(-1, 1)
-            if quantizer.sane_index_shape:
-                flat = flat.reshape(z_q.shape[0], z_q.shape[2], z_q.shape[3])
-            return z_q, commit_loss, flat
+            """diffusers' `self.quantize(h)` on the kernel: (z_q, commit_loss, indices), as
+            `quantize_like_diffusers` documents (h: (N, vq_embed_dim, h, w); ValueError for a codebook of the
+            wrong width)."""
+            return quantize_like_diffusers(self.quantize, h)
 
         @apply_forward_hook
         def decode(self, h: torch.Tensor, force_not_quantize: bool = False, return_dict: bool = True, shape=None):

@@ -154,3 +154,22 @@ def test_latent_diffusion_single_file_loads_with_inferred_config(tmp_path):
     torch.save(ldm, tmp_path / "kl.ckpt")
     with pytest.raises(ValueError, match="no codebook"):
         VQModel.from_single_file(tmp_path / "kl.ckpt")
+
+
+def test_patch_runs_a_live_diffusers_movq_on_the_kernels_and_unpatch_restores_it():
+    import sdvae_fast
+
+    reference, _ = _pair(MOVQ_LIKE, seed=4)
+    live, _ = _pair(MOVQ_LIKE, seed=4)
+    h = torch.randn(2, 4, 1, 2)
+    with torch.no_grad():
+        want = reference.decode(h)
+        sdvae_fast.patch(live, backend="triton")
+        assert sdvae_fast.is_patched(live) and "forward" in live.quantize.__dict__
+        got = live.decode(h)
+        sdvae_fast.unpatch(live)
+        assert "forward" not in live.quantize.__dict__ and "forward" not in live.decoder.__dict__
+        again = live.decode(h)
+    assert_close(got.sample, want.sample, rel_l2=1e-4, name="patched MoVQ decode (triton)")
+    assert torch.equal(got.commit_loss, want.commit_loss)
+    assert torch.equal(again.sample, want.sample)
