@@ -28,6 +28,10 @@ Layout: z is (N, D, H, W) with any strides (NCHW, channels_last, views); the cod
 output (N, D, H, W) contiguous NCHW (what diffusers returns), indices (N, H, W) contiguous. Offsets are int64
 (latents are small; this kernel is not bandwidth bound). Grid: (cdiv(H*W, BLOCK_M), N): no tile spans two
 images, nothing reduces across the batch, no atomics.
+
+Registers, compiled for sm_90 without a GPU (triton's bundled ptxas, `kernel_report.compile_for_sm90`, CONFIG
+below, 4 warps, K = 16384): 168 registers and no spill for fp32 and bf16 at D = 4 and D = 256 (148 for bf16 at
+D = 256); 8 KiB (D = 4) to 32 KiB (D = 256) of shared memory.
 """
 from __future__ import annotations
 
