@@ -173,3 +173,26 @@ def test_patch_runs_a_live_diffusers_movq_on_the_kernels_and_unpatch_restores_it
     assert_close(got.sample, want.sample, rel_l2=1e-4, name="patched MoVQ decode (triton)")
     assert torch.equal(got.commit_loss, want.commit_loss)
     assert torch.equal(again.sample, want.sample)
+
+
+def test_quantiser_equals_diffusers_vector_quantizer_on_integer_inputs_with_ties():
+    """diffusers' own VectorQuantizer (cdist in fp32, exact on small integers) against the kernel: indices, values
+    and commit loss equal, the lowest index winning every constructed tie; also with sane_index_shape."""
+    from diffusers.models.autoencoders.vae import VectorQuantizer
+
+    from sdvae_fast.vq import quantize_like_diffusers
+
+    gen = torch.Generator().manual_seed(5)
+    quantizer = VectorQuantizer(130, 3, beta=0.25)
+    with torch.no_grad():
+        quantizer.embedding.weight.copy_(torch.randint(-2, 3, (130, 3), generator=gen).float())
+        quantizer.embedding.weight[129] = quantizer.embedding.weight[7]
+        quantizer.embedding.weight[64] = quantizer.embedding.weight[7]
+    z = torch.randint(-2, 3, (2, 3, 5, 13), generator=gen).float()
+    with torch.no_grad():
+        want_q, want_loss, (_, _, want_idx) = quantizer(z)
+        got_q, got_loss, got_idx = quantize_like_diffusers(quantizer, z)
+        assert torch.equal(got_idx, want_idx) and torch.equal(got_q, want_q) and torch.equal(got_loss, want_loss)
+        assert not ((got_idx == 64) | (got_idx == 129)).any()
+        quantizer.sane_index_shape = True
+        assert torch.equal(quantize_like_diffusers(quantizer, z)[2], quantizer(z)[2][2])
