@@ -2,8 +2,10 @@
 
 Layout: one float32 tensor per image, (1, C, h, w) scaled latents `(z - shift_factor) * scaling_factor`, keyed by
 the image's name. Metadata (all strings): `format` (`LATENTS_FORMAT`), `scaling_factor` and `shift_factor`
-(Python reprs), `posterior` ("mode" or "sample"), `config` (the VAE config as JSON) and `images` (JSON list of
-{"key", "source", "height", "width"}: the original size, so decoding can crop the padding away). `decode` also
+(Python reprs), `posterior` ("mode" or "sample"), `config` (the VAE config as JSON), `model` (the class that
+wrote them: "AutoencoderKL", or "VQModel" whose latents are unquantised; absent in older files: AutoencoderKL) and
+`images` (JSON list of {"key", "source", "height", "width"}: the original size, so decoding can crop the padding
+away). `decode` also
 reads plain safetensors files of (N, C, h, w) or (C, h, w) scaled latents without metadata.
 
 Torch-free at import (safetensors is imported when a file is read or written).
@@ -22,7 +24,7 @@ class LatentsError(ValueError):
 
 
 def write_latents(path: Union[str, Path], tensors: dict, *, scaling: float, shift: float, posterior: str,
-                  config: dict, entries: list[dict[str, Any]]) -> Path:
+                  config: dict, entries: list[dict[str, Any]], model: str = "AutoencoderKL") -> Path:
     """Write scaled latents and their metadata; returns the path (its folder is created).
 
     Args:
@@ -32,6 +34,7 @@ def write_latents(path: Union[str, Path], tensors: dict, *, scaling: float, shif
         posterior: "mode" or "sample".
         config: the VAE config (plain dict; values JSON can't encode are written with str()).
         entries: one {"key", "source", "height", "width"} per image.
+        model: the class of the model that wrote them ("AutoencoderKL", "VQModel"; `decode` checks it).
     """
     from safetensors.torch import save_file
 
@@ -42,6 +45,7 @@ def write_latents(path: Union[str, Path], tensors: dict, *, scaling: float, shif
         "posterior": posterior,
         "config": json.dumps(config, default=str),
         "images": json.dumps(entries),
+        "model": model,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,11 +49,13 @@ from typing import Mapping
 import torch
 
 from sdvae_fast.backends import BACKEND_ENV, check_backend, parameters_match
+from sdvae_fast.configs import VQ_PRESETS
 
 #: Whether diffusers is installed (then `VQModel` is a subclass of diffusers' class).
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
-__all__ = ["VQModel", "HAS_DIFFUSERS", "ldm_vq_state_dict", "quantize_like_diffusers", "vq_config_from_ldm_keys"]
+__all__ = ["VQModel", "HAS_DIFFUSERS", "VQ_PRESETS", "ldm_vq_state_dict", "quantize_like_diffusers",
+           "vq_config_from_ldm_keys"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -302,6 +304,17 @@ if HAS_DIFFUSERS:
             latent_embeds = quant if self.config.norm_type == "spatial" else None
             dec = fast.run_decoder(self.decoder, quant, self.post_quant_conv, latent_embeds=latent_embeds)
             return DecoderOutput(sample=dec, commit_loss=commit_loss) if return_dict else (dec, commit_loss)
+
+        @classmethod
+        def from_preset(cls, name: str, seed: int = 0, **overrides):
+            """A model of preset `name` (`VQ_PRESETS`: "vq-f4", "vq-f8") with weights drawn from `seed` (diffusers'
+            initialisation under `torch.manual_seed(seed)`, restoring the global RNG): not a trained model.
+            Raises ValueError for an unknown name."""
+            if name not in VQ_PRESETS:
+                raise ValueError(f"unknown VQ preset {name!r}; choose one of {sorted(VQ_PRESETS)}")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return cls(**dict(VQ_PRESETS[name], **overrides)).eval()
 
         @classmethod
         def from_single_file(cls, path, config=None, torch_dtype=None, unsafe_pickle: bool = False, **overrides):
