@@ -206,6 +206,10 @@ def preset_mismatch(path, preset: str, unsafe_pickle: bool = False, option: str 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+#: The commands that take VQ models (parity, profile, bench and warmup compare or time AutoencoderKL posteriors).
+VQ_COMMANDS = ("reconstruct", "encode", "decode", "info")
+
+
 def is_vq_checkpoint(path: Path, unsafe_pickle: bool = False) -> bool:
     """Whether `path` holds a VQ autoencoder: a folder whose config.json says `_class_name` "VQModel", or a single
     file with a `quantize.embedding.weight` tensor (any prefix)."""
@@ -238,6 +242,9 @@ def _build_vq(args, path: Optional[Path] = None):
         return None
     if path is None and preset is None:
         return None
+    command = getattr(args, "command", None)
+    if command not in VQ_COMMANDS:
+        raise CLIError(f"{command} does not take VQ models yet ({', '.join(VQ_COMMANDS)} do)")
     if getattr(args, "config", None):
         raise CLIError("--config reads AutoencoderKL files; a VQ model's architecture comes from its weights, "
                        "its folder or --preset vq-f4|vq-f8")

@@ -97,3 +97,8 @@ def test_preset_vq_f8_without_weights_builds_latent_diffusions_architecture(phot
     code, _, err = _run(["reconstruct", photo, "--preset", "vq-f8", "--shift-factor", "0.1", "--out", tmp_path,
                          "-q"], capsys)
     assert code == 2 and "--shift-factor does not apply to VQ models" in err
+
+
+def test_commands_without_vq_support_say_so_in_one_line(capsys):
+    code, _, err = _run(["parity", "--preset", "vq-f8", "--backend", "torch"], capsys)
+    assert code == 2 and "parity does not take VQ models yet" in err and "Traceback" not in err
