@@ -34,7 +34,8 @@ from typing import Optional, Sequence
 
 # Backend names and the variable the model reads for its default backend; `--backend` wins over it.
 from sdvae_fast.backends import BACKEND_ENV, BACKENDS
-from sdvae_fast.configs import CLI_PRESETS, FLUX2_PRESETS, PUBLIC_PRESETS, config_dict, family_of, scaling_of
+from sdvae_fast.configs import (CLI_PRESETS, FLUX2_PRESETS, PUBLIC_PRESETS, VQ_PRESETS, config_dict, family_of,
+                                scaling_of)
 from sdvae_fast.latents_io import FLUX2_BATCH_NORM, check_latents, json_field, read_latents, write_latents
 
 PROG = "sdvae-fast"
@@ -257,10 +258,95 @@ def _is_flux2(vae) -> bool:
     return type(vae).__name__ == "AutoencoderKLFlux2"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# VQ autoencoders (issue 14): detected from a folder's `_class_name`, a file's codebook, or `--preset vq-f4|vq-f8`
+# ---------------------------------------------------------------------------------------------------------------
+
+
+#: The commands that take VQ models (parity, profile, bench and warmup compare or time AutoencoderKL posteriors).
+VQ_COMMANDS = ("reconstruct", "encode", "decode", "info")
+
+
+def is_vq_checkpoint(path: Path, unsafe_pickle: bool = False) -> bool:
+    """Whether `path` holds a VQ autoencoder: a folder whose config.json says `_class_name` "VQModel", or a single
+    file with a `quantize.embedding.weight` tensor (any prefix)."""
+    if path.is_dir():
+        config = path / "config.json"
+        try:
+            return config.is_file() and json.loads(config.read_text()).get("_class_name") == "VQModel"
+        except (OSError, ValueError):
+            return False
+    from sdvae_fast.loading import _Checkpoint
+
+    return any(key.endswith("quantize.embedding.weight") for key in _Checkpoint(path, unsafe_pickle).keys)
+
+
+def _vq_overrides(args) -> dict:
+    """The VQModel fields the scaling options set; VQModel has no shift_factor (CLIError when it is given)."""
+    overrides = _overrides(args)
+    if "shift_factor" in overrides:
+        raise CLIError("--shift-factor does not apply to VQ models (VQModel has no shift_factor)")
+    return overrides
+
+
+def _build_vq(args, path: Optional[Path] = None):
+    """The VQModel `--vae` (or `path`, info's checkpoint) / `--preset` name, or None when they name an
+    AutoencoderKL (see `_build_vae`)."""
+    preset = args.preset if args.preset in VQ_PRESETS else None
+    if path is None and getattr(args, "vae", None):
+        path = Path(args.vae)
+    if path is not None and not (path.exists() and (preset or is_vq_checkpoint(path, args.unsafe_pickle))):
+        return None
+    if path is None and preset is None:
+        return None
+    command = getattr(args, "command", None)
+    if command not in VQ_COMMANDS:
+        raise CLIError(f"{command} does not take VQ models yet ({', '.join(VQ_COMMANDS)} do)")
+    if getattr(args, "config", None):
+        raise CLIError("--config reads AutoencoderKL files; a VQ model's architecture comes from its weights, "
+                       "its folder or --preset vq-f4|vq-f8")
+    from sdvae_fast.vq import VQModel
+
+    overrides = _vq_overrides(args)
+    if path is None:
+        seed = getattr(args, "seed", 0)
+        _warn(f"no --vae given: preset {preset!r} with seeded random weights (seed {seed}); its output is not "
+              f"a meaningful image. Pass --vae PATH for real weights.")
+        return VQModel.from_preset(preset, seed=seed, **overrides)
+    if path.is_dir():
+        if preset:
+            raise CLIError(f"--preset {preset} applies to single files and seeded weights; the diffusers folder "
+                           f"{path} carries its own config.json")
+        return VQModel.from_pretrained(str(path), **overrides)
+    config = dict(VQ_PRESETS[preset]) if preset else None
+    return VQModel.from_single_file(str(path), config=config, unsafe_pickle=args.unsafe_pickle, **overrides)
+
+
+def encoded_latents(output, generator=None, sample: bool = False):
+    """The latents of an `encode` output: an AutoencoderKL posterior's mode (or a draw with `sample`), or a
+    VQModel's unquantised `latents` (deterministic: `sample` does not apply)."""
+    if hasattr(output, "latent_dist"):
+        dist = output.latent_dist
+        return dist.sample(generator=generator) if sample else dist.mode()
+    return output.latents
+
+
+def decoder_channels(vae) -> int:
+    """The channel count `vae.decode` takes: latent_channels, or a VQModel's vq_embed_dim (its codebook width)."""
+    config = config_dict(vae)
+    if type(vae).__name__ == "VQModel":
+        return int(config.get("vq_embed_dim") or config["latent_channels"])
+    return int(config["latent_channels"])
+
+
 def _build_vae(args):
     """The model `--vae`/`--preset`/scaling options name, on CPU in float32 (see `load_vae`)."""
     from sdvae_fast.loading import TINY_FOLDER, TINY_NAMES, CheckpointError
     from sdvae_fast.model import AutoencoderKL
+
+    vq = _build_vq(args)
+    if vq is not None:
+        return vq
 
     overrides = _overrides(args)
     flux2 = _build_flux2(args, overrides)
@@ -514,7 +600,7 @@ def cmd_reconstruct(args) -> int:
     vae = _model_for(args, device, dtype)
 
     def run(padded, h, w):
-        z = vae.encode(padded).latent_dist.mode()  # (1, C, H8/8, W8/8), unscaled
+        z = encoded_latents(vae.encode(padded))  # (1, C, H8/8, W8/8), unscaled (VQ: not yet quantised)
         return vae.decode(z, **decode_options(vae, args, device)).sample[..., :h, :w]  # (1, 3, H, W), cropped
 
     rows, warmed = [], set()
@@ -578,8 +664,7 @@ def cmd_encode(args) -> int:
         for name, src, x in tqdm(list(zip(_unique_names(args.images), args.images, images)), desc="encode",
                                  unit="img", file=sys.stderr, disable=args.quiet):
             padded, (h, w) = pad_to_multiple(x, multiple)
-            dist = vae.encode(padded.to(device=device, dtype=dtype)).latent_dist
-            z = dist.sample(generator=generator) if args.sample else dist.mode()
+            z = encoded_latents(vae.encode(padded.to(device=device, dtype=dtype)), generator, args.sample)
             if flux2:  # (1, 4C, h/2, w/2): what FLUX.2 pipelines hand their transformer
                 tensors[name] = vae.normalize_latents(vae.patchify_latents(z.float())).cpu().contiguous()
             else:
@@ -629,8 +714,16 @@ def cmd_decode(args) -> int:
     family = family_of(scaling, shift)
     made_by = f"a VAE with scaling_factor={scaling}, shift_factor={shift}"
     made_by += f" (the {family} family)" if family else ""
-    channels = int(config_dict(vae)["latent_channels"])
+    channels = decoder_channels(vae)
+    file_model = metadata.get("model", "AutoencoderKL")
+    # The consistency decoder decodes the SD kl-f8 latent space an AutoencoderKL encodes (and encodes with it).
+    kl_f8 = {"AutoencoderKL", "ConsistencyDecoderVAE"}
+    if file_model != type(vae).__name__ and not {file_model, type(vae).__name__} <= kl_f8:
+        raise CLIError(f"{args.latents} was written by a {file_model}; this model is a {type(vae).__name__}. "
+                       f"Decode with the model that encoded it (--vae PATH or --preset)")
     file_channels = file_config.get("latent_channels") if isinstance(file_config, dict) else None
+    if file_model == "VQModel" and isinstance(file_config, dict):
+        file_channels = file_config.get("vq_embed_dim") or file_channels
     if file_channels is not None and int(file_channels) != channels:
         raise CLIError(f"{args.latents} was encoded by {made_by} with {file_channels} latent channels; this VAE "
                        f"has {channels}. Decode with the VAE that encoded it (--vae PATH, or --preset "
@@ -745,6 +838,8 @@ def cmd_info(args) -> int:
         path = TINY_FOLDER
     if not path.exists():
         raise CLIError(f"checkpoint not found: {path}")
+    if args.preset in VQ_PRESETS or is_vq_checkpoint(path, args.unsafe_pickle):
+        return _vq_info(args, path)
     config = _config_argument(args)
     option = "--config" if args.config else "--preset"
     if config:
@@ -796,6 +891,26 @@ def cmd_info(args) -> int:
             print(f"  {label}: {', '.join(map(str, value))}")
         else:
             print(f"  {label}: {value if value != '' else '(none)'}")
+    return 0
+
+
+def _vq_info(args, path: Path) -> int:
+    """`info` for a VQ model: its class, config (the folder's, or inferred from a single file's shapes, or the
+    preset) and parameter count; `--json` prints the same as JSON."""
+    vae = _build_vq(args, path)
+    if vae is None:
+        raise CLIError(f"{path}: --preset {args.preset} names a VQ model, but the checkpoint is not one")
+    info = {"model": "VQModel", "layout": "diffusers folder" if path.is_dir() else "latent-diffusion single file",
+            "parameters": sum(p.numel() for p in vae.parameters()),
+            "config": {k: v for k, v in config_dict(vae).items() if not k.startswith("_")}}
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{path}")
+    print(f"  model: {info['model']}\n  layout: {info['layout']}")
+    print(f"  parameters: {info['parameters']:,} ({info['parameters'] / 1e6:.2f} M)\n  config:")
+    for field_name, value in info["config"].items():
+        print(f"    {field_name}: {json.dumps(value, default=str)}")
     return 0
 
 
@@ -890,9 +1005,10 @@ def _checkpoint_options(parser: argparse.ArgumentParser, *, with_vae: bool) -> N
                                 "(.safetensors/.ckpt/.pt, any layout: diffusers, LDM, whole-model); auto-detected. "
                                 f"Default: the shipped {DEFAULT_VAE}, else preset sd15 with seeded weights")
     alone = "alone, seeded random weights; " if with_vae else ""
-    group.add_argument("--preset", metavar="NAME", choices=CLI_PRESETS if with_vae else PUBLIC_PRESETS,
-                       help=f"architecture and scaling preset ({', '.join(CLI_PRESETS if with_vae else PUBLIC_PRESETS)}"
-                            f"): {alone}with a single "
+    presets = (CLI_PRESETS if with_vae else PUBLIC_PRESETS) + tuple(VQ_PRESETS)
+    group.add_argument("--preset", metavar="NAME", choices=presets,
+                       help=f"architecture and scaling preset ({', '.join(presets)}; vq-f4 / vq-f8: latent "
+                            f"diffusion's VQ autoencoders): {alone}with a single "
                             "checkpoint file, the model family to read it as (SD 1.x and SDXL VAEs, and SD3 and "
                             "FLUX.1 VAEs, have the same weight shapes); the preset's architecture must fit the "
                             "weights. flux2 / flux2-small (FLUX.2's VAE and its small decoder) take seeded weights "

@@ -270,3 +270,20 @@ FLUX2_PRESETS: dict[str, dict[str, Any]] = {
 # The presets the command line's `--preset` of the VAE commands offers: the AutoencoderKL ones, then FLUX.2's
 # (`train --preset` keeps PUBLIC_PRESETS: it trains AutoencoderKLs only).
 CLI_PRESETS = PUBLIC_PRESETS + tuple(FLUX2_PRESETS)
+# ---------------------------------------------------------------------------------------------------------------
+# VQ autoencoders (issue 14): diffusers VQModel fields, used by `sdvae_fast.VQModel.from_preset` and the CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+_VQ_LEVELS = dict(layers_per_block=2, in_channels=3, out_channels=3, norm_num_groups=32)
+#: Architectures of latent diffusion's VQ first stages (its configs `vq-f4` and `vq-f8`: ch 128, ch_mult
+#: (1, 2, 4) / (1, 2, 2, 4), 2 resnets per level, attention at resolution 32 of 256 for f8, i.e. the lowest
+#: level), as diffusers VQModel fields. scaling_factor 1.0: latent diffusion's default `scale_factor`, which its
+#: VQ LDM configs keep. Not in `PRESETS` (those are AutoencoderKL configs).
+VQ_PRESETS = {
+    "vq-f4": dict(_VQ_LEVELS, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                  block_out_channels=(128, 256, 512), latent_channels=3, num_vq_embeddings=8192, scaling_factor=1.0),
+    "vq-f8": dict(_VQ_LEVELS, down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
+                  up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3,
+                  block_out_channels=(128, 256, 256, 512), latent_channels=4, num_vq_embeddings=16384,
+                  scaling_factor=1.0),
+}

@@ -4,8 +4,9 @@ Layout: one float32 tensor per image, (1, C, h, w) scaled latents `(z - shift_fa
 the image's name. Metadata (all strings): `format` (`LATENTS_FORMAT`), `scaling_factor` and `shift_factor`
 (Python reprs), `posterior` ("mode" or "sample"), `config` (the VAE config as JSON), `images` (JSON list of
 {"key", "source", "height", "width"}: the original size, so decoding can crop the padding away), `model` (the
-class that encoded them) and `normalization` ("scaling", or `FLUX2_BATCH_NORM` for FLUX.2's (1, 128, h/2, w/2)
-patchified latents normalised by its BatchNorm; files without it are "scaling"). `decode` also
+class that encoded them: "AutoencoderKL", "AutoencoderKLFlux2", or "VQModel" whose latents are unquantised;
+absent in older files: AutoencoderKL) and `normalization` ("scaling", or `FLUX2_BATCH_NORM` for FLUX.2's
+(1, 128, h/2, w/2) patchified latents normalised by its BatchNorm; files without it are "scaling"). `decode` also
 reads plain safetensors files of (N, C, h, w) or (C, h, w) scaled latents without metadata.
 
 Torch-free at import (safetensors is imported when a file is read or written).
@@ -38,7 +39,8 @@ def write_latents(path: Union[str, Path], tensors: dict, *, scaling: float, shif
         posterior: "mode" or "sample".
         config: the VAE config (plain dict; values JSON can't encode are written with str()).
         entries: one {"key", "source", "height", "width"} per image.
-        model: the class of the VAE that encoded them ("AutoencoderKL", "AutoencoderKLFlux2").
+        model: the class of the model that encoded them ("AutoencoderKL", "AutoencoderKLFlux2", "VQModel";
+            `decode` checks it).
         normalization: how the latents were normalised: "scaling" (`(z - shift) * scaling`) or `FLUX2_BATCH_NORM`
             (FLUX.2: 2x2-patchified, then normalised by the VAE's BatchNorm statistics; scaling 1, shift 0).
     """

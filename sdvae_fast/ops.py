@@ -5,11 +5,13 @@ graph break and, with dynamic shapes, without recompiling per resolution. Inside
 when `kernels_available(device)` (CUDA, or CPU under `TRITON_INTERPRET=1`) and the case is supported, and the
 plain PyTorch reference otherwise (unsupported-but-valid cases fall back, correctly).
 
-The public functions below (`group_norm_stats`, `gn_silu_conv2d`, `upsample_conv2d`, `attention`) validate
-their arguments with clear errors (the one validation on the way down: the kernel launchers only assert what the
-ops guarantee), normalise them, and call the registered ops. The ops take tensors only and know no module types:
-`sdvae_fast.fast.units` maps modules (ResnetBlock2D, Attention, ...) to calls of these ops.
-All image tensors are `(N, C, H, W)` logically; outputs are in channels_last memory format (NHWC in memory).
+The public functions below (`group_norm_stats`, `gn_silu_conv2d`, `upsample_conv2d`, `attention`,
+`vector_quantize`) validate their arguments with clear errors (the one validation on the way down: the kernel
+launchers only assert what the ops guarantee), normalise them, and call the registered ops. The ops take
+tensors only and know no module types: `sdvae_fast.fast.units` maps modules (ResnetBlock2D, Attention, ...) to
+calls of these ops.
+All image tensors are `(N, C, H, W)` logically; outputs are in channels_last memory format (NHWC in memory),
+except `vector_quantize`'s, contiguous NCHW like diffusers' quantiser.
 `gn_silu_conv2d_stats` and `upsample_conv2d_stats` are the same kernels with the GroupNorm statistics of the
 output emitted from the epilogue (`emit_stats=(num_groups, eps)` on the public functions), so the unit that
 normalises that output next can skip its statistics pass; the `*_partials` ops (`emit_partials=True`) also
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from sdvae_fast.kernels import attention as _attention_kernels
 from sdvae_fast.kernels import conv as _conv_kernels
 from sdvae_fast.kernels import group_norm as _group_norm_kernels
+from sdvae_fast.kernels import vector_quantize as _vq_kernels
 from sdvae_fast.kernels._common import SUPPORTED_DTYPES as _KERNEL_DTYPES
 from sdvae_fast.kernels._common import conv_output_size, kernels_available
 
@@ -888,3 +891,79 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return torch.ops.sdvae_fast.attention(q, k, v, float(scale))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vector quantisation (VQ autoencoders)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Pixels per chunk of the PyTorch reference, which materialises (chunk x K) distances only.
+_VQ_REFERENCE_CHUNK = 4096
+
+
+def _vector_quantize_reference(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernel's arithmetic in PyTorch (fp32, fp64 for fp64): `argmin_j ||e_j||^2 - 2 z.e_j` per pixel in
+    chunks of pixels (first index on exact ties, as `torch.argmin`), then `z + (e - z)` in z's dtype.
+    Returns (z_q (N, D, H, W) contiguous, indices (N, H, W) int64)."""
+    n, dim, height, width = z.shape
+    cdt = _compute_dtype(z.dtype)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, dim)  # (N*H*W, D)
+    e = codebook.to(cdt)
+    norms = (e * e).sum(dim=1)  # (K,)
+    indices = torch.empty(flat.shape[0], dtype=torch.int64, device=z.device)
+    for start in range(0, flat.shape[0], _VQ_REFERENCE_CHUNK):
+        rows = flat[start:start + _VQ_REFERENCE_CHUNK].to(cdt)
+        indices[start:start + rows.shape[0]] = torch.argmin(norms[None, :] - 2.0 * (rows @ e.T), dim=1)
+    chosen = codebook[indices].to(z.dtype)  # (N*H*W, D)
+    z_q = flat + (chosen - flat)
+    return (z_q.view(n, height, width, dim).permute(0, 3, 1, 2).contiguous(),
+            indices.view(n, height, width))
+
+
+@torch.library.custom_op("sdvae_fast::vector_quantize", mutates_args=())
+def _vector_quantize_op(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    # One Triton launch (GEMM distances, argmin epilogue, gather) where kernels run; the reference otherwise
+    # (fp64, or no kernel backend on this device).
+    if kernels_available(z.device) and z.dtype in _KERNEL_DTYPES:
+        return _vq_kernels.vector_quantize(z, codebook)
+    return _vector_quantize_reference(z, codebook)
+
+
+@_vector_quantize_op.register_fake
+def _(z, codebook):
+    n, _, height, width = z.shape
+    return (torch.empty_like(z, memory_format=torch.contiguous_format),
+            z.new_empty((n, height, width), dtype=torch.int64))
+
+
+def vector_quantize(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest codebook row per latent pixel and the quantised latents, as diffusers' VectorQuantizer computes
+    them (`argmin(cdist(z, E))`, then `z + (E[idx] - z)`), without the (pixels x K) distance matrix.
+
+    Runs `kernels/vector_quantize.py` (one launch: fp32 distances `||e||^2 - 2 z.e` as a GEMM, the argmin in
+    its epilogue, the row gathered in the same program) on CUDA or under the interpreter for fp16/bf16/fp32;
+    the same arithmetic in PyTorch otherwise. Indices equal diffusers' wherever the best and second-best
+    distances differ by more than fp32 rounding; the lowest index on exact ties.
+
+    Args:
+        z: latents (N, D, H, W), fp16/bf16/fp32/fp64, any strides.
+        codebook: (K, D) codebook (`quantize.embedding.weight`), z's dtype and device, K >= 1.
+    Returns:
+        (z_q, indices): z_q (N, D, H, W) contiguous NCHW in z's dtype; indices (N, H, W) int64.
+    Raises:
+        TypeError: z or codebook is not a float tensor, or their dtypes differ.
+        ValueError: z is not 4-D, codebook is not 2-D or empty, its width is not D, or the devices differ.
+    """
+    check_image("z", z)
+    if not isinstance(codebook, torch.Tensor):
+        raise TypeError(f"codebook must be a torch.Tensor, got {type(codebook).__name__}")
+    if codebook.dim() != 2 or codebook.shape[0] == 0:
+        raise ValueError(f"codebook must be 2-D (K, D) with K >= 1, got shape {tuple(codebook.shape)}")
+    if codebook.shape[1] != z.shape[1]:
+        raise ValueError(f"codebook must be (K, {z.shape[1]}) to match z's {z.shape[1]} channels, got shape "
+                         f"{tuple(codebook.shape)}")
+    if codebook.dtype != z.dtype:
+        raise TypeError(f"codebook must have z's dtype {z.dtype}, got {codebook.dtype}")
+    if codebook.device != z.device:
+        raise ValueError(f"codebook must be on z's device {z.device}, got {codebook.device}")
+    return torch.ops.sdvae_fast.vector_quantize(z, codebook)

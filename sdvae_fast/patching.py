@@ -5,7 +5,7 @@ pipeline's `.vae`) on the fast path, in place.
     sdvae_fast.patch(pipe)        # pipe.vae.decode / encode now run the Triton kernels on CUDA
     sdvae_fast.unpatch(pipe)      # back to diffusers' own forwards, bit for bit
 
-What patching changes: three instance attributes, nothing else (two more, `vae.encode` and `vae.decode`, only
+What patching changes: three instance attributes (four on a VQModel), nothing else (two more, `vae.encode` and `vae.decode`, only
 while patch parallelism is on: `enable_patch_parallel`, below).
 - `vae.encoder.forward` and `vae.decoder.forward` become `sdvae_fast.fast.run_encoder` / `run_decoder` on the
   encoder's / decoder's own parameters. Everything above them is diffusers' own code, so `config`, `dtype`,
@@ -14,12 +14,15 @@ while patch parallelism is on: `enable_patch_parallel`, below).
 - `vae._encode` (when the class has one) runs `fast.encode_moments`, which folds `quant_conv` into the
   encoder's conv_out; with tiling enabled it defers to diffusers' `_encode` (whose tiles then use the fast
   encoder).
+- A `diffusers.VQModel`'s `vae.quantize.forward` (a VectorQuantizer) runs the quantiser kernel
+  (`sdvae_fast.vq.quantize_like_diffusers`); its decoder's `latent_embeds` (MoVQ's SpatialNorm) go to
+  `fast.run_decoder`.
 No parameter is copied (prepared weights such as the folded quant_conv are small derived tensors cached per
 module and rebuilt when a parameter changes). Each patched forward falls back to the one it replaced (diffusers'
 class method, or an instance override such as an accelerate hook that was there before) when the backend says
 so (`sdvae_fast.fast.use_fast_path`), when any parameter's dtype or device differs from the input's (offloading
 hooks, mixed-dtype modules and mismatched inputs keep diffusers' own behaviour and errors), when extra arguments
-are passed (a decoder's `latent_embeds`), or when autograd is needed.
+are passed, or when autograd is needed.
 
 A live `diffusers.ConsistencyDecoderVAE` (DALL-E 3's consistency decoder) gets two instance attributes:
 `vae.encoder.forward` as above, and `vae.decoder_unet.forward`, which becomes `sdvae_fast.fast.run_unet` (the
@@ -161,12 +164,27 @@ def _decoder_forward(self, sample, latent_embeds=None, *args, **kwargs):
         from sdvae_fast import parallel
 
         return _parallel_call(parallel.decode_patch_parallel, self, sample, state)
-    if latent_embeds is not None or args or kwargs or not _runs_fast(state, (self,), sample):
+    if args or kwargs or not _runs_fast(state, (self,), sample) or not (
+            latent_embeds is None or _runs_fast(state, (), latent_embeds)):
         original = state.previous(self, "forward") if state is not None else type(self).forward.__get__(self)
         if latent_embeds is None:
             return original(sample, *args, **kwargs)
         return original(sample, latent_embeds, *args, **kwargs)
-    return fast.run_decoder(self, sample)
+    return fast.run_decoder(self, sample, latent_embeds=latent_embeds)
+
+
+def _quantizer_forward(self, z, *args, **kwargs):
+    """Patched `VectorQuantizer.forward(z)` of a diffusers VQModel: the nearest codebook rows on one kernel
+    (`sdvae_fast.vq.quantize_like_diffusers`: diffusers' values, commit loss and index layout; perplexity and
+    min_encodings None, as diffusers returns them), or the replaced forward (see the module docstring)."""
+    state = _state_of(self)
+    if args or kwargs or not _runs_fast(state, (self,), z):
+        original = state.previous(self, "forward") if state is not None else type(self).forward.__get__(self)
+        return original(z, *args, **kwargs)
+    from sdvae_fast.vq import quantize_like_diffusers
+
+    z_q, loss, indices = quantize_like_diffusers(self, z)
+    return z_q, loss, (None, None, indices)
 
 
 def _unet_forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
@@ -240,7 +258,7 @@ def _vae_decode_parallel(self, z, *args, **kwargs):
 
 
 _OURS = (_encoder_forward, _decoder_forward, _unet_forward, _vae_encode, _vae_encode_parallel,
-         _vae_decode_parallel)
+         _vae_decode_parallel, _quantizer_forward)
 
 
 def _install(state: _PatchState, module, name: str, function) -> None:
@@ -330,10 +348,12 @@ def patch(obj, backend: str = "auto"):
         targets = [(vae.encoder, "forward", _encoder_forward), (vae.decoder, "forward", _decoder_forward)]
         if hasattr(type(vae), "_encode"):
             targets.append((vae, "_encode", _vae_encode))
+        if type(getattr(vae, "quantize", None)).__name__ == "VectorQuantizer":  # a VQModel's quantiser (issue 14)
+            targets.append((vae.quantize, "forward", _quantizer_forward))
     for module, name, function in targets:
         _install(state, module, name, function)
     for module in {id(m): m for m in [vae] + [m for m, _, _ in targets]}.values():
-        module.__dict__[_STATE] = state
+        module.__dict__[_STATE] = state  # the vae too: `is_patched` reads the state there
     return obj
 
 

@@ -742,7 +742,9 @@ def test_readme_and_help_list_exactly_the_public_presets():
         assert found.split("|") == list(CLI_PRESETS if flag else PUBLIC_PRESETS), found
     preset_action = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["reconstruct"]._actions
                          if "--preset" in a.option_strings)
-    assert tuple(preset_action.choices) == CLI_PRESETS
+    from sdvae_fast.configs import VQ_PRESETS
+
+    assert tuple(preset_action.choices) == CLI_PRESETS + tuple(VQ_PRESETS)  # VQ models: tests/test_cli_vq.py
     from sdvae_fast.train import add_train_arguments
 
     train_action = next(a for a in add_train_arguments(argparse.ArgumentParser())._actions

@@ -257,19 +257,20 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return dtype
 
 
-def _run_fast(stages: Stages, x: Tensor, temb: Optional[Tensor] = None,
+def _run_fast(stages: Stages, x: Tensor, temb: Optional[Tensor] = None, latents: Optional[Tensor] = None,
               unet_input: Optional[UNetInput] = None) -> Tensor:
     """Run the stages on x with the precision policy: under `torch.autocast` (fp16/bf16, fp32 model) the
     activations run in the autocast dtype, parameters are converted by the ops (packed weights cached per dtype)
     and the result is in the autocast dtype, as the reference's last conv returns it; an fp16 autocast run is
     guarded against overflow like an fp16 model. Autocast itself is switched off inside, so that module-forward
     fallback units and the ops' PyTorch fallbacks compute in the dtypes given to them. `temb` (N, C_temb), a
-    UNet's time embedding, goes into the run context (cast with the activations). Returns contiguous NCHW."""
+    UNet's time embedding, and `latents` (N, C_z, h, w), SpatialNorm's quantised latents (MoVQ), go into the run
+    context (cast with the activations). Returns contiguous NCHW."""
     dtype = autocast_dtype(x)
-    ctx = RunContext(emit_stats=EMIT_GN_STATS, temb=temb, unet_input=unet_input)
+    ctx = RunContext(emit_stats=EMIT_GN_STATS, temb=temb, latents=latents, unet_input=unet_input)
     if dtype is not None:
         x = x.to(dtype)
-        ctx = RunContext(emit_stats=EMIT_GN_STATS, temb=temb, unet_input=unet_input).widened(dtype)
+        ctx = ctx.widened(dtype)
     device_type = x.device.type
     try:
         autocast_on = torch.is_autocast_enabled(device_type)
@@ -289,11 +290,13 @@ def _encode(encoder: nn.Module, sample: Tensor, quant_conv: Optional[nn.Module])
     return _run_fast(encoder_units(encoder, quant_conv), sample)
 
 
-def _decode(decoder: nn.Module, sample: Tensor, post_quant_conv: Optional[nn.Module]) -> Tensor:
-    """run_decoder without validation (the caller has validated `sample`)."""
+def _decode(decoder: nn.Module, sample: Tensor, post_quant_conv: Optional[nn.Module],
+            latent_embeds: Optional[Tensor] = None) -> Tensor:
+    """run_decoder without validation (the caller has validated `sample` and `latent_embeds`)."""
     if needs_autograd(decoder, sample) or (post_quant_conv is not None and needs_autograd(post_quant_conv, sample)):
-        return decoder(sample if post_quant_conv is None else post_quant_conv(sample))
-    return _run_fast(decoder_units(decoder, post_quant_conv), sample)
+        h = sample if post_quant_conv is None else post_quant_conv(sample)
+        return decoder(h) if latent_embeds is None else decoder(h, latent_embeds)
+    return _run_fast(decoder_units(decoder, post_quant_conv), sample, latents=latent_embeds)
 
 
 def run_encoder(encoder: nn.Module, sample: Tensor, quant_conv: Optional[nn.Module] = None) -> Tensor:
@@ -315,7 +318,8 @@ def run_encoder(encoder: nn.Module, sample: Tensor, quant_conv: Optional[nn.Modu
     return _encode(encoder, sample, quant_conv)
 
 
-def run_decoder(decoder: nn.Module, sample: Tensor, post_quant_conv: Optional[nn.Module] = None) -> Tensor:
+def run_decoder(decoder: nn.Module, sample: Tensor, post_quant_conv: Optional[nn.Module] = None,
+                latent_embeds: Optional[Tensor] = None) -> Tensor:
     """`post_quant_conv` (if given) and a diffusers-structured `Decoder` forward on the ops.
 
     Args:
@@ -324,6 +328,9 @@ def run_decoder(decoder: nn.Module, sample: Tensor, post_quant_conv: Optional[nn
         sample: latents (N, latent_channels, h, w), unscaled (already divided by scaling_factor), in the
             decoder's dtype and device, any memory format.
         post_quant_conv: the VAE's 1x1 post_quant_conv, or None.
+        latent_embeds: SpatialNorm's conditioning (MoVQ: diffusers' `Decoder(sample, latent_embeds)`), the
+            quantised latents (N, C_z, h', w') in sample's dtype and device, or None. Required when the decoder
+            holds SpatialNorm layers; those units run their module forwards with it (docs/design.md, "VQ").
     Returns:
         (N, 3, 8h, 8w) images (for the usual 4-block VAE), contiguous NCHW, sample's dtype (under
         `torch.autocast` with an fp32 model: the autocast dtype, see `autocast_dtype`). Falls back to the
@@ -333,7 +340,16 @@ def run_decoder(decoder: nn.Module, sample: Tensor, post_quant_conv: Optional[nn
     """
     first = post_quant_conv if post_quant_conv is not None else decoder.conv_in
     _check_input("z", sample, first, "latents")
-    return _decode(decoder, sample, post_quant_conv)
+    if latent_embeds is not None:
+        if not isinstance(latent_embeds, torch.Tensor) or latent_embeds.dim() != 4:
+            raise ValueError(f"latent_embeds must be a 4-D tensor (N, C_z, h, w), got "
+                             f"{getattr(latent_embeds, 'shape', type(latent_embeds).__name__)}")
+        if latent_embeds.shape[0] != sample.shape[0] or latent_embeds.dtype != sample.dtype \
+                or latent_embeds.device != sample.device:
+            raise ValueError(f"latent_embeds must have z's batch size {sample.shape[0]}, dtype {sample.dtype} and "
+                             f"device {sample.device}, got shape {tuple(latent_embeds.shape)}, "
+                             f"{latent_embeds.dtype} on {latent_embeds.device}")
+    return _decode(decoder, sample, post_quant_conv, latent_embeds)
 
 
 def encode_moments(vae, x: Tensor, *, validate: bool = True) -> Tensor:

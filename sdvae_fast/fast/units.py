@@ -265,14 +265,32 @@ class Unit:
         return f"Unit({self.name!r}, {self.kind}, {how})"
 
 
-def _call_module(module: nn.Module, x: Tensor, ctx: "RunContext", *args) -> Tensor:
+def _call_module(module: nn.Module, x: Tensor, ctx: "RunContext", *args, **kwargs) -> Tensor:
     """The module's own forward on x (the per-unit fallback), its parameters cast to `ctx.dtype` when that is set."""
     if ctx.dtype is None:
-        return module(x, *args)
+        return module(x, *args, **kwargs)
     cast = ctx.cast
     tensors = {name: cast(p) if p.is_floating_point() else p for name, p in module.named_parameters()}
     tensors.update({name: cast(b) if b.is_floating_point() else b for name, b in module.named_buffers()})
-    return torch.func.functional_call(module, tensors, (x, *args))
+    return torch.func.functional_call(module, tensors, (x, *args), kwargs)
+
+
+def spatially_conditioned(module: nn.Module) -> bool:
+    """Whether `module` is or holds a SpatialNorm (MoVQ's decoder: ResnetBlockCondNorm2D, Attention with
+    `spatial_norm`, the blocks holding them, SpatialNorm itself): its forward needs the quantised latents."""
+    return any(type(m).__name__ == "SpatialNorm" for m in module.modules())
+
+
+def _latent_arguments(module: nn.Module, ctx: "RunContext") -> Tuple[tuple, dict]:
+    """(args, kwargs) that hand `ctx.latents` (N, C_z, h, w) to a spatially conditioned module's forward:
+    diffusers' Attention takes them as `temb=`, SpatialNorm, ResnetBlockCondNorm2D and the decoder's blocks as
+    their second positional argument. Raises ValueError when the run context has no latents."""
+    if ctx.latents is None:
+        raise ValueError(f"{type(module).__name__} is conditioned on SpatialNorm's quantised latents, but the run "
+                         "context has none (pass latent_embeds to run_decoder)")
+    if getattr(module, "spatial_norm", None) is not None:
+        return (), {"temb": ctx.latents}
+    return (ctx.latents,), {}
 
 
 def _forward_args(module: nn.Module) -> tuple:
@@ -294,8 +312,12 @@ def module_unit(name: str, module: nn.Module, reason: str) -> Unit:
     projection gets `ctx.temb`, (N, C_temb) in the activation dtype, as its second argument)."""
     extra = _forward_args(module)
     wants_temb = _wants_temb(module)
+    wants_latents = spatially_conditioned(module)
 
     def run(carry, ctx, emit):
+        if wants_latents:
+            args, kwargs = _latent_arguments(module, ctx)
+            return _call_module(module, carry.take()[0], ctx, *args, **kwargs), None
         return _call_module(module, carry.take()[0], ctx, *((ctx.temb,) if wants_temb else extra)), None
 
     return Unit(name, "module", (module,), run, module, reason=reason)
@@ -684,6 +706,25 @@ def _up_block_children(block):
             + [(f"upsamplers.{i}", u) for i, u in enumerate(block.upsamplers or [])])
 
 
+def _interleaved_children(block, resamplers: str):
+    """resnets.i then attentions.i for each i, then the resamplers: diffusers' AttnDownEncoderBlock2D and
+    AttnUpDecoderBlock2D (VQ-f8) run `attn(resnet(x))` per layer, then their downsamplers / upsamplers."""
+    children = []
+    for i, (resnet, attn) in enumerate(zip(block.resnets, block.attentions)):
+        children += [(f"resnets.{i}", resnet), (f"attentions.{i}", attn)]
+    return children + [(f"{resamplers}.{i}", r) for i, r in enumerate(getattr(block, resamplers, None) or [])]
+
+
+@register_block("AttnDownEncoderBlock2D")
+def _attn_down_block_children(block):
+    return _interleaved_children(block, "downsamplers")
+
+
+@register_block("AttnUpDecoderBlock2D")
+def _attn_up_block_children(block):
+    return _interleaved_children(block, "upsamplers")
+
+
 @register_block("UNetMidBlock2D")
 def _mid_block_children(block):
     children = [("resnets.0", block.resnets[0])]
@@ -883,7 +924,8 @@ def head_unit(name: str, norm: nn.Module, act: nn.Module, conv: nn.Module,
         x, stats = carry.take()
         if reason is not None:
             for module in modules:
-                x = _call_module(module, x, ctx)
+                args, kwargs = _latent_arguments(module, ctx) if spatially_conditioned(module) else ((), {})
+                x = _call_module(module, x, ctx, *args, **kwargs)
             return (x, None) if out_channels is None else (x[:, :out_channels], None)
         if out_channels is not None:
             weight, bias = leading_channels(conv, out_channels)
