@@ -29,7 +29,13 @@
 #                (bench/pp_bench.py): the 1-GPU baseline without a process group, then one rank per GPU (as
 #                many as `nvidia-smi -L` lists, at most 8) under torch.distributed.run, each with a correctness
 #                check, median ms, peak GiB and communication share per rank, appended to DATE-GPU-pp.md; time
-#                box 240 s, most of it for compiles when the warmup has not run: SECTIONS="env warmup pp")
+#                box 240 s, most of it for compiles when the warmup has not run: SECTIONS="env warmup pp";
+#                "consistency", not in the default either, is issue 13's consistency-decoder benchmark
+#                (bench/bench_consistency.py): the 2-step bf16 decode at 512^2 and 1024^2 of ours against diffusers
+#                eager and torch.compile, checked against fp32 first, with the FLOP floor (the fraction of a
+#                measured bf16 matmul rate), to DATE-GPU-consistency.json and .md; it compiles its own kernels in
+#                parallel first (the warmup section's plan does not cover them); time box 480 s, more than the
+#                default budget leaves: SECTIONS="env consistency" BUDGET_S=500, device timeout_s 590)
 #   RESULTS_DIR  where results are written (default: bench/results)
 #   BUDGET_S     total seconds for all sections (default 340); each section also has its own time box
 #   PYTHON       the interpreter (default: python3)
@@ -135,6 +141,9 @@ want attention && section attention 25 "$PY" bench/bench_attention.py --out "$RE
 want e2e && section e2e 90 "$PY" -m sdvae_fast.cli bench --res 512 1024 2048 --dtype bf16 --preset sd15 -q \
     --out "$RESULTS" --name "$STEM-e2e" --budget-s 1.0
 want coldstart && section coldstart 150 "$PY" bench/cold_start.py --out "$RESULTS/$STEM-coldstart"
+# The consistency decoder (optional): results are rewritten after every measurement, so a cut run keeps them.
+want consistency && section consistency 480 "$PY" bench/bench_consistency.py --sizes 512 1024 --out "$RESULTS" \
+    --name "$STEM-consistency"
 # Patch parallel (optional): the plain 1-GPU decode, then torchrun over every GPU (capped at 8); both rows go to
 # DATE-GPU-pp.md and the log. The torchrun run's status wins unless it succeeds, then the baseline's.
 if want pp; then

@@ -10,6 +10,10 @@ measure host work only, which is what a CPU can measure honestly:
   against the same arithmetic in plain `torch.nn.functional`, on a tensor so small that the arithmetic is
   negligible. Without CUDA and without the interpreter the op runs its PyTorch reference, so the difference is the
   op layer's own cost per call; a decode makes about 60 such calls.
+
+Also here, without the benchmark fixture (so `--benchmark-only` skips them): the CPU smoke tests of
+bench/bench_consistency.py's non-GPU parts (its refusal without CUDA, its --dry-run with the FLOP counts of the real
+config, the attention count, and the results' arithmetic and files); about 8 s.
 """
 import pytest
 import torch
@@ -63,3 +67,54 @@ def test_dispatch_gn_silu_conv2d_op(benchmark, tiny_gsc_inputs):
 def test_dispatch_plain_functional_baseline(benchmark, tiny_gsc_inputs):
     x, weight, bias, gamma, beta = tiny_gsc_inputs
     benchmark(lambda: _gsc_functional(x, weight, bias, gamma, beta))
+
+
+def _bench_consistency():
+    """bench/bench_consistency.py as a module (bench/ is no package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).with_name("bench_consistency.py")
+    spec = importlib.util.spec_from_file_location("bench_consistency", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_consistency_bench_refuses_without_cuda_and_dry_run_counts_the_real_decode(monkeypatch, capsys):
+    bench = _bench_consistency()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--sizes", "512"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert bench.main(["--dry-run", "--sizes", "512", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "our copy holds the reference's weights: True" in out
+    # openai/consistency-decoder: 33.63 TFLOP per UNet call at 512^2 (FlopCounterMode agrees, checked inside)
+    assert "real config 67.26 TFLOP useful per decode (33.63 per step" in out
+    assert "real config 269.02 TFLOP useful per decode" in out
+    assert "kernel variants of our narrow decode" in out or "TRITON_INTERPRET=1" in out
+    flops = bench.decode_flops({}, [64])[64]
+    # diffusers' conv_out computes 6 channels (320 -> 6, 3x3), decode keeps 3: the other 3 are not useful work
+    assert flops["full"] - flops["useful"] == 2 * 2 * 64 * 64 * 3 * 320 * 9
+    assert flops["full"] == flops["counter"] and flops["attention"] == 0
+
+
+def test_consistency_bench_counts_attention_and_reports_the_target(tmp_path):
+    bench = _bench_consistency()
+    flops = bench.decode_flops({**bench.NARROW, "decoder_add_attention": True}, [64])[64]
+    # the mid block's attention at 8x8 (L = 64, inner dim 24): QK^T and PV, 2 FLOPs per multiply-add, 2 steps
+    assert flops["attention"] == 2 * 4 * 64 * 64 * 24
+    assert flops["full"] == flops["counter"]
+    size_result = {"size": 64, "flops": {"useful": 6e12}, "check": {"verdict": "passed", "passed": True},
+                   "contenders": {bench.EAGER: {"ms": 30.0}, bench.OURS: {"ms": 10.0}, bench.COMPILE: {"ms": 15.0}}}
+    bench.summarize(size_result, rate_tflops=800.0)
+    assert size_result["contenders"][bench.OURS]["tflops"] == pytest.approx(600.0)
+    assert size_result["speedups"] == {"speedup_vs_eager": pytest.approx(3.0), "speedup_vs_compile": pytest.approx(1.5)}
+    assert size_result["target"]["met"]  # 75 % of the matmul rate and ahead of compile
+    assert size_result["target"]["verdict"] == ("met: ours at 75.0 % of the matmul rate (>= 60 %), 1.50x "
+                                                "torch.compile's speed")
+    result = {"env": {"gpu": "test"}, "seed": 0, "timing": "t", "matmul": {"n": 8, "ms": 1.0, "tflops": 800.0},
+              "prewarm": "skipped", "sizes": {64: size_result}}
+    json_path, md_path = bench.write_results(result, tmp_path, "x-consistency")
+    assert "| 64 | sdvae-fast | 10.00 | 600.0 | 75.0 |" in md_path.read_text()
+    assert '"speedup_vs_compile": 1.5' in json_path.read_text()
