@@ -11,10 +11,12 @@ diffusers' test code is copied here: the file is run in place, and for the "ours
 module, loaded with `-p`) swaps the class name in the collected test modules for sdvae_fast's class of that name.
 `--model` picks the class (`MODELS`): "kl" (default), AutoencoderKL and
 `tests/models/autoencoders/test_models_autoencoder_kl.py`; "consistency", ConsistencyDecoderVAE (DALL-E 3's
-consistency decoder) and `tests/models/autoencoders/test_models_consistency_decoder_vae.py`.
+consistency decoder) and `tests/models/autoencoders/test_models_consistency_decoder_vae.py`; "vq", VQModel
+(latent diffusion's VQ autoencoders) and `tests/models/autoencoders/test_models_vq.py`.
 
     python tools/diffusers_suite.py /path/to/diffusers-copy                 # both runs, table of outcomes
     python tools/diffusers_suite.py /path/to/diffusers-copy --model consistency
+    python tools/diffusers_suite.py /path/to/diffusers-copy --model vq --backend triton
     python tools/diffusers_suite.py /path/to/diffusers-copy --backend triton -k "test_output or determinism"
 
 `--backend` sets `SDVAE_FAST_BACKEND` for the "ours" run ("triton" also sets TRITON_INTERPRET=1: the kernels under
@@ -35,6 +37,7 @@ from pathlib import Path
 MODELS = {
     "kl": ("tests/models/autoencoders/test_models_autoencoder_kl.py", "AutoencoderKL"),
     "consistency": ("tests/models/autoencoders/test_models_consistency_decoder_vae.py", "ConsistencyDecoderVAE"),
+    "vq": ("tests/models/autoencoders/test_models_vq.py", "VQModel"),
 }
 #: The environment variable that tells the plugin which class name to swap (set by `_run`).
 CLASS_ENV = "SDVAE_FAST_SUITE_CLASS"
@@ -103,7 +106,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("repo", type=Path, help="a folder holding a copy of diffusers' tests/ (see above)")
     parser.add_argument("--model", default="kl", choices=sorted(MODELS),
-                        help="kl: AutoencoderKL's test file (default); consistency: ConsistencyDecoderVAE's")
+                        help="kl: AutoencoderKL's test file (default); consistency: ConsistencyDecoderVAE's; "
+                             "vq: VQModel's")
     parser.add_argument("--backend", default="torch", choices=("torch", "triton", "auto"),
                         help="SDVAE_FAST_BACKEND for the run with our class (default: torch)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter to run pytest with")
