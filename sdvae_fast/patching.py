@@ -1,5 +1,7 @@
 """`patch` / `unpatch`: run a live `diffusers.AutoencoderKL` or `diffusers.ConsistencyDecoderVAE` (or a
-pipeline's `.vae`) on the fast path, in place.
+pipeline's `.vae`) on the fast path, in place. `diffusers.AutoencoderKLFlux2` and `diffusers.VQModel` have an
+AutoencoderKL's encoder and decoder and are patched as one (plus a VQModel's quantiser, below); FLUX.2's latent
+BatchNorm is outside `encode` / `decode` and stays diffusers' code.
 
     import sdvae_fast
     sdvae_fast.patch(pipe)        # pipe.vae.decode / encode now run the Triton kernels on CUDA
@@ -320,7 +322,7 @@ def patch(obj, backend: str = "auto"):
 
     Args:
         obj: a `diffusers.AutoencoderKL` or `diffusers.ConsistencyDecoderVAE` (or any module with one's
-            structure), or a pipeline or other object holding one as `.vae`.
+            structure: `AutoencoderKLFlux2`, `VQModel`), or a pipeline or other object holding one as `.vae`.
         backend: "auto" (kernels on CUDA tensors, diffusers' forwards elsewhere), "triton" (always the kernels;
             on CPU that needs TRITON_INTERPRET=1, else each call raises RuntimeError) or "torch" (diffusers'
             forwards; patched but inert). Read at every call, so the VAE may move between devices.
