@@ -124,6 +124,17 @@ if HAS_DIFFUSERS:
             # Read by diffusers' pipelines for their model_index.json: diffusers' class loads the saved folder.
             self.__dict__["__module__"] = "diffusers"
 
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+            """Load a diffusers folder (or Hub repository id) of a consistency decoder with every weight checked:
+            `sdvae_fast.loading.load_consistency_decoder` (diffusers' `from_pretrained` would initialise weights
+            missing from the file at random and only log their names). Arguments as diffusers' (`subfolder`,
+            `torch_dtype`, `variant`, the Hub options, config overrides); raises `loading.CheckpointError` listing
+            missing or mis-shaped weights."""
+            from sdvae_fast import loading
+
+            return loading.load_consistency_decoder(cls, pretrained_model_name_or_path, **kwargs)
+
         @property
         def backend(self) -> str:
             """"auto", "triton" or "torch" (`sdvae_fast.backends`): which forward the decoder's UNet runs."""

@@ -1116,7 +1116,9 @@ CONSISTENCY_CLASS_NAME = "ConsistencyDecoderVAE"
 #: The `_class_name` values `load_vae` builds, and the sdvae_fast class ("module.name") each becomes. A folder
 #: without `_class_name` is an AutoencoderKL (what older writers produced).
 MODEL_CLASSES = {"AutoencoderKL": "sdvae_fast.model.AutoencoderKL",
-                 CONSISTENCY_CLASS_NAME: "sdvae_fast.consistency.ConsistencyDecoderVAE"}
+                 CONSISTENCY_CLASS_NAME: "sdvae_fast.consistency.ConsistencyDecoderVAE",
+                 "AutoencoderKLFlux2": "sdvae_fast.flux2.AutoencoderKLFlux2",
+                 "VQModel": "sdvae_fast.vq.VQModel"}
 #: The consistency decoder's config fields that the key-mismatch message shows.
 CONSISTENCY_SHORT_FIELDS = ("latent_channels", "encoder_block_out_channels", "encoder_layers_per_block",
                             "decoder_block_out_channels", "decoder_layers_per_block", "decoder_in_channels",
@@ -1150,8 +1152,8 @@ def folder_class_name(folder: PathLike) -> str:
 
 
 def model_class(class_name: str, folder: PathLike = "") -> type:
-    """sdvae_fast's class for a config.json `_class_name` (`MODEL_CLASSES`): `sdvae_fast.AutoencoderKL` or
-    `sdvae_fast.ConsistencyDecoderVAE`.
+    """sdvae_fast's class for a config.json `_class_name` (`MODEL_CLASSES`): `sdvae_fast.AutoencoderKL`,
+    `ConsistencyDecoderVAE`, `AutoencoderKLFlux2` or `VQModel`.
 
     Raises:
         CheckpointError: any other class name (the message names `folder`, the class and the supported ones).
@@ -1160,7 +1162,7 @@ def model_class(class_name: str, folder: PathLike = "") -> type:
 
     if class_name not in MODEL_CLASSES:
         raise CheckpointError(f"{folder}: config.json's _class_name is {class_name!r}; sdvae_fast loads "
-                              f"{' and '.join(MODEL_CLASSES)} folders")
+                              f"{', '.join(MODEL_CLASSES)} folders")
     module, _, name = MODEL_CLASSES[class_name].rpartition(".")
     return getattr(importlib.import_module(module), name)
 
@@ -1187,8 +1189,9 @@ def load_vae(path: PathLike, subfolder: Optional[str] = None, **kwargs):
     "AutoencoderKL" (or no `_class_name`) gives `sdvae_fast.AutoencoderKL.from_pretrained(folder)` (diffusers'
     loader when diffusers is installed, else `load_pretrained`); "ConsistencyDecoderVAE"
     (`openai/consistency-decoder`'s layout) gives `sdvae_fast.ConsistencyDecoderVAE` through
-    `load_consistency_decoder` (every key checked, missing ones listed). A single checkpoint file is an
-    AutoencoderKL (`AutoencoderKL.from_single_file`), and so is the bundled "sdvae-fast/tiny".
+    `load_consistency_decoder` (every key checked, missing ones listed); "AutoencoderKLFlux2" and "VQModel" give
+    those classes' `from_pretrained`. A single checkpoint file is an AutoencoderKL
+    (`AutoencoderKL.from_single_file`), and so is the bundled "sdvae-fast/tiny".
 
     Args:
         path: a local folder, a Hub repository id "org/name", a single file, or "sdvae-fast/tiny".
@@ -1197,10 +1200,10 @@ def load_vae(path: PathLike, subfolder: Optional[str] = None, **kwargs):
     Returns:
         The model in eval mode.
     Raises:
-        CheckpointError: a `_class_name` other than those two, a consistency-decoder checkpoint that lacks
+        CheckpointError: a `_class_name` other than those, a consistency-decoder checkpoint that lacks
             weights or has mis-shaped ones (all listed); otherwise what the chosen loader raises.
     """
-    from sdvae_fast.model import AutoencoderKL
+    AutoencoderKL = model_class("AutoencoderKL")  # imported by name: sdvae_fast.model imports this module
 
     if Path(path).is_file():
         if subfolder:

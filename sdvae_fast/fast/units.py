@@ -976,7 +976,8 @@ def decoder_units(decoder: nn.Module, post_quant_conv: Optional[nn.Module] = Non
 def iter_units(model: nn.Module) -> List[Unit]:
     """Every unit of a VAE with diffusers' AutoencoderKL structure, named by module path, in run order: the
     encoder's, `quant_conv`, then `post_quant_conv` and the decoder's (quant_conv as a unit of its own; a whole
-    encode folds it into the head). What `sdvae-fast parity` compares and `sdvae-fast profile` times.
+    encode folds it into the head), or a consistency decoder's `decoder_unet` units (`unet_units`, which need
+    `RunContext.temb`). What `sdvae-fast parity` compares and `sdvae-fast profile` times.
 
     Raises:
         TypeError: `model` has neither an `encoder` nor a `decoder`.
@@ -992,6 +993,8 @@ def iter_units(model: nn.Module) -> List[Unit]:
     if getattr(model, "decoder", None) is not None:
         units += [u for stage in decoder_units(model.decoder, getattr(model, "post_quant_conv", None))
                   for u in stage]
+    if getattr(model, "decoder_unet", None) is not None and unet_why_not(model.decoder_unet) is None:
+        units += [u for stage in unet_units(model.decoder_unet) for u in stage]  # the consistency decoder
     return units
 
 
