@@ -160,23 +160,23 @@ def _aten_ops(fn):
 
 
 def test_triton_decode_batch2_odd_size_matches_diffusers_with_every_resnet_fused(pair, monkeypatch):
-    """Decode of 2 x 4 x 1 x 3 latents (8 x 24 pixels, odd latent width) on the kernels against diffusers' decode:
-    fp32 within 1e-4 relative L2, all 20 resnets fused in both steps."""
+    """Decode of 2 x 4 x 1 x 1 latents (8 x 8 pixels, odd latent size; every level a ragged tile) on the kernels
+    against diffusers' decode: fp32 within 1e-4 relative L2, all 20 resnets fused in both steps."""
     reference, _ = pair
     ours = _ours(reference, "triton")
     calls = []
     original = units.modulated_gsc
     monkeypatch.setattr(units, "modulated_gsc", lambda *a, **k: calls.append(1) or original(*a, **k))
-    z = torch.randn(2, 4, 1, 3, generator=torch.Generator().manual_seed(11))
-    assert_close(_decode(ours, z), _decode(reference, z), rel_l2=1e-4, name="decode triton 2x4x1x3")
+    z = torch.randn(2, 4, 1, 1, generator=torch.Generator().manual_seed(11))
+    assert_close(_decode(ours, z), _decode(reference, z), rel_l2=1e-4, name="decode triton 2x4x1x1")
     assert len(calls) == 2 * 20  # 2 steps x 20 fused scale/shift resnets: the kernels really ran
 
 
-def test_triton_bf16_decode_without_aten_group_norm_upsample_or_cat_and_bf16_encode(pair):
-    """bf16 on the kernels against diffusers in fp32, within 2x diffusers' own bf16 error plus 1e-2 (decode of
-    1 x 4 x 1 x 1 latents) / 1e-3 (encode of a 2 x 3 x 8 x 16 image on our encoder) relative L2. The decode's
-    profiler trace holds no aten group_norm, upsample or cat: conv_in reads x_t and the latents, the up blocks
-    read [x | skip], the upsampling resnets upsample by indexing."""
+def test_triton_bf16_decode_without_aten_group_norm_upsample_or_cat(pair):
+    """bf16 on the kernels against diffusers in fp32, within 2x diffusers' own bf16 error plus 1e-2 relative L2
+    (decode of 1 x 4 x 1 x 1 latents). The decode's profiler trace holds no aten group_norm, upsample or cat:
+    conv_in reads x_t and the latents, the up blocks read [x | skip], the upsampling resnets upsample by indexing.
+    (Our encoder in bf16 is the VAE's, tested in tests/test_fast_path.py and tests/test_autocast.py.)"""
     reference, _ = pair
     ours = _ours(reference, "triton").to(torch.bfloat16)
     low = copy.deepcopy(reference).to(torch.bfloat16)
@@ -191,12 +191,6 @@ def test_triton_bf16_decode_without_aten_group_norm_upsample_or_cat_and_bf16_enc
                                                                                             "aten::cat")))
     assert not forbidden, forbidden
     assert "sdvae_fast::fused_conv2d" in names and "sdvae_fast::gn_silu_conv2d" in names
-    x = torch.rand(2, 3, 8, 16, generator=torch.Generator().manual_seed(14)) * 2 - 1
-    with torch.no_grad():
-        expected = reference.encode(x).latent_dist.mean
-        torch_rel = error_report(low.encode(x.bfloat16()).latent_dist.mean, expected)["rel_l2"]
-        assert_close(ours.encode(x.bfloat16()).latent_dist.mean, expected, rel_l2=2 * torch_rel + 1e-3,
-                     name=f"encode bf16 (diffusers bf16 rel {torch_rel:.1e})")
 
 
 def test_triton_encode_runs_our_encoder_and_matches_diffusers(pair, monkeypatch):

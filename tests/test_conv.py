@@ -428,7 +428,8 @@ _SM90_PRELUDE = textwrap.dedent("""
             constexprs = dict(sxc=1, src=1, soc=1, KH=k, KW=k, APPLY_GN=gn, APPLY_SILU=gn, HAS_BIAS=True,
                               HAS_RESIDUAL=not up, UPSAMPLE_2X=up, DOT_FP32=False, INPUT_PRECISION="tf32",
                               ROUND_TO_BF16=False, EMIT_STATS=emit, STATS_GS=4, WIDE_OFFSETS=wide,
-                              SILU_MODE=conv.silu_mode(), EVEN_K=True, **config.kwargs)  # the GPU's prologue
+                              SILU_MODE=conv.silu_mode(), EVEN_K=True, TWO_SOURCES=False, X2_SHIFT=0,
+                              RESIDUAL_SHIFT=0, sx2c=1, **config.kwargs)  # the GPU's prologue; one source
             return build(conv._conv_kernel.fn, pointers, constexprs, aligned, num_warps=config.num_warps,
                          num_stages=config.num_stages)
 
