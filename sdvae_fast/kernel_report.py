@@ -478,7 +478,7 @@ def compile_for_sm90(fn, args: Sequence, constexprs: dict, num_warps: int, num_s
     """Compile JIT function `fn` for sm_`arch` as Triton's JIT would for these arguments (its own binder decides
     the specialisation), and return the compiled kernel (asm['cubin'], metadata.shared, ...).
 
-    args: the positional (non-constexpr) arguments as the launcher passed them (tensors may be on the meta
+    args: the runtime (non-constexpr) arguments in the kernel's parameter order (tensors may be on the meta
     device; only dtype and data_ptr alignment are read); constexprs: the constexpr keyword arguments.
     """
     import triton
@@ -491,7 +491,8 @@ def compile_for_sm90(fn, args: Sequence, constexprs: dict, num_warps: int, num_s
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = dict(constexprs, num_warps=num_warps, num_stages=num_stages)
-    bound, specialization, options = binder(*args, **kwargs)
+    runtime = [p.name for p in fn.params if not p.is_constexpr]
+    bound, specialization, options = binder(**dict(zip(runtime, args)), **kwargs)  # by name: constexprs interleave
     options, signature, consts, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return triton.compile(ASTSource(fn, signature, consts, attrs), target=target, options=options.__dict__)
 
@@ -526,6 +527,23 @@ class Launch:
         return (self.name, tuple(spec), tuple(sorted(self.constexprs.items())))
 
 
+def _split_arguments(fn, args: Sequence, kwargs: dict) -> Tuple[tuple, dict]:
+    """(runtime arguments in the kernel's parameter order, constexpr keyword arguments) of a launch that may pass
+    runtime arguments by keyword (the conv launcher passes its second source `x2_ptr=...` so). A runtime
+    parameter skipped between passed ones takes its default."""
+    named = dict(zip([p.name for p in fn.params], args))
+    named.update({k: v for k, v in kwargs.items()})
+    runtime = [p for p in fn.params if not p.is_constexpr]
+    last = max((i for i, p in enumerate(runtime) if p.name in named), default=-1)
+    values = []
+    for p in runtime[:last + 1]:
+        if p.name not in named and not p.has_default:
+            raise ValueError(f"launch of {fn.__name__} misses its argument {p.name!r}")
+        values.append(named.get(p.name, p.default))
+    taken = {p.name for p in runtime}
+    return tuple(values), {k: v for k, v in kwargs.items() if k not in taken}
+
+
 class _Recorder:
     """Stands in for a jitted or autotuned kernel: `kernel[grid](*args, **kw)` records a `Launch`."""
 
@@ -547,8 +565,9 @@ class _Recorder:
                     configs.append((dict(c.kwargs), c.num_warps, c.num_stages))
             else:
                 configs.append(({}, warps or 4, stages or 3))
-            constexprs = {k: v for k, v in kwargs.items() if k not in tile_names}
-            self.sink.append(Launch(self.name, self.fn, tuple(args), constexprs, configs, named))
+            args, constexprs = _split_arguments(self.fn, args, kwargs)
+            constexprs = {k: v for k, v in constexprs.items() if k not in tile_names}
+            self.sink.append(Launch(self.name, self.fn, args, constexprs, configs, named))
         return launch
 
 
@@ -788,16 +807,17 @@ def plan_variants(path: str, sections: Optional[Sequence[str]] = None, dtypes: O
     specs: Dict[str, dict] = {}
     for rec in launches:
         fn = warmup._jit_function(rec.kernel)
-        args = tuple(warmup._decode_value(a, "meta") for a in rec.args)
+        args, kwargs = _split_arguments(fn, [warmup._decode_value(a, "meta") for a in rec.args],
+                                        {k: warmup._decode_value(v, "meta") for k, v in rec.kwargs.items()})
         dtype = next((names.get(str(a.dtype).replace("torch.", "")) for a in args if hasattr(a, "dtype")), None)
         if dtypes and dtype not in dtypes:
             continue
-        options = {k: v for k, v in rec.kwargs.items() if k in _OPTIONS}
-        tiles = {k: v for k, v in rec.kwargs.items() if k in _TILES}
-        constexprs = {k: v for k, v in rec.kwargs.items() if k not in _OPTIONS and k not in _TILES}
+        options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
+        tiles = {k: v for k, v in kwargs.items() if k in _TILES}
+        constexprs = {k: v for k, v in kwargs.items() if k not in _OPTIONS and k not in _TILES}
         config = (tiles, int(options.get("num_warps", 4)), int(options.get("num_stages", 3)))
         name = rec.kernel.partition(":")[2]
-        named = dict(zip([p.name for p in fn.params], args), **constexprs)
+        named = dict(zip([p.name for p in fn.params if not p.is_constexpr], args), **constexprs)
         label, spec = _plan_spec(name, named, constexprs)
         specs[label] = spec
         launch = Launch(name, fn, args, constexprs, [config], named)
