@@ -216,21 +216,40 @@ def _flux2_subfolder(path: Path) -> Optional[str]:
     return None
 
 
+def is_flux2_checkpoint(path: Path, unsafe_pickle: bool = False) -> bool:
+    """Whether `path` is a single file holding FLUX.2's VAE: a `bn.running_mean` tensor beside the VAE's weights
+    under the same prefix (`sdvae_fast.flux2.flux2_file_prefix`: "", "vae.", ...). Folders are not files: False.
+    Raises CheckpointError for an unreadable file."""
+    if not path.is_file():
+        return False
+    from sdvae_fast.flux2 import flux2_file_prefix
+    from sdvae_fast.loading import _Checkpoint
+
+    return flux2_file_prefix(_Checkpoint(path, unsafe_pickle).keys) is not None
+
+
 def _build_flux2(args, overrides: dict):
     """FLUX.2's VAE (`sdvae_fast.AutoencoderKLFlux2`) when `--preset flux2|flux2-small` or `--vae` names a folder
-    whose config's `_class_name` is AutoencoderKLFlux2; None otherwise (see `load_vae`).
+    whose config's `_class_name` is AutoencoderKLFlux2, or a single file with FLUX.2's latent BatchNorm
+    (`is_flux2_checkpoint`: black-forest-labs' original layout, `AutoencoderKLFlux2.from_single_file`; with
+    `--preset`, the preset's architecture instead of the one read from the shapes); None otherwise (see
+    `load_vae`).
 
     Raises:
         CLIError: scaling options (FLUX.2's latents are normalised by its BatchNorm, not scaled), `--preset` or
-        `--config` with such a folder, or a FLUX.2 preset with a single checkpoint file (not supported).
+        `--config` with such a folder, `--config` with a FLUX.2 file. The loader's CheckpointError for a file
+        whose keys do not fit (or, with a FLUX.2 preset, a file that is no FLUX.2 VAE).
     """
     preset = args.preset if args.preset in FLUX2_PRESETS else None
-    subfolder = _flux2_subfolder(Path(args.vae)) if args.vae and Path(args.vae).is_dir() else None
-    if preset is None and subfolder is None:
+    path = Path(args.vae) if args.vae else None
+    subfolder = _flux2_subfolder(path) if path is not None and path.is_dir() else None
+    single = path is not None and subfolder is None and path.is_file() and (
+        preset is not None or is_flux2_checkpoint(path, args.unsafe_pickle))
+    if preset is None and subfolder is None and not single:
         return None
     from sdvae_fast.flux2 import AutoencoderKLFlux2
 
-    what = f"--preset {preset}" if subfolder is None else f"--vae {args.vae} (FLUX.2's VAE)"
+    what = f"--preset {preset}" if subfolder is None and not single else f"--vae {args.vae} (FLUX.2's VAE)"
     scaling = [f"--{k.replace('_', '-')}" for k in ("scaling_factor", "shift_factor") if k in overrides]
     if scaling:
         raise CLIError(f"{' / '.join(scaling)} do not apply to {what}: FLUX.2's latents are normalised by the VAE's "
@@ -241,9 +260,17 @@ def _build_flux2(args, overrides: dict):
             raise CLIError(f"{option} applies to single files and seeded weights; the diffusers folder {args.vae} "
                            f"carries its own config.json")
         return AutoencoderKLFlux2.from_pretrained(str(args.vae), subfolder=subfolder or None, **overrides)
-    if args.vae:
-        raise CLIError(f"--preset {preset}: single checkpoint files of FLUX.2's VAE are not supported; pass a "
-                       f"diffusers folder (its config.json says _class_name AutoencoderKLFlux2) with --vae")
+    if single:
+        if getattr(args, "config", None):
+            raise CLIError(f"--config reads AutoencoderKL files; the architecture of FLUX.2's VAE in {args.vae} is "
+                           f"read from its weights (or give --preset flux2 / flux2-small)")
+        return AutoencoderKLFlux2.from_single_file(str(path), config=preset, unsafe_pickle=args.unsafe_pickle,
+                                                   **overrides)
+    if path is not None and path.is_dir():
+        raise CLIError(f"--preset {preset} applies to single files and seeded weights; the diffusers folder "
+                       f"{args.vae} carries its own config.json (and it names no AutoencoderKLFlux2)")
+    if path is not None:
+        raise CLIError(f"--vae {args.vae}: no such file or folder")
     if getattr(args, "config", None):
         raise CLIError(f"--config {args.config} describes how to read a single checkpoint file; give it with "
                        f"--vae FILE (for seeded random weights use --preset)")
@@ -822,6 +849,24 @@ def _flux2_info(info: dict, config_path: Path) -> None:
                                     f"latents, applied by pipelines around encode/decode; no scaling_factor")
 
 
+def _flux2_file_info(args, path: Path) -> dict:
+    """`info`'s report of a single file of FLUX.2's VAE (`sdvae_fast.flux2.inspect_single_file`): model
+    AutoencoderKLFlux2, the config read from the shapes (or `--preset flux2|flux2-small`'s), `--norm-num-groups`
+    on top. Raises CLIError for `--config` or scaling options; CheckpointError for a file that is no FLUX.2 VAE."""
+    from sdvae_fast.flux2 import inspect_single_file
+
+    if args.config:
+        raise CLIError(f"--config reads AutoencoderKL files; the architecture of FLUX.2's VAE in {path} is read from "
+                       f"its weights (or give --preset flux2 / flux2-small)")
+    overrides = _overrides(args)
+    scaling = [f"--{k.replace('_', '-')}" for k in ("scaling_factor", "shift_factor") if k in overrides]
+    if scaling:
+        raise CLIError(f"{' / '.join(scaling)} do not apply to {path} (FLUX.2's VAE): its latents are normalised by "
+                       f"the VAE's BatchNorm statistics, not scaled")
+    preset = args.preset if args.preset in FLUX2_PRESETS else None
+    return inspect_single_file(path, config=preset, unsafe_pickle=args.unsafe_pickle, **overrides)
+
+
 def cmd_info(args) -> int:
     """Print what `inspect_checkpoint` detects: layout, model family, config, parameter count and dtype.
 
@@ -829,7 +874,8 @@ def cmd_info(args) -> int:
     `--shift-factor` and `--norm-num-groups` change the family and config shown, as they change what
     `reconstruct` loads. Each config value that nothing stated (not the file's metadata, a config.json beside it
     or an option) is marked "(assumed: ...)", and `config sources` says where norm_num_groups and scaling_factor
-    came from.
+    came from. A single file of FLUX.2's VAE (`is_flux2_checkpoint`, or `--preset flux2|flux2-small`) is reported
+    as AutoencoderKLFlux2 with the config `AutoencoderKLFlux2.from_single_file` would use (`_flux2_file_info`).
     """
     from sdvae_fast.loading import TINY_FOLDER, TINY_NAMES, inspect_checkpoint
 
@@ -840,6 +886,8 @@ def cmd_info(args) -> int:
         raise CLIError(f"checkpoint not found: {path}")
     if args.preset in VQ_PRESETS or is_vq_checkpoint(path, args.unsafe_pickle):
         return _vq_info(args, path)
+    if path.is_file() and (args.preset in FLUX2_PRESETS or is_flux2_checkpoint(path, args.unsafe_pickle)):
+        return _print_info(args, path, _flux2_file_info(args, path), "--preset")
     config = _config_argument(args)
     option = "--config" if args.config else "--preset"
     if config:
@@ -855,6 +903,12 @@ def cmd_info(args) -> int:
         _flux2_info(info, path / subfolder / "config.json")
     if args.preset:
         info["family"], info["family_certain"], info["family_reason"] = args.preset, True, f"--preset {args.preset}"
+    return _print_info(args, path, info, option)
+
+
+def _print_info(args, path: Path, info: dict, option: str) -> int:
+    """Print an `info` report (`--json`: as JSON); config sources the loader calls "argument" are named by the
+    option that gave them (`--norm-num-groups`, ... or `option`, the --preset / --config flag)."""
     sources = info.get("config_sources", {})
     for field_name, source in sources.items():  # the loader says "argument"; the CLI names its flag
         if source == "argument":
@@ -1002,7 +1056,8 @@ def _checkpoint_options(parser: argparse.ArgumentParser, *, with_vae: bool) -> N
                            help="a diffusers VAE folder (config.json + safetensors; an AutoencoderKL, or DALL-E "
                                 "3's consistency decoder when config.json's _class_name is ConsistencyDecoderVAE) "
                                 "or a single checkpoint file "
-                                "(.safetensors/.ckpt/.pt, any layout: diffusers, LDM, whole-model); auto-detected. "
+                                "(.safetensors/.ckpt/.pt, any layout: diffusers, LDM, whole-model; FLUX.2's VAE in "
+                                "black-forest-labs' original layout, found by its bn.running_mean); auto-detected. "
                                 f"Default: the shipped {DEFAULT_VAE}, else preset sd15 with seeded weights")
     alone = "alone, seeded random weights; " if with_vae else ""
     presets = (CLI_PRESETS if with_vae else PUBLIC_PRESETS) + tuple(VQ_PRESETS)
@@ -1011,8 +1066,9 @@ def _checkpoint_options(parser: argparse.ArgumentParser, *, with_vae: bool) -> N
                             f"diffusion's VQ autoencoders): {alone}with a single "
                             "checkpoint file, the model family to read it as (SD 1.x and SDXL VAEs, and SD3 and "
                             "FLUX.1 VAEs, have the same weight shapes); the preset's architecture must fit the "
-                            "weights. flux2 / flux2-small (FLUX.2's VAE and its small decoder) take seeded weights "
-                            "only; a FLUX.2 diffusers folder is detected from its config's _class_name")
+                            "weights. flux2 / flux2-small (FLUX.2's VAE and its small decoder): seeded weights, or "
+                            "the architecture to read an original FLUX.2 file with (else read from its shapes); a "
+                            "FLUX.2 diffusers folder is detected from its config's _class_name")
     group.add_argument("--scaling-factor", type=float, metavar="X",
                        help="the config's scaling_factor (latents are scaled (z - shift_factor) * scaling_factor); "
                             "default: the checkpoint's or preset's")

@@ -276,7 +276,7 @@ def test_bad_input_raises_clear_errors(small_pair):
         AutoencoderKLFlux2(**dict(FLUX2, scaling_factor=0.5))
     with pytest.raises(ValueError, match="valid preset names"):
         AutoencoderKLFlux2.from_preset("flux1")
-    with pytest.raises(NotImplementedError, match="from_pretrained"):
+    with pytest.raises(FileNotFoundError, match="ae.safetensors"):  # original files: tests/test_flux2_single_file.py
         AutoencoderKLFlux2.from_single_file("ae.safetensors")
 
 
