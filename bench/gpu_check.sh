@@ -35,7 +35,19 @@
 #                eager and torch.compile, checked against fp32 first, with the FLOP floor (the fraction of a
 #                measured bf16 matmul rate), to DATE-GPU-consistency.json and .md; it compiles its own kernels in
 #                parallel first (the warmup section's plan does not cover them); time box 480 s, more than the
-#                default budget leaves: SECTIONS="env consistency" BUDGET_S=500, device timeout_s 590)
+#                default budget leaves: SECTIONS="env consistency" BUDGET_S=500, device timeout_s 590;
+#                "quantize", not in the default either, is issue 14's VQ quantiser benchmark
+#                (bench/bench_quantize.py): ops.vector_quantize against cdist + argmin + gather (diffusers'
+#                arithmetic) at a 16384-entry codebook, D x latent side 4x128, 32x128, 256x64, 256x128, fp32 and
+#                bf16, codes checked against the exact nearest first, then peak memory and do_bench median ms, to
+#                DATE-GPU-quantize.json and .md; time box 120 s: SECTIONS="env quantize";
+#                "flux2", not in the default either, is issue 14's FLUX.2 VAE benchmark (bench/bench_flux2.py):
+#                the 1024^2 bf16 decode of presets flux2 and flux2-small, ours against diffusers eager and
+#                torch.compile of diffusers' decode, checked against fp32 first, with TFLOP/s and the fraction of
+#                a measured bf16 matmul rate, to DATE-GPU-flux2.json and .md; it compiles its own kernels in
+#                parallel first; time box 420 s, most of it torch.compile's two compiles:
+#                SECTIONS="env flux2" BUDGET_S=440, device timeout_s 560; both: SECTIONS="env quantize flux2"
+#                BUDGET_S=560, device timeout_s 590, flux2 then gets what quantize leaves)
 #   RESULTS_DIR  where results are written (default: bench/results)
 #   BUDGET_S     total seconds for all sections (default 340); each section also has its own time box
 #   PYTHON       the interpreter (default: python3)
@@ -144,6 +156,11 @@ want coldstart && section coldstart 150 "$PY" bench/cold_start.py --out "$RESULT
 # The consistency decoder (optional): results are rewritten after every measurement, so a cut run keeps them.
 want consistency && section consistency 480 "$PY" bench/bench_consistency.py --sizes 512 1024 --out "$RESULTS" \
     --name "$STEM-consistency"
+# Issue 14 (optional): the VQ quantiser against cdist + argmin, then FLUX.2's VAE decode at 1024^2 (both rewrite
+# their results after every measurement, so a cut run keeps them; flux2 times eager and ours of both models before
+# any torch.compile).
+want quantize && section quantize 120 "$PY" bench/bench_quantize.py --out "$RESULTS" --name "$STEM-quantize"
+want flux2 && section flux2 420 "$PY" bench/bench_flux2.py --size 1024 --out "$RESULTS" --name "$STEM-flux2"
 # Patch parallel (optional): the plain 1-GPU decode, then torchrun over every GPU (capped at 8); both rows go to
 # DATE-GPU-pp.md and the log. The torchrun run's status wins unless it succeeds, then the baseline's.
 if want pp; then
