@@ -917,6 +917,21 @@ def _groups_message(path: Path, config: Mapping) -> str:
 
 
 
+#: Tensors beside a VAE's that make it another model than AutoencoderKL: (name under the VAE's prefix, model, loader).
+_OTHER_MODELS = (("bn.running_mean", "FLUX.2's VAE (its latent BatchNorm)", "AutoencoderKLFlux2.from_single_file"),
+                 ("quantize.embedding.weight", "a VQ autoencoder (its codebook)", "VQModel.from_single_file"))
+
+
+def _refuse_other_single_file(keys: list[str], prefix: str, path: Path) -> None:
+    """Raise CheckpointError naming the right loader when the VAE under `prefix` is FLUX.2's or a VQ model:
+    loading only its AutoencoderKL part would silently drop the BatchNorm or the quantiser."""
+    names = set(keys)
+    for key, model, loader in _OTHER_MODELS:
+        if prefix + key in names:
+            raise CheckpointError(f"{path}: {prefix}{key} marks {model}, not an AutoencoderKL; load it with "
+                                  f"sdvae_fast.{loader}")
+
+
 def _read_single_file(path: PathLike, config, overrides: Mapping, unsafe_pickle: bool) -> tuple[dict, dict, dict]:
     """Shared by load_single_file and inspect_checkpoint: (diffusers-named state, full config, report).
 
@@ -926,6 +941,7 @@ def _read_single_file(path: PathLike, config, overrides: Mapping, unsafe_pickle:
     path = Path(path)
     checkpoint = _Checkpoint(path, unsafe_pickle)
     prefix = _choose_prefix(checkpoint.keys, path)
+    _refuse_other_single_file(checkpoint.keys, prefix, path)
     vae_keys = [k for k in checkpoint.keys if k.startswith(prefix) and k[len(prefix):].startswith(VAE_TOP_LEVEL)]
     tensors = {k[len(prefix):]: v for k, v in checkpoint.read(vae_keys).items()}
     layout = _detect_layout(list(tensors), path)
@@ -1017,9 +1033,9 @@ def load_single_file(cls, path: PathLike, config=None, torch_dtype=None, unsafe_
     (AssumedNormGroupsWarning) when norm_num_groups=32 is assumed for a non-public architecture whose widths
     allow other counts; (UserWarning) when a file-side config contradicts the weights and is ignored.
     Raises FileNotFoundError (no file), CheckpointError (unreadable/truncated/corrupt file, refused pickle, no VAE
-    in the file, a malformed metadata entry, a norm_num_groups that does not divide the widths (listing those
-    that would), missing or mis-shaped keys: all listed in one message naming the file), TypeError (unknown
-    override names).
+    in the file, FLUX.2's VAE or a VQ model (naming their loader), a malformed metadata entry, a norm_num_groups
+    that does not divide the widths (listing those that would), missing or mis-shaped keys: all listed in one
+    message naming the file), TypeError (unknown override names).
     """
     _check_overrides(cls, overrides)
     if Path(path).is_dir():

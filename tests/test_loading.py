@@ -363,6 +363,18 @@ def test_missing_and_misshaped_keys_are_listed_in_one_error_naming_the_file(sour
     assert "decoder.mid_block.resnets.0.conv1.weight: file (64, 64, 1, 1), model (64, 64, 3, 3)" in message
 
 
+@pytest.mark.parametrize("extra, loader", [("bn.running_mean", "AutoencoderKLFlux2.from_single_file"),
+                                           ("quantize.embedding.weight", "VQModel.from_single_file")])
+def test_flux2_and_vq_single_files_are_refused_naming_their_loader(extra, loader, source, tmp_path):
+    # Loading only the AutoencoderKL part of such a file would silently drop FLUX.2's BatchNorm or the codebook.
+    state = with_prefix({**ldm_state(source), extra: torch.zeros(8)}, "vae.")
+    path = tmp_path / "other.safetensors"
+    save_file(state, path)
+    with pytest.raises(CheckpointError, match=re.escape(f"vae.{extra}")) as excinfo:
+        load_quietly(path)
+    assert f"sdvae_fast.{loader}" in str(excinfo.value) and str(path) in str(excinfo.value)
+
+
 def test_config_that_contradicts_the_weights_says_what_the_weights_imply(layouts):
     with pytest.raises(CheckpointError) as excinfo:
         load_single_file(AutoencoderKL, layouts["ldm"], config="sd15")
