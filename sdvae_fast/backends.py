@@ -6,9 +6,18 @@
 - "triton": always the kernels; on CPU that needs `TRITON_INTERPRET=1` set before `sdvae_fast` is imported,
   and without it a forward raises instead of falling back silently.
 
+Also here: whether diffusers is installed (`HAS_DIFFUSERS`), which decides what the model classes are (subclasses
+of diffusers' own, or for the classes that need diffusers, `needs_diffusers` stand-ins that say so).
+
 Importing this module imports neither torch nor Triton (the command line's `--help` stays fast).
 """
 from __future__ import annotations
+
+import importlib.util
+
+#: Whether diffusers is installed: then `AutoencoderKL`, `AutoencoderKLFlux2`, `VQModel` and
+#: `ConsistencyDecoderVAE` are subclasses of diffusers' classes of the same names.
+HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 BACKENDS = ("auto", "triton", "torch")
 #: The environment variable that sets the default backend of new models and of the command line.
@@ -63,3 +72,23 @@ def parameters_match(modules, x) -> bool:
     parameters elsewhere or in a storage dtype; their modules' own forwards know how to run them."""
     return all(p.device == x.device and p.dtype == x.dtype
                for module in modules if module is not None for p in module.parameters())
+
+
+def needs_diffusers(name: str, constructors: tuple = ("from_pretrained", "from_config"), note: str = "") -> type:
+    """A stand-in for the model class `name` where diffusers is missing: importing it works, constructing it or
+    calling any of its classmethods `constructors` raises ImportError("sdvae_fast.NAME needs diffusers ...").
+
+    Args:
+        name: the class name, the same in sdvae_fast and diffusers (e.g. "VQModel").
+        constructors: the classmethods that build or load a model (each raises the same ImportError).
+        note: appended to the message (e.g. what a standalone version would need).
+    """
+    message = (f"sdvae_fast.{name} needs diffusers (pip install diffusers): it is a subclass of diffusers.{name}"
+               + (f"; {note}" if note else ""))
+
+    def refuse(cls, *args, **kwargs):
+        raise ImportError(message)
+
+    namespace = {"__doc__": f"Placeholder without diffusers: {message}.", "__new__": refuse,
+                 **{method: classmethod(refuse) for method in constructors}}
+    return type(name, (), namespace)

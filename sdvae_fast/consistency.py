@@ -25,16 +25,13 @@ reference UNet2DModel and scheduler of our own are future work (issue 13).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import types
 
 import torch
 
-from sdvae_fast.backends import BACKEND_ENV, check_backend, parameters_match
+from sdvae_fast.backends import BACKEND_ENV, HAS_DIFFUSERS, check_backend, needs_diffusers, parameters_match
 
-#: Whether diffusers is installed (then `ConsistencyDecoderVAE` is a subclass of diffusers' class).
-HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 __all__ = ["ConsistencyDecoderVAE", "HAS_DIFFUSERS"]
 
@@ -207,20 +204,5 @@ if HAS_DIFFUSERS:
             return f"backend={self.backend!r}"
 
 else:
-
-    class ConsistencyDecoderVAE:
-        """Placeholder without diffusers: constructing or loading raises ImportError (see the module docstring)."""
-
-        _MESSAGE = ("sdvae_fast.ConsistencyDecoderVAE needs diffusers (pip install diffusers): it is a subclass of "
-                    "diffusers.ConsistencyDecoderVAE; a standalone reference UNet is future work (issue 13)")
-
-        def __new__(cls, *args, **kwargs):
-            raise ImportError(cls._MESSAGE)
-
-        @classmethod
-        def from_pretrained(cls, *args, **kwargs):
-            raise ImportError(cls._MESSAGE)
-
-        @classmethod
-        def from_config(cls, *args, **kwargs):
-            raise ImportError(cls._MESSAGE)
+    ConsistencyDecoderVAE = needs_diffusers("ConsistencyDecoderVAE", ("from_pretrained", "from_config"),
+                                            note="a standalone reference UNet is future work (issue 13)")

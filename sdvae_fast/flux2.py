@@ -44,7 +44,6 @@ diffusers' names with a message naming `from_pretrained` (a folder with its conf
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import math
 import os
@@ -55,10 +54,9 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from sdvae_fast.backends import HAS_DIFFUSERS, needs_diffusers
 from sdvae_fast.configs import DEFAULTS, FLUX2_PRESETS, normalize_config
 
-#: Whether diffusers is installed (then `AutoencoderKLFlux2` is a subclass of diffusers' class).
-HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 #: The `_class_name` of FLUX.2 VAE folders (config.json), as diffusers writes it.
 CLASS_NAME = "AutoencoderKLFlux2"
@@ -639,31 +637,8 @@ if HAS_DIFFUSERS:
                     f"batch_norm_eps={cfg.batch_norm_eps}, backend={self.backend!r}")
 
 else:
-
-    class AutoencoderKLFlux2:
-        """Placeholder without diffusers: constructing or loading raises ImportError (see the module docstring)."""
-
-        _MESSAGE = ("sdvae_fast.AutoencoderKLFlux2 needs diffusers (pip install diffusers): it is a subclass of "
-                    "diffusers.AutoencoderKLFlux2")
-
-        def __new__(cls, *args, **kwargs):
-            raise ImportError(cls._MESSAGE)
-
-        @classmethod
-        def from_pretrained(cls, *args, **kwargs):
-            raise ImportError(cls._MESSAGE)
-
-        @classmethod
-        def from_config(cls, *args, **kwargs):
-            raise ImportError(cls._MESSAGE)
-
-        @classmethod
-        def from_preset(cls, *args, **kwargs):
-            raise ImportError(cls._MESSAGE)
-
-        @classmethod
-        def from_single_file(cls, *args, **kwargs):
-            raise ImportError(cls._MESSAGE)
+    AutoencoderKLFlux2 = needs_diffusers(
+        "AutoencoderKLFlux2", ("from_pretrained", "from_config", "from_preset", "from_single_file"))
 
 
 def _has_vae_subfolder(folder: str) -> bool:

@@ -33,7 +33,6 @@ f = 2 ** (len(block_out_channels) - 1) (8 for every public VAE), unscaled: pipel
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import os
 from dataclasses import dataclass, fields
@@ -42,13 +41,12 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from sdvae_fast.backends import BACKEND_ENV, check_backend, parameters_match
+from sdvae_fast.backends import BACKEND_ENV, HAS_DIFFUSERS, check_backend, parameters_match
 from sdvae_fast.configs import DEFAULTS, PRESETS, ConfigLike, normalize_config, resolve_config
 from sdvae_fast.reference import Decoder, Encoder, GeneratorArg
 from sdvae_fast.reference import DiagonalGaussianDistribution as _ReferencePosterior
 
 #: Whether diffusers is installed: `AutoencoderKL` is then a subclass of `diffusers.AutoencoderKL`.
-HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ reads latent-diffusion's original VQ checkpoints (`first_stage_model.` prefix or
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -48,11 +47,9 @@ from typing import Mapping
 
 import torch
 
-from sdvae_fast.backends import BACKEND_ENV, check_backend, parameters_match
+from sdvae_fast.backends import BACKEND_ENV, HAS_DIFFUSERS, check_backend, needs_diffusers, parameters_match
 from sdvae_fast.configs import VQ_PRESETS
 
-#: Whether diffusers is installed (then `VQModel` is a subclass of diffusers' class).
-HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 __all__ = ["VQModel", "HAS_DIFFUSERS", "VQ_PRESETS", "ldm_vq_state_dict", "quantize_like_diffusers",
            "vq_config_from_ldm_keys"]
@@ -376,20 +373,4 @@ if HAS_DIFFUSERS:
                                  f"{int(indices.max())}]")
 
 else:
-
-    class VQModel:
-        """Placeholder without diffusers: constructing or loading raises ImportError (see the module docstring)."""
-
-        _MESSAGE = ("sdvae_fast.VQModel needs diffusers (pip install diffusers): it is a subclass of "
-                    "diffusers.VQModel")
-
-        def __new__(cls, *args, **kwargs):
-            raise ImportError(cls._MESSAGE)
-
-        @classmethod
-        def from_pretrained(cls, *args, **kwargs):
-            raise ImportError(cls._MESSAGE)
-
-        @classmethod
-        def from_config(cls, *args, **kwargs):
-            raise ImportError(cls._MESSAGE)
+    VQModel = needs_diffusers("VQModel", ("from_pretrained", "from_config", "from_preset", "from_single_file"))
