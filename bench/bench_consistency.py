@@ -310,12 +310,20 @@ def prewarm(config: dict, sizes: Sequence[int]) -> dict:
     the current GPU (`record_variants`, `warmup.compile_launches`, `warmup.tune`). Returns {"variants",
     "tune_keys", "seconds", "compile": the summary line, "failures"}; an error is reported in "error" and not
     raised (the kernels then compile at first use)."""
+    return compile_and_tune(lambda capability, shared: record_variants(config, sizes, capability, shared))
+
+
+def compile_and_tune(record: Callable[[int, int], object]) -> dict:
+    """Compile the kernel variants that `record(capability, shared_memory)` finds (a `warmup` recording with
+    `.variants` and `.tunes`) in parallel, one process per core, and settle their autotuning on the current GPU.
+    Returns {"variants", "tune_keys", "seconds", "compile": the summary line, "failures"}; an error is returned in
+    "error", not raised (the kernels then compile at first use). Shared by the GPU benchmarks of bench/."""
     from sdvae_fast import warmup
 
     start = time.perf_counter()
     try:
         capability, shared = warmup.current_gpu_target()
-        found = record_variants(config, sizes, capability, shared)
+        found = record(capability, shared)
         variants, tunes = list(found.variants.values()), list(found.tunes.values())
         log(f"prewarm: {len(variants)} kernel variants, {len(tunes)} autotune keys recorded; compiling")
         summary = warmup.compile_launches(variants, capability=capability, progress=False)
@@ -324,8 +332,7 @@ def prewarm(config: dict, sizes: Sequence[int]) -> dict:
         return {"variants": len(variants), "tune_keys": len(tunes), "seconds": time.perf_counter() - start,
                 "compile": summary.format(), "failures": len(summary.failures)}
     except Exception as error:  # noqa: BLE001 - the benchmark still runs, compiling at first use
-        return {"error": f"{type(error).__name__}: {' '.join(str(error).split())[:300]}",
-                "seconds": time.perf_counter() - start}
+        return {"error": _short(error), "seconds": time.perf_counter() - start}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,13 +474,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(result: dict, out_dir: Path, name: str) -> List[Path]:
-    """Write DIR/NAME.json and DIR/NAME.md; returns the two paths."""
+def save_results(result: dict, out_dir: Path, name: str, render: Callable[[dict], str]) -> List[Path]:
+    """Write DIR/NAME.json (the result, values json can't write as str) and DIR/NAME.md (`render(result)`);
+    returns the two paths. Shared by the GPU benchmarks of bench/ (consistency, flux2, quantize)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
     paths[0].write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    paths[1].write_text(markdown(result), encoding="utf-8")
+    paths[1].write_text(render(result), encoding="utf-8")
     return paths
+
+
+def write_results(result: dict, out_dir: Path, name: str) -> List[Path]:
+    """Write DIR/NAME.json and DIR/NAME.md (this benchmark's `markdown`); returns the two paths."""
+    return save_results(result, out_dir, name, markdown)
 
 
 # ---------------------------------------------------------------------------------------------------------------

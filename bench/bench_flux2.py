@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -72,7 +71,8 @@ for _path in (str(REPO_ROOT), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from bench_consistency import _fmt, _free, _short, _sync, exact_fp32, log, matmul_rate  # noqa: E402
+from bench_consistency import (_fmt, _free, _short, _sync, compile_and_tune, exact_fp32, log,  # noqa: E402
+                               matmul_rate, save_results)
 
 #: Contenders, in the order they run for each model (compile last: its compile may be cut short by a time box).
 EAGER, OURS, COMPILE = "diffusers eager", "sdvae-fast", "diffusers compile"
@@ -210,23 +210,9 @@ def record_variants(models: Sequence[str], latent_side: int, capability: int, sh
 
 def prewarm(models: Sequence[str], latent_side: int) -> dict:
     """Compile our decodes' kernel variants in parallel (one process per core) and settle autotuning on the current
-    GPU. Returns {"variants", "tune_keys", "seconds", "compile", "failures"}; an error is returned in "error", not
-    raised (the kernels then compile at first use)."""
-    from sdvae_fast import warmup
-
-    start = time.perf_counter()
-    try:
-        capability, shared = warmup.current_gpu_target()
-        found = record_variants(models, latent_side, capability, shared)
-        variants, tunes = list(found.variants.values()), list(found.tunes.values())
-        log(f"prewarm: {len(variants)} kernel variants, {len(tunes)} autotune keys recorded; compiling")
-        summary = warmup.compile_launches(variants, capability=capability, progress=False)
-        log(f"prewarm: compiled {summary.format()}; tuning")
-        warmup.tune(tunes, progress=False)
-        return {"variants": len(variants), "tune_keys": len(tunes), "seconds": time.perf_counter() - start,
-                "compile": summary.format(), "failures": len(summary.failures)}
-    except Exception as error:  # noqa: BLE001 - the benchmark still runs, compiling at first use
-        return {"error": _short(error), "seconds": time.perf_counter() - start}
+    GPU (`bench_consistency.compile_and_tune`). Returns {"variants", "tune_keys", "seconds", "compile",
+    "failures"}; an error is returned in "error", not raised (the kernels then compile at first use)."""
+    return compile_and_tune(lambda capability, shared: record_variants(models, latent_side, capability, shared))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,12 +276,8 @@ def markdown(result: dict) -> str:
 
 
 def write_results(result: dict, out_dir: Path, name: str) -> List[Path]:
-    """Write DIR/NAME.json and DIR/NAME.md; returns the two paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
-    paths[0].write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    paths[1].write_text(markdown(result), encoding="utf-8")
-    return paths
+    """Write DIR/NAME.json and DIR/NAME.md (this benchmark's `markdown`); returns the two paths."""
+    return save_results(result, out_dir, name, markdown)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -61,7 +61,6 @@ bad arguments, or without CUDA and --smoke.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -76,7 +75,7 @@ for _path in (str(REPO_ROOT), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from bench_consistency import _fmt, _free, _short, _sync, log  # noqa: E402
+from bench_consistency import _fmt, _free, _short, _sync, log, save_results  # noqa: E402
 from bench_flux2 import use_interpreter  # noqa: E402
 
 OURS, CDIST = "sdvae-fast", "cdist + argmin"
@@ -347,12 +346,8 @@ def markdown(result: dict) -> str:
 
 
 def write_results(result: dict, out_dir: Path, name: str) -> List[Path]:
-    """Write DIR/NAME.json and DIR/NAME.md; returns the two paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
-    paths[0].write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    paths[1].write_text(markdown(result), encoding="utf-8")
-    return paths
+    """Write DIR/NAME.json and DIR/NAME.md (this benchmark's `markdown`); returns the two paths."""
+    return save_results(result, out_dir, name, markdown)
 
 
 # ---------------------------------------------------------------------------------------------------------------
