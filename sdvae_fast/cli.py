@@ -290,8 +290,9 @@ def _is_flux2(vae) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-#: The commands that take VQ models (parity, profile, bench and warmup compare or time AutoencoderKL posteriors).
-VQ_COMMANDS = ("reconstruct", "encode", "decode", "info")
+#: The commands that take VQ models: parity adds the quantiser's row and decodes the reference's codes
+#: (`sdvae_fast.parity`), profile times a VQ model's units as a KL's. bench and warmup time AutoencoderKL posteriors.
+VQ_COMMANDS = ("reconstruct", "encode", "decode", "info", "parity", "profile")
 
 
 def is_vq_checkpoint(path: Path, unsafe_pickle: bool = False) -> bool:
@@ -359,11 +360,11 @@ def encoded_latents(output, generator=None, sample: bool = False):
 
 
 def decoder_channels(vae) -> int:
-    """The channel count `vae.decode` takes: latent_channels, or a VQModel's vq_embed_dim (its codebook width)."""
-    config = config_dict(vae)
-    if type(vae).__name__ == "VQModel":
-        return int(config.get("vq_embed_dim") or config["latent_channels"])
-    return int(config["latent_channels"])
+    """The channel count `vae.decode` takes: latent_channels, or a VQModel's vq_embed_dim (its codebook width);
+    `sdvae_fast.parity.decoder_channels` (profile draws its latents with it too)."""
+    from sdvae_fast.parity import decoder_channels as channels
+
+    return channels(vae)
 
 
 def _build_vae(args):
@@ -1167,7 +1168,12 @@ def build_parser() -> argparse.ArgumentParser:
             "about 11 minutes for one 64x64 sd15 image (the CPU default; encode and decode, 2-core machine), and "
             "a smaller --res saves far less than its pixel count, since the cost is mostly per kernel launch "
             "and channel count (at --res 16 the encoder alone took about 4.5 CPU-minutes). --encode or "
-            "--decode runs only one half; a narrow --vae is much faster.")
+            "--decode runs only one half; a narrow --vae is much faster.\n\n"
+            "A VQ model (--vae of a VQModel, --preset vq-f4|vq-f8) is compared on its unquantised latents; the "
+            "decode table starts with the quantiser's row (quantize: z_q, with the share of codes equal to the "
+            "reference's: a differing code must be a near tie), and the decoders are fed the reference's "
+            "quantised latents (force_not_quantize), so that a code flipped by rounding does not decide the image "
+            "comparison.")
     p.add_argument("--res", type=int, help="image side in pixels (default 512 on CUDA, 64 on CPU)")
     p.add_argument("--batch", type=int, default=1, help="images per batch (default 1)")
     p.add_argument("--image", nargs="+", metavar="IMAGE",

@@ -9,6 +9,34 @@ UNet's units (`units.unet_units`: `decoder_unet.conv_in`, every scale/shift Resn
 the time embedding each resnet received is handed to its unit. Every decode of a consistency decoder draws its
 noise from a generator seeded with 0 (`decode_kwargs`), so all decodes compared see the same noise.
 
+A VQ model (`sdvae_fast.VQModel`: VQ-f4 / VQ-f8, MoVQ; issue 14) has the same units, plus the attention inside
+its attention levels (`encoder.down_blocks.3.attentions.0`, `decoder.up_blocks.0.attentions.1`). Its encoder's
+latents are the unquantised `encode(x).latents` (an AutoencoderKL's are `encode(x).latent_dist.mean`;
+`encoder_latents` owns that choice). MoVQ (`norm_type="spatial"`): every SpatialNorm-conditioned unit
+(ResnetBlockCondNorm2D, attention with `spatial_norm`, the SpatialNorm head) runs its module's own forward on the
+fast path too (listed in `report.unsupported`); it is still compared teacher-forced, handed the quantised latents
+its module received in the reference run (`RunContext.latents` on the fast path, the module's own argument on the
+PyTorch one), so the rows check that the fallback runs in the tested dtype as PyTorch does.
+
+The quantiser (VQ only) gets a row of its own, first in the decode table: the tested path's quantiser (the
+`ops.vector_quantize` kernel on the fast path, diffusers' cdist + argmin otherwise) on the reference's latents in
+the tested dtype, `quantize: z_q`, against the reference's z_q. A code (index) may legitimately differ where the
+two best codebook distances are within the tested dtype's rounding of each other (a near tie): such a position's
+z_q differs by a whole codebook step, which says nothing about the arithmetic. So the z_q error is taken over the
+positions whose code equals the reference's (each path its own), and the codes are checked apart: the row also
+gives the fraction of codes equal to the reference's (and PyTorch's fraction in the same dtype), and fails when a
+differing code is not a near tie (`near_tie_margin`: its excess squared distance, in fp64 on the reference's
+fp32 latents and codebook, exceeds what rounding the latents and codebook to the tested dtype and an fp32
+distance computation can change it by, times 2).
+
+The VQ decode end to end (`decode: sample` and the `decode` image check) decodes the reference's quantised
+latents with `force_not_quantize=True` (for `lookup_from_codebook` models: the reference's codes, looked up in
+each model's own codebook; `decode_quantized`), in the reference run that records the decoder's units too. A
+code that flips in low precision (a near tie, legitimate) moves a whole latent pixel by a codebook step and would
+dominate the image comparison, hiding the decoder's arithmetic that this row is there to check; the quantiser
+row checks the codes. The encode image check still decodes the tested latents with the reference's whole decode
+(quantiser included): that is the image the tested encoder leads to, code flips and all.
+
 Method:
 1. Run the reference (fp32, backend "torch", TF32 off) with forward hooks on every unit, recording each unit's
    inputs and output.
@@ -19,13 +47,16 @@ Method:
 3. Do the same with PyTorch in that dtype, whose error is the yardstick: a check passes when
    `rel_l2 <= tol_factor * torch_rel_l2 + tol_floor` (the project's rule: at most 2x PyTorch's own
    low-precision error plus a small floor).
-4. Run the whole encode and decode, and compare the decoded 8-bit images by PSNR (skimage.metrics).
+4. Run the whole encode and decode, and compare the decoded 8-bit images by PSNR (skimage.metrics); for a VQ
+   model the quantiser row comes first in the decode table and the decode runs on the reference's codes
+   (see above).
 
 `relative L2 error` is `||a - b|| / ||b||` with b the reference, computed in float64.
 """
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 from contextlib import contextmanager
@@ -86,8 +117,98 @@ def decode_kwargs(model: torch.nn.Module, device, seed: int = DECODE_SEED) -> di
 
 
 def decode(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """`model.decode(z).sample` with `decode_kwargs`: (N, 3, 8h, 8w) for latents z (N, C, h, w)."""
+    """`model.decode(z).sample` with `decode_kwargs`: (N, 3, f*h, f*w) for latents z (N, C, h, w), f the model's
+    `downscale_factor` (a VQ model quantises z first)."""
     return model.decode(z, **decode_kwargs(model, z.device)).sample
+
+
+def is_vq(model: torch.nn.Module) -> bool:
+    """Whether `model` is a VQ autoencoder (a `quantize` codebook: `sdvae_fast.VQModel` or diffusers' VQModel)."""
+    return hasattr(getattr(model, "quantize", None), "embedding")
+
+
+def latents_field(model: torch.nn.Module) -> str:
+    """Which field of `model.encode(x)` holds the encoder's latents (`encoder_latents`): "latents" for a VQ model
+    (unquantised), "latent_dist.mean" for an AutoencoderKL-like posterior."""
+    return "latents" if is_vq(model) else "latent_dist.mean"
+
+
+def encoder_latents(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's latents of `model` for images x (N, 3, H, W): `encode(x).latents` (VQ, not yet quantised) or
+    `encode(x).latent_dist.mean`, as `latents_field` names them; (N, C, H/f, W/f). What parity compares and decodes
+    and profile times."""
+    out = model.encode(x)
+    return out.latents if latents_field(model) == "latents" else out.latent_dist.mean
+
+
+def decoder_channels(model: torch.nn.Module) -> int:
+    """The channel count `model.decode` takes: latent_channels, or a VQ model's vq_embed_dim (its codebook width,
+    latent_channels when unset)."""
+    from sdvae_fast.configs import config_dict
+
+    config = config_dict(model)
+    if is_vq(model):
+        return int(config.get("vq_embed_dim") or config["latent_channels"])
+    return int(config["latent_channels"])
+
+
+def downscale_factor(model: torch.nn.Module) -> int:
+    """Image pixels per latent pixel along a side: 2 ** (number of the encoder's down blocks with a downsampler),
+    8 for a model without such an encoder (VQ-f4: 4; AutoencoderKL, VQ-f8: 8)."""
+    blocks = getattr(getattr(model, "encoder", None), "down_blocks", None)
+    if blocks is None:
+        return 8
+    return 2 ** sum(1 for block in blocks if getattr(block, "downsamplers", None))
+
+
+def quantize(model: torch.nn.Module, h: torch.Tensor, fast_path: bool) -> tuple:
+    """A VQ model's quantiser on latents h (N, D, h, w): (z_q (N, D, h, w) in h's dtype, codes (N*h*w,) int64 in
+    (n, y, x) order). The kernel (`VQModel.quantize_latents`, `ops.vector_quantize`) when `fast_path`, else
+    diffusers' VectorQuantizer (cdist + argmin), as `model.decode` runs them."""
+    if fast_path:
+        z_q, _, codes = model.quantize_latents(h)
+    else:
+        z_q, _, (_, _, codes) = model.quantize(h)
+    return z_q, codes.reshape(-1)
+
+
+def decode_quantized(model: torch.nn.Module, z_q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """A VQ model's decode of already quantised latents, skipping its quantiser (`force_not_quantize=True`):
+    z_q (N, D, h, w) as given, or, for a `lookup_from_codebook` model (whose decode then takes codes), the codes
+    (N*h*w,) looked up in the model's own codebook. Returns the images (N, 3, f*h, f*w)."""
+    if model.config.lookup_from_codebook:
+        n, d, height, width = z_q.shape
+        return model.decode(codes, force_not_quantize=True, shape=(n, height, width, d)).sample
+    return model.decode(z_q, force_not_quantize=True).sample
+
+
+#: Safety factor on the rounding bound of `near_tie_margin`.
+TIE_SAFETY = 2.0
+
+
+def near_tie_margin(h: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, ref_codes: torch.Tensor,
+                    dtype: torch.dtype) -> tuple:
+    """How much worse each tested code is than the reference's, and how much worse a near tie may be.
+
+    Args:
+        h: the reference's latents (N, D, h, w), fp32. codebook: the reference's (K, D), fp32.
+        codes, ref_codes: (N*h*w,) the tested and the reference's codes, in (n, y, x) order.
+        dtype: the tested dtype (the quantiser saw h and the codebook rounded to it).
+    Returns:
+        (excess, margin), each (N*h*w,) float64: `excess = ||h - e_tested||^2 - ||h - e_ref||^2` in fp64 (0 where
+        the codes agree), `margin = TIE_SAFETY * (2u + D * 2^-24) * (||h|| + ||e_tested|| + ||e_ref||)^2` with u the
+        unit roundoff of `dtype`: rounding h and the codebook to `dtype` (relative error u each) changes the
+        difference of the two squared distances by at most 2u times that square, and an fp32 distance over D
+        channels by about D * 2^-24 times it. A differing code with `excess <= margin` is a near tie.
+    """
+    d = h.shape[1]
+    flat = h.detach().permute(0, 2, 3, 1).reshape(-1, d).to(torch.float64)  # (N*h*w, D)
+    table = codebook.detach().to(device=flat.device, dtype=torch.float64)
+    mine, theirs = table[codes.to(flat.device)], table[ref_codes.to(flat.device)]
+    excess = ((flat - mine) ** 2).sum(1) - ((flat - theirs) ** 2).sum(1)
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    scale = (flat.norm(dim=1) + mine.norm(dim=1) + theirs.norm(dim=1)) ** 2
+    return excess, TIE_SAFETY * (2 * unit_roundoff + d * 2.0 ** -24) * scale
 
 
 def unit_names(model: torch.nn.Module) -> list[str]:
@@ -143,20 +264,43 @@ def _alone(unit):
     return unit
 
 
+def _spatially_conditioned(unit) -> bool:
+    """Whether a unit's modules hold a SpatialNorm (MoVQ's decoder): they take the quantised latents."""
+    from sdvae_fast.fast import units
+
+    return any(units.spatially_conditioned(module) for module in unit.modules)
+
+
+def _modules_in_turn(modules, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """A head's modules' own forwards in turn, SpatialNorm handed the quantised latents (MoVQ's decoder head)."""
+    from sdvae_fast.fast import units
+
+    for module in modules:
+        x = module(x, latents) if units.spatially_conditioned(module) else module(x)
+    return x
+
+
 def unit_call(unit, args: tuple, kwargs: dict, fast_path: bool) -> Callable[[], torch.Tensor]:
     """A call of `unit` on recorded inputs, without arguments (what `run_unit` runs and `profile` times).
 
-    `fast_path`: the unit of `sdvae_fast.fast` (the kernels) fed `args[0]` (N, C, H, W), with the recorded time
-    embedding (a UNet resnet's second argument or `temb=`, (N, C_temb)) as the run context's `temb`; else the
-    module's own forward with `args`/`kwargs` (for the head: conv_norm_out, conv_act, conv_out in turn).
+    The recorded conditioning is the unit's second argument or its `temb=` keyword: a UNet resnet's time embedding
+    (N, C_temb), or, for a SpatialNorm-conditioned unit (MoVQ's decoder), the quantised latents (N, C_z, h, w).
+    `fast_path`: the unit of `sdvae_fast.fast` (the kernels) fed `args[0]` (N, C, H, W), the conditioning as the
+    run context's `temb` or `latents`; else the module's own forward with `args`/`kwargs` (for the head:
+    conv_norm_out, conv_act, conv_out in turn; a SpatialNorm conv_norm_out gets the recorded latents).
     """
+    cond = kwargs.get("temb", args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None)
+    spatial = _spatially_conditioned(unit)
     if not fast_path:
+        if spatial and len(unit.modules) > 1:
+            return lambda: _modules_in_turn(unit.modules, args[0], cond)
         return lambda: unit.reference(*args, **kwargs)
     from sdvae_fast.fast import units
 
-    temb = kwargs.get("temb", args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None)
     alone = _alone(unit)
-    return lambda: alone.run_alone(args[0], units.RunContext(temb=temb))
+    if spatial:
+        return lambda: alone.run_alone(args[0], units.RunContext(latents=cond))
+    return lambda: alone.run_alone(args[0], units.RunContext(temb=cond))
 
 
 def run_unit(model: torch.nn.Module, name: str, args: tuple, kwargs: dict, fast_path: bool) -> torch.Tensor:
@@ -239,6 +383,34 @@ class Row:
 
 
 @dataclass
+class QuantizerRow(Row):
+    """The quantiser's row (VQ models): z_q against the reference's over the positions whose code equals the
+    reference's (`stats`, `torch_rel_l2`, each path over its own agreeing positions), and the codes themselves:
+    `equal` of `count` equal to the reference's (`torch_equal` for PyTorch in the same dtype), `beyond` of the
+    differing ones not near ties (`near_tie_margin`). Passes when the row's rule holds and `beyond` is 0."""
+
+    equal: int = 0
+    count: int = 0
+    torch_equal: int = 0
+    beyond: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return super().passed and self.beyond == 0
+
+    def codes(self) -> str:
+        """The code agreement in words."""
+        differing = self.count - self.equal
+        return (f"codes {self.equal}/{self.count} ({100 * self.equal / max(self.count, 1):.1f}%) equal to the "
+                f"reference's (torch {self.torch_equal}/{self.count}); of {differing} differing, "
+                f"{differing - self.beyond} near ties, {self.beyond} beyond the near-tie margin")
+
+    def line(self) -> str:
+        head, verdict = super().line().rsplit(" ", 1)
+        return f"{head} {self.codes()} {verdict}"
+
+
+@dataclass
 class ImageCheck:
     """PSNR (dB) of the tested path's decoded 8-bit images, and of PyTorch's in the same dtype, vs the reference."""
 
@@ -277,6 +449,15 @@ class ParityReport:
                 lines.append(f"| {r.name} | {'x'.join(map(str, r.shape))} | {s['max_abs']:.3e} | "
                              f"{s['rel_l2']:.3e} | {r.torch_rel_l2:.3e} | {r.tolerance:.2e} | "
                              f"{s['worst_index']} | {'ok' if r.passed else 'FAIL'} |")
+            lines.append("")
+        quantizers = [r for rows in self.rows.values() for r in rows if isinstance(r, QuantizerRow)]
+        if quantizers:
+            lines += ["## quantiser codes (vs the reference's; z_q above is compared where they agree)", "",
+                      "| row | codes equal | torch codes equal | differing: near ties | differing: beyond | ok |",
+                      "|---|---|---|---|---|---|"]
+            for r in quantizers:
+                lines.append(f"| {r.name} | {r.equal}/{r.count} | {r.torch_equal}/{r.count} | "
+                             f"{r.count - r.equal - r.beyond} | {r.beyond} | {'ok' if r.passed else 'FAIL'} |")
             lines.append("")
         if self.images:
             lines += ["## images (8-bit, vs the reference decoder's output)", "",
@@ -338,6 +519,22 @@ def _exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def _in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `model` in `dtype`. diffusers' `ModelMixin.to` warns on every dtype cast of a class that declares
+    `_keep_in_fp32_modules` (VQModel: an empty list) that it "should be kept in float32"; parity casts on
+    purpose, so that warning is held back here (and no cast happens when the dtype is already `dtype`)."""
+    model = copy.deepcopy(model)
+    if all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
+        return model
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    saved = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return model.to(dtype=dtype)
+    finally:
+        logger.setLevel(saved)
+
+
 def _psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     from skimage.metrics import peak_signal_noise_ratio
 
@@ -375,6 +572,28 @@ def _compare_units(captures, fast, fast_path, lowp, dtype, tolerance, rows):
                         tolerance(torch_rel)))
 
 
+def _compare_quantizer(reference, fast, lowp, fast_path, ref_latents, ref_zq, ref_codes, dtype, tolerance, rows):
+    """The quantiser's row (`QuantizerRow`): each path's quantiser on the reference's latents in `dtype`."""
+    h = ref_latents.to(dtype)
+    codebook = reference.quantize.embedding.weight
+
+    def masked(z_q, codes):
+        # z_q where the code equals the reference's (or is not finite), the reference's value elsewhere
+        same = (codes == ref_codes).reshape(z_q.shape[0], 1, *z_q.shape[2:])
+        return torch.where(same | ~torch.isfinite(z_q), z_q, ref_zq.to(z_q.dtype)), int(same.sum())
+
+    got, codes = quantize(fast, h, fast_path)
+    base, base_codes = quantize(lowp, h, False)
+    got_masked, equal = masked(got, codes)
+    base_masked, torch_equal = masked(base, base_codes)
+    excess, margin = near_tie_margin(ref_latents, codebook, codes, ref_codes, dtype)
+    beyond = int(((codes != ref_codes).to(excess.device) & (excess > margin)).sum())
+    torch_rel = error_stats(base_masked, ref_zq)["rel_l2"]
+    rows.append(QuantizerRow("quantize: z_q", tuple(ref_zq.shape), error_stats(got_masked, ref_zq), torch_rel,
+                             tolerance(torch_rel), equal=equal, count=ref_codes.numel(), torch_equal=torch_equal,
+                             beyond=beyond))
+
+
 def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int, batch: int = 1,
                images: Optional[Sequence[str]] = None, parts: Sequence[str] = ("encode", "decode"),
                tol_factor: float = 2.0, tol_floor: Optional[float] = None, psnr_margin: float = 6.0,
@@ -382,14 +601,17 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
     """Compare `backend` in `dtype` against `reference` (fp32, backend "torch"), unit by unit and end to end.
 
     Args:
-        reference: an `AutoencoderKL` or `ConsistencyDecoderVAE` (ours) in float32 on `device`; copies of it
-            make the tested model and the PyTorch low-precision yardstick. Whatever its backend, the reference
-            runs the PyTorch modules (a copy set to "torch"; the caller's model is left as it is).
+        reference: an `AutoencoderKL`, `AutoencoderKLFlux2`, `ConsistencyDecoderVAE` or `VQModel` (ours) in
+            float32 on `device`; copies of it make the tested model and the PyTorch low-precision yardstick.
+            Whatever its backend, the reference runs the PyTorch modules (a copy set to "torch"; the caller's
+            model is left as it is).
         device: torch.device of all runs. dtype: compute dtype of the tested path (float32/float16/bfloat16).
         backend: "triton" or "torch" (or "auto") for the tested copy.
-        res: image side in pixels (multiple of 8); the decoder gets the reference encoder's latents of the images.
+        res: image side in pixels (a multiple of 8 and of the model's `downscale_factor`); the decoder gets the
+            reference encoder's latents of the images (a VQ model: the reference's quantised latents, decoded
+            with `force_not_quantize`; see the module docstring).
         batch: images per batch. images: encoder inputs (paths or skimage:NAME; default scikit-image photos).
-        parts: "encode" and/or "decode", the halves to compare.
+        parts: "encode" and/or "decode", the halves to compare (a VQ model's quantiser row is in "decode").
         tol_factor, tol_floor: a tensor passes when rel_l2 <= tol_factor * torch_rel_l2 + tol_floor
             (tol_floor defaults to TOL_FLOOR[dtype]).
         psnr_margin: dB the tested images may fall short of PyTorch's in the same dtype.
@@ -406,6 +628,10 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
 
     if not parts or set(parts) - {"encode", "decode"}:
         raise ValueError(f"parts must be a non-empty subset of ('encode', 'decode'), got {tuple(parts)}")
+    factor = downscale_factor(reference)
+    if res % factor:
+        raise ValueError(f"--res must be a multiple of {factor} for this model (its encoder downsamples "
+                         f"{factor}x), got {res}")
     floor = TOL_FLOOR[dtype] if tol_floor is None else tol_floor
 
     def tolerance(torch_rel: float) -> float:
@@ -422,9 +648,10 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
         # would be compared with themselves. Record and decode with the PyTorch modules instead.
         reference = copy.deepcopy(reference)
         reference.set_backend("torch")
-    fast = copy.deepcopy(reference).to(dtype=dtype)
+    vq = is_vq(reference)
+    fast = _in_dtype(reference, dtype)
     fast.set_backend(backend)
-    lowp = copy.deepcopy(reference).to(dtype=dtype)
+    lowp = _in_dtype(reference, dtype)
     lowp.set_backend("torch")
     dtype_name = str(dtype).replace("torch.", "")
     report = ParityReport(f"parity: {backend} {dtype_name} vs fp32 reference, {batch}x3x{res}x{res} on {device}")
@@ -436,35 +663,50 @@ def run_parity(reference, *, device, dtype: torch.dtype, backend: str, res: int,
         # The reference run, recording every unit's inputs and output (TF32 off throughout).
         enc_caps: list = []
         with record_units(reference, enc_caps):
-            ref_mean = reference.encode(x).latent_dist.mean  # (B, C, res/8, res/8) fp32
+            ref_latents = encoder_latents(reference, x)  # (B, C, res/f, res/f) fp32
         dec_caps: list = []
-        with record_units(reference, dec_caps):
-            ref_image = decode(reference, ref_mean)  # (B, 3, res, res) fp32
+        if vq:
+            ref_zq, ref_codes = quantize(reference, ref_latents, False)  # diffusers' quantiser
+            # The whole decode (quantiser included): what the encode image check compares with.
+            ref_image = decode(reference, ref_latents) if "encode" in parts else None
+            with record_units(reference, dec_caps):
+                ref_dec_image = decode_quantized(reference, ref_zq, ref_codes)  # (B, 3, res, res) fp32
+        else:
+            with record_units(reference, dec_caps):
+                ref_image = ref_dec_image = decode(reference, ref_latents)  # (B, 3, res, res) fp32
 
     with torch.no_grad():
         if "encode" in parts:
             rows = report.rows.setdefault("encode", [] if on_row is None else _StreamingRows(on_row))
             _compare_units(enc_caps, fast, fast_path, lowp, dtype, tolerance, rows)
             steps.update()
-            fast_mean = fast.encode(x.to(dtype)).latent_dist.mean
-            lowp_mean = lowp.encode(x.to(dtype)).latent_dist.mean
-            compare(rows, "encode: latent_dist.mean", fast_mean, lowp_mean, ref_mean)
+            fast_latents = encoder_latents(fast, x.to(dtype))
+            lowp_latents = encoder_latents(lowp, x.to(dtype))
+            compare(rows, f"encode: {latents_field(reference)}", fast_latents, lowp_latents, ref_latents)
             with _exact_fp32():
                 # The encoder's error in image space: the reference decoder on the tested latents.
-                enc_image = decode(reference, fast_mean.float())
-                enc_image_lowp = decode(reference, lowp_mean.float())
+                enc_image = decode(reference, fast_latents.float())
+                enc_image_lowp = decode(reference, lowp_latents.float())
             report.images.append(ImageCheck("encode (reference decoder on tested latents)",
                                             _psnr(enc_image, ref_image), _psnr(enc_image_lowp, ref_image),
                                             psnr_margin))
             steps.update()
         if "decode" in parts:
             rows = report.rows.setdefault("decode", [] if on_row is None else _StreamingRows(on_row))
+            if vq:
+                _compare_quantizer(reference, fast, lowp, fast_path, ref_latents, ref_zq, ref_codes, dtype,
+                                   tolerance, rows)
             _compare_units(dec_caps, fast, fast_path, lowp, dtype, tolerance, rows)
             steps.update()
-            fast_image = decode(fast, ref_mean.to(dtype))
-            lowp_image = decode(lowp, ref_mean.to(dtype))
-            compare(rows, "decode: sample", fast_image, lowp_image, ref_image)
-            report.images.append(ImageCheck("decode", _psnr(fast_image, ref_image), _psnr(lowp_image, ref_image),
+            if vq:  # the reference's codes, each model's decoder (see the module docstring)
+                fast_image = decode_quantized(fast, ref_zq.to(dtype), ref_codes)
+                lowp_image = decode_quantized(lowp, ref_zq.to(dtype), ref_codes)
+            else:
+                fast_image = decode(fast, ref_latents.to(dtype))
+                lowp_image = decode(lowp, ref_latents.to(dtype))
+            compare(rows, "decode: sample", fast_image, lowp_image, ref_dec_image)
+            report.images.append(ImageCheck("decode (the reference's codes)" if vq else "decode",
+                                            _psnr(fast_image, ref_dec_image), _psnr(lowp_image, ref_dec_image),
                                             psnr_margin))
             steps.update()
     steps.close()

@@ -2,7 +2,9 @@
 
 For each unit (the pieces `sdvae_fast.parity` names: conv_in, every ResnetBlock2D, Downsample2D, Upsample2D, the
 mid-block attention, the output head, the quant convs; for a consistency decoder also its UNet's units, one row
-per decode step, `[call k]`, each run with the time embedding it received):
+per decode step, `[call k]`, each run with the time embedding it received; for a VQ model (`sdvae_fast.VQModel`)
+also the attention inside its attention levels, and MoVQ's SpatialNorm units run with the quantised latents they
+received):
 - time: median of repeated calls, CUDA events, the unit run alone on the fast path (`sdvae_fast.fast`'s unit
   function) with inputs recorded from a PyTorch run of the same model; fusions across units (none today) would
   not show here, the end-to-end row has them;
@@ -13,8 +15,10 @@ per decode step, `[call k]`, each run with the time embedding it received):
 - bytes: the least traffic the unit can have, inputs + output + parameters, once each (NHWC or not), and the
   achieved GB/s on that basis;
 - peak memory: `torch.cuda.max_memory_allocated` during one call beyond what was allocated before it.
-The end-to-end row times the whole `encode` / `decode` the same way. A chrome trace of one end-to-end call
-(torch.profiler, CPU and CUDA activity) is written beside the tables.
+The end-to-end row times the whole `encode` / `decode` the same way (encode to `parity.encoder_latents`: a VQ
+model's unquantised latents; a VQ decode quantises its random latents first, so the quantiser kernel is in that
+row and in no unit row). A chrome trace of one end-to-end call (torch.profiler, CPU and CUDA activity) is written
+beside the tables.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from typing import Sequence
 import torch
 
 from sdvae_fast.bench import median_ms, peak_extra_gib
-from sdvae_fast.parity import call_labels, decode, record_units, unit_call, units_by_name
+from sdvae_fast.parity import (call_labels, decode, decoder_channels, downscale_factor, encoder_latents,
+                                record_units, unit_call, units_by_name)
 
 
 def matmul_tflops(device, dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
@@ -104,13 +109,25 @@ def profile_part(vae, part: str, x: torch.Tensor, budget_s: float = 0.3) -> list
         rows.append(UnitProfile(label, tuple(cap.output.shape), median_ms(call, device=x.device, budget_s=budget_s),
                                 gflop, traffic, peak))
     del captures, reference
-    whole = (lambda: vae.encode(x).latent_dist) if part == "encode" else (lambda: decode(vae, x))
-    out_shape = tuple(whole().mean.shape if part == "encode" else whole().shape)
+    whole = (lambda: encoder_latents(vae, x)) if part == "encode" else (lambda: decode(vae, x))
+    out_shape = tuple(whole().shape)
     traffic = _nbytes(x) + _nbytes(list(vae.parameters()))
     rows.append(UnitProfile(f"{part} (end to end)", out_shape,
                             median_ms(whole, device=x.device, budget_s=3 * budget_s), sum(r.gflop for r in rows),
                             traffic, peak_extra_gib(whole, x.device)))
     return rows
+
+
+def input_shape(vae, part: str, batch: int, res: int) -> tuple:
+    """The input `run_profile` draws for `part`: images (batch, 3, res, res) for "encode", latents (batch, C,
+    res/f, res/f) for "decode", C the channel count `vae.decode` takes (`parity.decoder_channels`: a VQ model's
+    vq_embed_dim) and f its `downscale_factor` (VQ-f4: 4). Raises ValueError when res is not a multiple of f."""
+    factor = downscale_factor(vae)
+    if res % factor:
+        raise ValueError(f"--res must be a multiple of {factor} for this model, got {res}")
+    if part == "encode":
+        return (batch, 3, res, res)
+    return (batch, decoder_channels(vae), res // factor, res // factor)
 
 
 def format_rows(rows: Sequence[UnitProfile], peak_tflops: float) -> str:
@@ -134,24 +151,22 @@ def run_profile(vae, *, device, dtype: torch.dtype, res: int, batch: int, parts:
     from torch.profiler import ProfilerActivity, profile
 
     from sdvae_fast.bench import env_info, env_markdown
-    from sdvae_fast.configs import config_dict
 
     if res < 8 or res % 8:
         raise ValueError(f"--res must be a positive multiple of 8, got {res}")
+    shapes = {part: input_shape(vae, part, batch, res) for part in parts}
     out_dir.mkdir(parents=True, exist_ok=True)
     peak = matmul_tflops(device)
     print(f"measured bf16 matmul rate: {peak:.0f} TFLOP/s")
-    channels = int(config_dict(vae)["latent_channels"])
     gen = torch.Generator(device=device).manual_seed(0)
     results = {}
     with torch.no_grad():
         for part in parts:
-            shape = (batch, 3, res, res) if part == "encode" else (batch, channels, res // 8, res // 8)
-            x = torch.randn(shape, device=device, generator=gen).to(dtype)
+            x = torch.randn(shapes[part], device=device, generator=gen).to(dtype)
             rows = profile_part(vae, part, x)
             table = format_rows(rows, peak)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                (vae.encode(x).latent_dist.mean if part == "encode" else decode(vae, x))
+                (encoder_latents(vae, x) if part == "encode" else decode(vae, x))
                 torch.cuda.synchronize(device)
             trace = out_dir / f"trace-{part}-{res}.json"
             prof.export_chrome_trace(str(trace))

@@ -99,6 +99,11 @@ def test_preset_vq_f8_without_weights_builds_latent_diffusions_architecture(phot
     assert code == 2 and "--shift-factor does not apply to VQ models" in err
 
 
-def test_commands_without_vq_support_say_so_in_one_line(capsys):
-    code, _, err = _run(["parity", "--preset", "vq-f8", "--backend", "torch"], capsys)
-    assert code == 2 and "parity does not take VQ models yet" in err and "Traceback" not in err
+def test_commands_without_vq_support_say_so_in_one_line(capsys, monkeypatch):
+    """bench is the one model-building command left without VQ support; past its CUDA check (none here), it
+    refuses a VQ model in one line that names the commands that take one, parity and profile included."""
+    assert set(cli.VQ_COMMANDS) == {"reconstruct", "encode", "decode", "info", "parity", "profile"}
+    monkeypatch.setattr(cli, "_require_cuda", lambda command, device: None)
+    code, _, err = _run(["bench", "--preset", "vq-f8", "--backend", "torch", "--device", "cpu"], capsys)
+    assert code == 2 and "bench does not take VQ models yet" in err and "Traceback" not in err
+    assert "parity, profile do)" in err and len(err.strip().splitlines()) == 1
