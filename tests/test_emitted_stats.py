@@ -178,7 +178,7 @@ def test_vae_attention_block_takes_and_emits_statistics():
 def decode_both_ways():
     """Fast decode and encode of a narrow full-depth VAE with and without emitted statistics, profiled."""
     vae = make_diffusers_vae(seed=0)
-    z, x = latents_batch3()[:2], images_batch3()[:2]
+    z, x = latents_batch3()[:1], images_batch3()[:1]  # batch invariance is tested apart (below)
     runs = {}
     try:
         for emit in (True, False):
