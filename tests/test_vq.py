@@ -95,9 +95,10 @@ def test_bad_inputs_get_clear_errors():
     ours.set_backend("triton")
     with pytest.raises(ValueError, match=r"h must be 4-D \(N, 4, H, W\)"):
         ours.decode(torch.randn(4, 2, 2))
-    with pytest.raises(ValueError, match=r"h must be 4-D \(N, 4, H, W\)"):
+    with pytest.raises(ValueError, match=r"h must have 4 channels \(the codebook width vq_embed_dim\).*got shape "
+                                         r"\(1, 3, 2, 2\)"):
         ours.decode(torch.randn(1, 3, 2, 2))
-    with pytest.raises(ValueError, match=r"x must be 4-D \(N, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"x must have 3 channels \(in_channels\): \(N, 3, H, W\)"):
         ours.encode(torch.randn(1, 4, 8, 8))
     with pytest.raises(ValueError, match=r"codebook indices must lie in \[0, 80\)"):
         ours.decode(torch.tensor([0, 80]), force_not_quantize=True, shape=(1, 1, 2, 4))
