@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import statistics
@@ -29,6 +30,7 @@ import sys
 import time
 import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -63,6 +65,35 @@ def _torch():
 
 def _warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+#: The start of the message diffusers' `from_pretrained` logs (five lines, on every folder load) when accelerate is
+#: not installed; loading works the same without it, so the CLI does not print it.
+_ACCELERATE_NOTICE = "Cannot initialize model with low cpu memory usage because `accelerate` was not found"
+
+
+class _DropAccelerateNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_ACCELERATE_NOTICE)
+
+
+@contextmanager
+def _without_accelerate_notice():
+    """Drop diffusers' "Cannot initialize model with low cpu memory usage because `accelerate` was not found ..."
+    message while the CLI loads a folder (that one message only: every other diffusers log record, such as weights
+    missing from a folder, is printed as before)."""
+    log = logging.getLogger("diffusers.models.modeling_utils")  # where ModelMixin.from_pretrained logs it
+    notice_filter = _DropAccelerateNotice()
+    log.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        log.removeFilter(notice_filter)
+
+
+def _a(name: str) -> str:
+    """`name` with its indefinite article: "an AutoencoderKL", "a VQModel"."""
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,6 +358,9 @@ def _build_vq(args, path: Optional[Path] = None):
         return None
     if path is None and preset is None:
         return None
+    if args.preset and preset is None:
+        raise CLIError(f"--preset {args.preset} does not fit {path}: it holds a VQ model (VQModel); omit --preset, "
+                       f"or give --preset vq-f4|vq-f8 with a single file")
     command = getattr(args, "command", None)
     if command not in VQ_COMMANDS:
         raise CLIError(f"{command} does not take VQ models yet ({', '.join(VQ_COMMANDS)} do)")
@@ -453,7 +487,7 @@ def load_vae(args, *, device=None, dtype=None, backend: Optional[str] = None):
     device = resolve_device(args.device) if device is None else device
     dtype = resolve_dtype(args.dtype, device) if dtype is None else dtype
     backend = resolve_backend(backend or args.backend)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _without_accelerate_notice():
         vae = _build_vae(args)
     for warning in caught:
         _warn(cli_wording(str(warning.message)))
@@ -718,7 +752,9 @@ def cmd_decode(args) -> int:
     may be (C, h, w) or (N, C, h, w); images written by `encode` are cropped back to their original size.
     Everything is checked before the first image is decoded: latents of a VAE with another channel count are an
     error naming that VAE's family; a different scaling (same channels) is a warning, since the latent spaces of
-    different VAEs (e.g. SD 1.x and SDXL) are not interchangeable.
+    different VAEs (e.g. SD 1.x and SDXL) are not interchangeable. A file whose metadata names another model class
+    is an error; a file without that record (any safetensors file of latents) is decoded by any model whose
+    channel count fits.
     """
     torch = _torch()
     from tqdm import tqdm
@@ -735,7 +771,7 @@ def cmd_decode(args) -> int:
     vae = _model_for(args, device, dtype)
     normalization = metadata.get("normalization", "scaling")
     if _is_flux2(vae) or normalization == FLUX2_BATCH_NORM:
-        return _decode_flux2(args, vae, batches, metadata, sizes, device, dtype, rank)
+        return _decode_flux2(args, vae, batches, metadata, sizes, device, dtype, rank, tensors)
     model_scaling, model_shift = scaling_of(vae)
     scaling = float(metadata.get("scaling_factor", model_scaling))
     shift = float(metadata.get("shift_factor", model_shift))
@@ -743,11 +779,14 @@ def cmd_decode(args) -> int:
     made_by = f"a VAE with scaling_factor={scaling}, shift_factor={shift}"
     made_by += f" (the {family} family)" if family else ""
     channels = decoder_channels(vae)
-    file_model = metadata.get("model", "AutoencoderKL")
+    # A file without a "model" key (not written by `encode`: any safetensors file of latents) names no model: any
+    # model whose channel count fits decodes it (checked below).
+    file_model = metadata.get("model")
     # The consistency decoder decodes the SD kl-f8 latent space an AutoencoderKL encodes (and encodes with it).
     kl_f8 = {"AutoencoderKL", "ConsistencyDecoderVAE"}
-    if file_model != type(vae).__name__ and not {file_model, type(vae).__name__} <= kl_f8:
-        raise CLIError(f"{args.latents} was written by a {file_model}; this model is a {type(vae).__name__}. "
+    model = type(vae).__name__
+    if file_model is not None and file_model != model and not {file_model, model} <= kl_f8:
+        raise CLIError(f"{args.latents} was written by {_a(file_model)}; this model is {_a(model)}. "
                        f"Decode with the model that encoded it (--vae PATH or --preset)")
     file_channels = file_config.get("latent_channels") if isinstance(file_config, dict) else None
     if file_model == "VQModel" and isinstance(file_config, dict):
@@ -758,8 +797,8 @@ def cmd_decode(args) -> int:
                        f"{family or 'NAME'})")
     for key, latents in batches.items():
         if latents.shape[1] != channels:
-            raise CLIError(f"{args.latents}: tensor {key!r} has shape {tuple(latents.shape)}; this VAE "
-                           f"expects (N, {channels}, h, w) latents")
+            raise CLIError(f"{args.latents}: tensor {key!r} has shape {tuple(tensors[key].shape)}; this VAE "
+                           f"expects (N, {channels}, h, w) or ({channels}, h, w) latents")
     if (scaling, shift) != (model_scaling, model_shift) and rank == 0:
         _warn(f"{args.latents} was encoded by {made_by}; this VAE's config says scaling_factor={model_scaling}, "
               f"shift_factor={model_shift}, so it is probably another VAE, whose latent space differs. Unscaling "
@@ -785,11 +824,13 @@ def cmd_decode(args) -> int:
     return 0
 
 
-def _decode_flux2(args, vae, batches: dict, metadata: dict, sizes: dict, device, dtype, rank: int) -> int:
+def _decode_flux2(args, vae, batches: dict, metadata: dict, sizes: dict, device, dtype, rank: int,
+                  tensors: Optional[dict] = None) -> int:
     """`decode` of FLUX.2 latents: each (N, 4C, h, w) tensor denormalised with the VAE's BatchNorm statistics and
     unpatchified to (N, C, 2h, 2w) before `decode`, as FLUX.2 pipelines do. A file marked
     `normalization: scaling` (another VAE's scaled latents) or FLUX.2 latents with another VAE are CLI errors,
-    as are tensors whose channel count is not the BatchNorm's."""
+    as are tensors whose channel count is not the BatchNorm's (reported with their shape in the file, `tensors`:
+    (C, h, w) stays three-dimensional)."""
     torch = _torch()
     from tqdm import tqdm
 
@@ -806,8 +847,9 @@ def _decode_flux2(args, vae, batches: dict, metadata: dict, sizes: dict, device,
     channels = vae.bn.num_features
     for key, latents in batches.items():
         if latents.shape[1] != channels:
-            raise CLIError(f"{args.latents}: tensor {key!r} has shape {tuple(latents.shape)}; FLUX.2's VAE expects "
-                           f"patchified latents (N, {channels}, h, w)")
+            shape = tuple((tensors or batches)[key].shape)  # as stored: a (C, h, w) tensor is not shown batched
+            raise CLIError(f"{args.latents}: tensor {key!r} has shape {shape}; FLUX.2's VAE expects "
+                           f"patchified latents (N, {channels}, h, w) or ({channels}, h, w)")
     out_dir = Path(args.out)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -952,7 +994,8 @@ def _print_info(args, path: Path, info: dict, option: str) -> int:
 def _vq_info(args, path: Path) -> int:
     """`info` for a VQ model: its class, config (the folder's, or inferred from a single file's shapes, or the
     preset) and parameter count; `--json` prints the same as JSON."""
-    vae = _build_vq(args, path)
+    with _without_accelerate_notice():
+        vae = _build_vq(args, path)
     if vae is None:
         raise CLIError(f"{path}: --preset {args.preset} names a VQ model, but the checkpoint is not one")
     info = {"model": "VQModel", "layout": "diffusers folder" if path.is_dir() else "latent-diffusion single file",
@@ -988,7 +1031,14 @@ def cmd_parity(args) -> int:
                                batch=args.batch, images=args.image, parts=parts, tol_factor=args.tol_factor,
                                tol_floor=args.tol_floor, psnr_margin=args.psnr_margin, quiet=args.quiet,
                                on_row=lambda row: print(row.line(), flush=True))
-    print(report.format())
+    text = report.format()
+    if any("*" in row.name for rows in report.rows.values() for row in rows):
+        # The legend of the `*` in `encoder.conv_out*` goes under the tables, before the verdict (still the last line).
+        tables, _, verdict = text.rpartition("\n")
+        legend = ("*: the output head, conv_norm_out -> conv_act -> conv_out (GroupNorm, SiLU, conv), compared as "
+                  "one unit")
+        text = f"{tables}\n{legend}\n\n{verdict}" if tables else f"{legend}\n{verdict}"
+    print(text)
     if args.out:
         report.write(Path(args.out))
     return 0 if report.passed else 1
@@ -1061,13 +1111,14 @@ def _checkpoint_options(parser: argparse.ArgumentParser, *, with_vae: bool) -> N
                                 "black-forest-labs' original layout, found by its bn.running_mean); auto-detected. "
                                 f"Default: the shipped {DEFAULT_VAE}, else preset sd15 with seeded weights")
     alone = "alone, seeded random weights; " if with_vae else ""
-    presets = (CLI_PRESETS if with_vae else PUBLIC_PRESETS) + tuple(VQ_PRESETS)
+    presets = CLI_PRESETS + tuple(VQ_PRESETS)  # info reads FLUX.2 and VQ files with them too
     group.add_argument("--preset", metavar="NAME", choices=presets,
                        help=f"architecture and scaling preset ({', '.join(presets)}; vq-f4 / vq-f8: latent "
                             f"diffusion's VQ autoencoders): {alone}with a single "
                             "checkpoint file, the model family to read it as (SD 1.x and SDXL VAEs, and SD3 and "
                             "FLUX.1 VAEs, have the same weight shapes); the preset's architecture must fit the "
-                            "weights. flux2 / flux2-small (FLUX.2's VAE and its small decoder): seeded weights, or "
+                            f"weights. flux2 / flux2-small (FLUX.2's VAE and its small decoder): "
+                            f"{'seeded weights, or ' if with_vae else ''}"
                             "the architecture to read an original FLUX.2 file with (else read from its shapes); a "
                             "FLUX.2 diffusers folder is detected from its config's _class_name")
     group.add_argument("--scaling-factor", type=float, metavar="X",
@@ -1144,7 +1195,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("decode", cmd_decode, "decode a latents file to PNGs",
             "Decode every tensor in LATENTS (written by `encode`, or any safetensors file of scaled latents "
-            "(N, C, h, w)) to PNGs, unscaling with z / scaling_factor + shift_factor.\n\n" + _TORCHRUN_NOTE)
+            "(N, C, h, w) or (C, h, w)) to PNGs, unscaling with z / scaling_factor + shift_factor. FLUX.2's VAE: "
+            "latents written by `encode` of a FLUX.2 VAE record normalization (its BatchNorm), and decode undoes "
+            "the BatchNorm normalisation and the 2x2 patchify (N, 4C, h, w) -> (N, C, 2h, 2w) before decoding. A VQ "
+            "model (--vae of a VQModel, --preset vq-f4|vq-f8) takes latents of its codebook width (vq_embed_dim), "
+            "quantised to the nearest codebook entries in decode.\n\n" + _TORCHRUN_NOTE)
     p.add_argument("latents", metavar="LATENTS")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the PNGs (created)")
 

@@ -729,9 +729,9 @@ def test_rgba_images_are_composited_over_white_with_a_warning(tmp_path, capsys):
 
 
 def test_readme_and_help_list_exactly_the_public_presets():
-    """README lists the model presets (PUBLIC_PRESETS) and the command line's (CLI_PRESETS: those plus FLUX.2's),
-    as `--preset` offers them."""
-    from sdvae_fast.configs import CLI_PRESETS, PUBLIC_PRESETS, TEST_PRESETS
+    """README lists the model presets (PUBLIC_PRESETS) and the command line's (CLI_PRESETS: those plus FLUX.2's,
+    then the VQ presets), as `--preset` offers them (every command's, info's included)."""
+    from sdvae_fast.configs import CLI_PRESETS, PUBLIC_PRESETS, TEST_PRESETS, VQ_PRESETS
 
     assert set(PUBLIC_PRESETS) | set(TEST_PRESETS) == set(PRESETS)
     readme = (REPO / "README.md").read_text()
@@ -739,12 +739,11 @@ def test_readme_and_help_list_exactly_the_public_presets():
     preset_lists = [(flag, found) for flag, found in lists if "sd15" in found]
     assert {bool(flag) for flag, _ in preset_lists} == {False, True}, lists
     for flag, found in preset_lists:
-        assert found.split("|") == list(CLI_PRESETS if flag else PUBLIC_PRESETS), found
-    preset_action = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["reconstruct"]._actions
-                         if "--preset" in a.option_strings)
-    from sdvae_fast.configs import VQ_PRESETS
-
-    assert tuple(preset_action.choices) == CLI_PRESETS + tuple(VQ_PRESETS)  # VQ models: tests/test_cli_vq.py
+        assert found.split("|") == list(CLI_PRESETS + tuple(VQ_PRESETS) if flag else PUBLIC_PRESETS), found
+    for command in ("reconstruct", "info"):
+        preset_action = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices[command]._actions
+                             if "--preset" in a.option_strings)
+        assert tuple(preset_action.choices) == CLI_PRESETS + tuple(VQ_PRESETS)  # VQ models: tests/test_cli_vq.py
     from sdvae_fast.train import add_train_arguments
 
     train_action = next(a for a in add_train_arguments(argparse.ArgumentParser())._actions
@@ -766,3 +765,54 @@ def test_parity_help_states_the_measured_cpu_cost():
     text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["parity"].format_help().split())
     assert "several minutes per image" not in text and "a few minutes" not in text
     assert "about 11 minutes" in text
+
+
+def test_info_preset_accepts_every_preset_its_help_names():
+    """`info --preset` takes the FLUX.2 and VQ presets its help describes (it reads such single files with them)."""
+    parser = cli.build_parser()
+    for name in ("sd15", "sdxl", "sd3", "flux1", "tiny", "flux2", "flux2-small", "vq-f4", "vq-f8"):
+        assert parser.parse_args(["info", "x.safetensors", "--preset", name]).preset == name
+    help_text = " ".join(parser._subparsers._group_actions[0].choices["info"].format_help().split())
+    assert "flux2, flux2-small, vq-f4, vq-f8" in help_text
+
+
+def test_decode_reports_a_three_dimensional_tensor_with_its_shape_in_the_file(tmp_path, capfd):
+    """A (C, h, w) tensor of the wrong width is reported as stored, not with the batch dimension decode adds; for
+    FLUX.2's BatchNorm path too (a small AutoencoderKLFlux2 folder, whose load prints no accelerate notice;
+    capfd, since diffusers' log handler writes to the stderr it found at import)."""
+    from sdvae_fast import AutoencoderKLFlux2
+
+    latents = tmp_path / "lat3.safetensors"
+    save_file({"a": torch.randn(3, 6, 6)}, str(latents))
+    code, _, err = _run(["decode", latents, "--backend", "torch", "--out", tmp_path, "-q"], capfd)
+    assert code == 2 and "has shape (3, 6, 6)" in err and "(N, 4, h, w) or (4, h, w)" in err
+    folder = tmp_path / "flux2"
+    AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1,
+                       latent_channels=4).save_pretrained(folder)
+    code, _, err = _run(["decode", latents, "--vae", folder, "--backend", "torch", "--out", tmp_path, "-q"], capfd)
+    assert code == 2 and "tensor 'a' has shape (3, 6, 6); FLUX.2's VAE expects patchified latents (N, 16, h, w)" in err
+    assert "accelerate" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_decode_help_describes_flux2_and_vq_latents(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["decode", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "z / scaling_factor + shift_factor" in text and "BatchNorm" in text and "patchify" in text
+    assert "vq_embed_dim" in text and "quantised" in text
+
+
+def test_parity_prints_a_legend_for_the_starred_head_rows(monkeypatch, capsys):
+    """The `*` of `encoder.conv_out*` is explained under the table the CLI prints (parity itself is stubbed)."""
+    from types import SimpleNamespace
+
+    from sdvae_fast import parity
+
+    report = SimpleNamespace(rows={"encode": [SimpleNamespace(name="encoder.conv_out*")]}, passed=True,
+                             format=lambda: "| encoder.conv_out* | ... |\n\n**PASS**")
+    monkeypatch.setattr(parity, "run_parity", lambda *a, **k: report)
+    monkeypatch.setattr(cli, "load_vae", lambda *a, **k: None)
+    code, stdout, _ = _run(["parity", "--preset", "tiny", "--device", "cpu", "--backend", "torch", "-q"], capsys)
+    assert code == 0 and "*: the output head, conv_norm_out -> conv_act -> conv_out" in stdout
+    assert stdout.strip().endswith("**PASS**")  # the verdict stays the last line

@@ -107,3 +107,34 @@ def test_commands_without_vq_support_say_so_in_one_line(capsys, monkeypatch):
     code, _, err = _run(["bench", "--preset", "vq-f8", "--backend", "torch", "--device", "cpu"], capsys)
     assert code == 2 and "bench does not take VQ models yet" in err and "Traceback" not in err
     assert "parity, profile do)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_decode_takes_a_latents_file_without_metadata_and_refuses_one_naming_another_model(vq_dir, tmp_path, capfd):
+    """A safetensors file that `encode` did not write (no "model" key) is decoded by any model whose channel count
+    fits (the VQ folder's codebook width, 4); a file whose metadata names another class is still refused, with the
+    right article. diffusers' accelerate notice is not printed on the folder load (capfd:
+    diffusers' log handler writes to the stderr it found at import)."""
+    from safetensors.torch import save_file
+
+    z = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(5))
+    plain = tmp_path / "lat4.safetensors"
+    save_file({"a": z}, str(plain))
+    code, stdout, err = _run(["decode", plain, "--vae", vq_dir, "--backend", "torch", "--out", tmp_path / "dec",
+                              "-q"], capfd)
+    assert code == 0 and "48x48" in stdout, err
+    assert "accelerate" not in err and "warning" not in err
+    vq = VQModel.from_pretrained(vq_dir).eval()
+    vq.set_backend("torch")
+    with torch.no_grad():
+        expected = vq.decode(z / vq.config.scaling_factor).sample
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "dec" / "a.png")), to_uint8(expected)[0])
+
+    other = tmp_path / "kl.safetensors"
+    save_file({"a": z}, str(other), metadata={"model": "AutoencoderKL"})
+    code, _, err = _run(["decode", other, "--vae", vq_dir, "--backend", "torch", "--out", tmp_path, "-q"], capfd)
+    assert code == 2 and "written by an AutoencoderKL; this model is a VQModel" in err and "Traceback" not in err
+
+
+def test_a_non_vq_preset_with_a_vq_folder_is_an_error_naming_the_option(vq_dir, capsys):
+    code, _, err = _run(["info", vq_dir, "--preset", "flux2"], capsys)
+    assert code == 2 and "--preset flux2 does not fit" in err and "VQModel" in err
