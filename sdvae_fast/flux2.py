@@ -62,7 +62,7 @@ from sdvae_fast.configs import DEFAULTS, FLUX2_PRESETS, normalize_config
 CLASS_NAME = "AutoencoderKLFlux2"
 
 __all__ = ["AutoencoderKLFlux2", "CLASS_NAME", "HAS_DIFFUSERS", "flux2_config_from_keys", "flux2_file_prefix",
-           "flux2_state_dict", "inspect_single_file", "patchify_latents", "unpatchify_latents"]
+           "flux2_state_dict", "inspect_single_file", "parameter_count", "patchify_latents", "unpatchify_latents"]
 
 
 def _patch_pair(patch_size, name: str = "patch_size") -> Tuple[int, int]:
@@ -382,6 +382,30 @@ def _check_groups(fields: Mapping, path: Path, assumed: bool) -> None:
                       f"other groups.", AssumedNormGroupsWarning, stacklevel=3)
 
 
+def _groups_note(fields: Mapping, assumed: bool) -> Optional[str]:
+    """`inspect_single_file`'s note when norm_num_groups does not divide every encoder and decoder width (what
+    `_check_groups` refuses at load time), else None."""
+    from sdvae_fast.loading import allowed_group_counts
+
+    groups = fields.get("norm_num_groups")
+    widths = list(fields["block_out_channels"]) + list(fields.get("decoder_block_out_channels") or ())
+    allowed = allowed_group_counts(widths)
+    if isinstance(groups, int) and not isinstance(groups, bool) and groups in allowed:
+        return None
+    how = (" (assumed: FLUX.2's value; the file does not store GroupNorm's group count)" if assumed
+           else " (given)")
+    return (f"norm_num_groups={groups!r}{how} does not divide the widths {widths}: loading this file with it "
+            f"fails. Pass norm_num_groups=N (on the command line --norm-num-groups N) with the value the VAE was "
+            f"trained with, one of {allowed}")
+
+
+def parameter_count(state: Mapping[str, torch.Tensor]) -> int:
+    """The parameters of an AutoencoderKLFlux2 state dict (diffusers' names), as
+    `sum(p.numel() for p in model.parameters())` counts them: every tensor except the latent BatchNorm's buffers
+    (`bn.running_mean`, `bn.running_var`, `bn.num_batches_tracked`; `bn` has no affine terms)."""
+    return sum(t.numel() for k, t in state.items() if not k.startswith("bn."))
+
+
 def inspect_single_file(path, config=None, unsafe_pickle: bool = False, **overrides) -> dict:
     """Describe an original FLUX.2 VAE file without building the model (the command line's `info`).
 
@@ -393,7 +417,9 @@ def inspect_single_file(path, config=None, unsafe_pickle: bool = False, **overri
         or "FLUX.2 (widths of no preset)"), `family_certain` (True), `family_reason`; `ignored_keys` (tensors
         outside the VAE); `config` (every field `from_single_file` would use); `config_sources`
         ({"norm_num_groups": "argument" or "assumed FLUX.2 default (the file does not store it)"});
-        `notes` (empty); `parameter_count` (parameters, without bn's statistics); `dtypes` (sorted dtype names of
+        `notes` (sentences: a norm_num_groups, assumed or given, that does not divide the widths, so that
+        `from_single_file` refuses the file with it; else empty); `parameter_count` (parameters, without bn's
+        statistics: `parameter_count`, as `sum(p.numel() for p in model.parameters())`); `dtypes` (sorted dtype names of
         the VAE tensors, e.g. ["bfloat16", "int64"]); `latent_normalization` (a sentence).
     Raises:
         FileNotFoundError, CheckpointError (as `from_single_file`, except that the weights are not checked against
@@ -404,6 +430,10 @@ def inspect_single_file(path, config=None, unsafe_pickle: bool = False, **overri
     fields, given = _single_file_fields(path, {k: v.shape for k, v in tensors.items()}, config, overrides)
     state, unmapped = flux2_state_dict(tensors)
     family = _family(fields)
+    notes = []
+    groups_note = _groups_note(fields, assumed="norm_num_groups" not in given)
+    if groups_note:
+        notes.append(groups_note)
     return {
         "model": CLASS_NAME, "path": str(path), "format": checkpoint.format, "layout": "flux2-original",
         "prefix": prefix, "family": family or "FLUX.2 (widths of no preset)", "family_certain": True,
@@ -412,8 +442,8 @@ def inspect_single_file(path, config=None, unsafe_pickle: bool = False, **overri
         "config": fields,
         "config_sources": {"norm_num_groups": "argument" if "norm_num_groups" in given
                            else "assumed FLUX.2 default (the file does not store it)"},
-        "notes": [],
-        "parameter_count": sum(t.numel() for k, t in state.items() if not k.startswith("bn.")),
+        "notes": notes,
+        "parameter_count": parameter_count(state),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         "latent_normalization": (f"BatchNorm statistics (bn.running_mean, bn.running_var, batch_norm_eps "
                                  f"{fields['batch_norm_eps']}) over {list(fields['patch_size'])}-patchified latents, "
@@ -589,11 +619,28 @@ if HAS_DIFFUSERS:
             return _patch_pair(self.config.patch_size)
 
         def patchify_latents(self, latents: torch.Tensor) -> torch.Tensor:
-            """`patchify_latents(latents, self.patch_size)`: (N, 32, h, w) -> (N, 128, h/2, w/2) for FLUX.2."""
+            """`patchify_latents(latents, self.patch_size)`: (N, 32, h, w) -> (N, 128, h/2, w/2) for FLUX.2.
+
+            Raises TypeError / ValueError naming `latents` for a non-tensor, a rank other than 4, a channel count
+            other than `config.latent_channels` (the encoder's latents; e.g. already patchified ones) or sides
+            that the patch does not divide. (The module-level `patchify_latents` takes any channel count.)"""
+            _check_latents_4d(latents, "latents")
+            channels = self.config.latent_channels
+            if latents.shape[1] != channels:
+                hint = (" (these look patchified already: unpatchify_latents undoes that)"
+                        if latents.shape[1] == self.bn.num_features else "")
+                raise ValueError(f"latents must be unpatchified latents (N, {channels}, H, W) (the encoder's "
+                                 f"latents), got shape {tuple(latents.shape)}{hint}")
             return patchify_latents(latents, self.patch_size)
 
         def unpatchify_latents(self, latents: torch.Tensor) -> torch.Tensor:
-            """`unpatchify_latents(latents, self.patch_size)`: (N, 128, h, w) -> (N, 32, 2h, 2w) for FLUX.2."""
+            """`unpatchify_latents(latents, self.patch_size)`: (N, 128, h, w) -> (N, 32, 2h, 2w) for FLUX.2.
+
+            Raises TypeError / ValueError naming `latents` for a non-tensor, a rank other than 4 or a channel count
+            other than `bn.num_features` (= latent_channels * ph * pw: patchified latents; e.g. (N, 32, H, W)
+            latents, which are not patchified). (The module-level `unpatchify_latents` takes any multiple of
+            ph * pw.)"""
+            self._check_patchified(latents, "latents", floating=False)
             return unpatchify_latents(latents, self.patch_size)
 
         def latents_bn_mean_std(self, device=None, dtype: Optional[torch.dtype] = None):
@@ -604,13 +651,15 @@ if HAS_DIFFUSERS:
             std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.config.batch_norm_eps).to(device, dtype)
             return mean, std
 
-        def _check_patchified(self, latents, name: str) -> None:
+        def _check_patchified(self, latents, name: str, floating: bool = True) -> None:
             _check_latents_4d(latents, name)
             channels = self.bn.num_features
             if latents.shape[1] != channels:
+                hint = (" (these look unpatchified: patchify_latents makes them patchified)"
+                        if latents.shape[1] == self.config.latent_channels else "")
                 raise ValueError(f"{name} must be patchified latents (N, {channels}, h, w) (see patchify_latents), "
-                                 f"got shape {tuple(latents.shape)}")
-            if not latents.is_floating_point():
+                                 f"got shape {tuple(latents.shape)}{hint}")
+            if floating and not latents.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {latents.dtype}")
 
         def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,9 @@ Public functions (the `AutoencoderKL` classmethods `from_pretrained` / `from_sin
   consistency decoder (`openai/consistency-decoder`'s layout) through `load_consistency_decoder(cls, path, ...)`,
   which checks every key first: missing or mis-shaped weights raise a CheckpointError listing them, where
   diffusers' `from_pretrained` (without accelerate) initialises missing ones at random and only logs their names.
-  `folder_class_name(folder)` reads the `_class_name`; `load_pretrained` with an AutoencoderKL class refuses a
-  ConsistencyDecoderVAE folder, naming what loads it.
+  `folder_class_name(folder)` reads the `_class_name`; `load_pretrained` with an AutoencoderKL class (and, with
+  diffusers, `sdvae_fast.AutoencoderKL.from_pretrained`) refuses a ConsistencyDecoderVAE, AutoencoderKLFlux2 or
+  VQModel folder, naming the class that loads it (`_refuse_other_model_type`).
 
 All loaders take `unsafe_pickle=False` (see Pickles below) and return the model in eval mode, on CPU, in float32
 unless `torch_dtype` says otherwise. Local paths only: Hub repository ids are not downloaded.
@@ -713,8 +714,9 @@ def load_pretrained(cls, path: PathLike, subfolder: Optional[str] = None, torch_
     (query/key/value/proj_attn) are renamed.
     Raises OSError (no such folder, repository or cached snapshot; no weights file, e.g. only a variant: the
     message names it), FileNotFoundError (bundled VAE absent), CheckpointError (unreadable config or weights,
-    missing or mis-shaped keys: all listed; a folder whose config.json `_class_name` is "ConsistencyDecoderVAE":
-    the message names `ConsistencyDecoderVAE` and `load_vae`, which load it), TypeError (unknown override
+    missing or mis-shaped keys: all listed; a folder whose config.json `_class_name` is "ConsistencyDecoderVAE",
+    "AutoencoderKLFlux2" or "VQModel" while `cls` is no such class: the message names that class's
+    `from_pretrained` and `load_vae`, which load it), TypeError (unknown override
     names), ValueError (`torch_dtype` and `dtype` disagree, a device_map that splits the model).
     """
     if dtype is not None:
@@ -737,7 +739,7 @@ def load_pretrained(cls, path: PathLike, subfolder: Optional[str] = None, torch_
         if not config_path.is_file():
             raise CheckpointError(f"{folder}: no {CONFIG_NAME} (a diffusers model folder holds {CONFIG_NAME} and "
                                   f"{SAFETENSORS_WEIGHTS_NAME}; for a pipeline folder pass subfolder='vae')")
-        _refuse_other_model_type(folder, cls)
+        _refuse_other_model_type(folder, cls, subfolder=subfolder)
         config = {**_read_config_json(config_path), **overrides}
         paths = _find_weights(folder, variant, use_safetensors)
         model = _build_and_load(cls, config, _read_weights(paths, unsafe_pickle), paths[0], torch_dtype)
@@ -1066,14 +1068,25 @@ def load_single_file(cls, path: PathLike, config=None, torch_dtype=None, unsafe_
     return _build_and_load(cls, merged, state, Path(path), torch_dtype, hint)
 
 
+#: State-dict names of buffers, not parameters: a BatchNorm's statistics (FLUX.2's latent `bn`).
+_BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+
+
+def _parameter_count(state: Mapping[str, torch.Tensor]) -> int:
+    """The parameters among a state dict's tensors, as `sum(p.numel() for p in model.parameters())` counts them:
+    BatchNorm statistics (FLUX.2's `bn.running_mean`, `bn.running_var`, `bn.num_batches_tracked`) are buffers."""
+    return sum(t.numel() for k, t in state.items() if not k.endswith(_BUFFER_SUFFIXES))
+
+
 def inspect_checkpoint(path: PathLike, config=None, unsafe_pickle: bool = False, **overrides) -> dict:
     """Describe a checkpoint file or diffusers folder without building a model (the CLI's `info` command).
 
     Returns a dict: `path`; `format` ("safetensors", "pickle" or "diffusers-folder"); `layout` ("diffusers",
     "diffusers-old-attention", "ldm"); `prefix` of the VAE keys ("" for a VAE-only file); `family` ("sd15",
     "sdxl", "sd3", "flux1" or None); `family_certain` (False when guessed) and `family_reason`; `config` (every
-    config field `load_single_file` would use); `parameter_count` (VAE parameters); `dtypes` (sorted dtype names
-    of the VAE tensors, e.g. ["float16"]); `ignored_keys` (tensors in the file outside the VAE);
+    config field `load_single_file` would use); `parameter_count` (VAE parameters, buffers such as a FLUX.2
+    folder's BatchNorm statistics not counted: `sum(p.numel() for p in model.parameters())`); `dtypes` (sorted
+    dtype names of the VAE tensors, e.g. ["float16"]); `ignored_keys` (tensors in the file outside the VAE);
     `config_sources`: where `norm_num_groups` and `scaling_factor` came from, one of "file metadata",
     "config.json beside the file", "argument" (config= or an override), "config.json" (a folder's),
     "model family (...)" (decided by the checkpoint's other components), or a text starting with "assumed" (the
@@ -1118,7 +1131,7 @@ def inspect_checkpoint(path: PathLike, config=None, unsafe_pickle: bool = False,
         report.pop("inferred")
     report = {"model": "AutoencoderKL", **report}
     report["config"] = {k: merged[k] for k in CONFIG_FIELDS if k in merged}
-    report["parameter_count"] = sum(t.numel() for t in state.values())
+    report["parameter_count"] = _parameter_count(state)
     report["dtypes"] = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
     return report
 
@@ -1188,14 +1201,28 @@ def _is_consistency_class(cls) -> bool:
     return any(base.__name__ == CONSISTENCY_CLASS_NAME for base in getattr(cls, "__mro__", ()))
 
 
-def _refuse_other_model_type(folder: Path, cls) -> None:
-    """`load_pretrained` with an AutoencoderKL class on a consistency-decoder folder: a CheckpointError naming
-    what loads it (instead of a list of every missing `decoder.*` key)."""
-    name = folder_class_name(folder)
-    if name == CONSISTENCY_CLASS_NAME and not _is_consistency_class(cls):
-        raise CheckpointError(f"{folder}: config.json's _class_name is {name!r}, not {cls.__name__}: load it with "
-                              f"sdvae_fast.ConsistencyDecoderVAE (sdvae_fast.loading.load_consistency_decoder), or "
-                              f"with sdvae_fast.loading.load_vae, which builds the class the folder names")
+def _refuse_other_model_type(folder, cls, name: Optional[str] = None, subfolder: Optional[str] = None) -> None:
+    """A CheckpointError naming the class that loads `folder` when its config.json's `_class_name` (`name`, read
+    from `folder` when None) is one of sdvae_fast's other model types (`MODEL_CLASSES`: AutoencoderKLFlux2,
+    VQModel, ConsistencyDecoderVAE) and `cls` is not (a subclass of) a class of that name: an AutoencoderKL would
+    otherwise be built from a foreign config, its extra weights (FLUX.2's `bn` statistics, a codebook) dropped
+    or its missing ones listed. Used by `load_pretrained` (sdvae_fast.AutoencoderKL without diffusers) and by
+    `sdvae_fast.AutoencoderKL.from_pretrained` (with diffusers, whose loader only logs the unused weights).
+    "AutoencoderKL", no `_class_name`, and names sdvae_fast does not know pass (the caller's business)."""
+    if name is None:
+        name = folder_class_name(folder)
+    if name == "AutoencoderKL" or name not in MODEL_CLASSES:
+        return
+    if any(base.__name__ == name for base in getattr(cls, "__mro__", ())):
+        return
+    target = MODEL_CLASSES[name].rpartition(".")[2]
+    how = f"sdvae_fast.{target}.from_pretrained"
+    if subfolder:
+        how += f"(..., subfolder={subfolder!r})"
+    if name == CONSISTENCY_CLASS_NAME:
+        how += " (sdvae_fast.loading.load_consistency_decoder)"
+    raise CheckpointError(f"{folder}: config.json's _class_name is {name!r}, not {cls.__name__}: load it with "
+                          f"{how}, or with sdvae_fast.loading.load_vae, which builds the class the folder names")
 
 
 def load_vae(path: PathLike, subfolder: Optional[str] = None, **kwargs):

@@ -32,6 +32,7 @@ f = 2 ** (len(block_out_channels) - 1) (8 for every public VAE), unscaled: pipel
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import os
@@ -755,6 +756,8 @@ if HAS_DIFFUSERS:
     from diffusers.utils.accelerate_utils import apply_forward_hook
 
     _DIFFUSERS_SIGNATURE = inspect.signature(_DiffusersAutoencoderKL.__init__)
+    #: (path, subfolder) while `AutoencoderKL.from_pretrained` runs: its `load_config` then checks `_class_name`.
+    _CHECK_CLASS_NAME: contextvars.ContextVar = contextvars.ContextVar("sdvae_fast_check_class_name", default=None)
 
     class AutoencoderKL(FastVAEMixin, _DiffusersAutoencoderKL):
         """`diffusers.AutoencoderKL` with sdvae-fast's backends (see the module docstring for what is added).
@@ -797,13 +800,42 @@ if HAS_DIFFUSERS:
         def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
             """diffusers' `from_pretrained` (folder or Hub id, `subfolder`, `variant`, `torch_dtype`/`dtype`,
             `local_files_only`, `revision`, `cache_dir`, shards, `device_map`, `output_loading_info`, ...; its errors),
-            plus the bundled name "sdvae-fast/tiny" (also "tiny") when no local path of that name exists."""
+            plus the bundled name "sdvae-fast/tiny" (also "tiny") when no local path of that name exists.
+
+            A folder (or repository, or its `subfolder`) whose config.json's `_class_name` is another of
+            sdvae_fast's model types ("AutoencoderKLFlux2", "VQModel", "ConsistencyDecoderVAE") raises a
+            `loading.CheckpointError` naming the class that loads it, before any weight is read: diffusers' own
+            loader would build an AutoencoderKL from it and only log the weights it drops (FLUX.2's `bn`
+            statistics, a codebook). Folders of "AutoencoderKL", or without `_class_name`, load as before."""
             from sdvae_fast.loading import TINY_FOLDER, TINY_NAMES
 
             name = pretrained_model_name_or_path
             if isinstance(name, str) and name in TINY_NAMES and not os.path.exists(name):  # a local path wins
                 pretrained_model_name_or_path = str(TINY_FOLDER)
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            # diffusers' from_pretrained reads config.json through cls.load_config (local folders and Hub ids
+            # alike); the override below checks its _class_name while this call is in progress.
+            token = _CHECK_CLASS_NAME.set((pretrained_model_name_or_path, kwargs.get("subfolder")))
+            try:
+                return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            finally:
+                _CHECK_CLASS_NAME.reset(token)
+
+        @classmethod
+        def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
+            """diffusers' `load_config`; inside `from_pretrained` it also refuses a config.json whose
+            `_class_name` names another model type (`loading._refuse_other_model_type`)."""
+            result = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+            loading_call = _CHECK_CLASS_NAME.get()
+            if loading_call is not None:
+                from sdvae_fast.loading import _refuse_other_model_type
+
+                config = result[0] if isinstance(result, tuple) else result
+                class_name = config.get("_class_name") if isinstance(config, Mapping) else None
+                if isinstance(class_name, str):
+                    path, subfolder = loading_call
+                    where = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+                    _refuse_other_model_type(where, cls, name=class_name, subfolder=subfolder)
+            return result
 
 else:
     AutoencoderKL = StandaloneAutoencoderKL

@@ -258,8 +258,26 @@ def test_bad_input_raises_clear_errors(small_pair):
         vae.encode(torch.randn(1, 4, 16, 16))
     with pytest.raises(ValueError, match="multiples of the patch size"):
         vae.patchify_latents(torch.randn(1, 32, 3, 4))
-    with pytest.raises(ValueError, match="multiple of ph \\* pw"):
+    # The methods take the model's shapes only: unpatchified (N, 32, H, W) in, patchified (N, 128, h, w) out.
+    with pytest.raises(ValueError, match=r"latents must be patchified latents \(N, 128, h, w\).*\(1, 30, 2, 2\)"):
         vae.unpatchify_latents(torch.randn(1, 30, 2, 2))
+    with pytest.raises(ValueError, match=r"latents must be patchified latents \(N, 128, h, w\).*"
+                                         r"\(1, 32, 4, 4\) \(these look unpatchified"):
+        vae.unpatchify_latents(torch.randn(1, 32, 4, 4))
+    with pytest.raises(ValueError, match=r"latents must be unpatchified latents \(N, 32, H, W\).*"
+                                         r"\(1, 128, 2, 2\) \(these look patchified already"):
+        vae.patchify_latents(torch.randn(1, 128, 2, 2))
+    with pytest.raises(ValueError, match=r"latents must be unpatchified latents \(N, 32, H, W\)"):
+        vae.patchify_latents(torch.randn(1, 8, 2, 2))
+    with pytest.raises(ValueError, match=r"latents must be \(N, C, H, W\)"):
+        vae.unpatchify_latents(torch.randn(128, 2, 2))
+    with pytest.raises(TypeError, match=r"latents must be a torch.Tensor"):
+        vae.patchify_latents([[0.0]])
+    # The module-level functions stay general (any channel count the patch divides).
+    assert unpatchify_latents(torch.randn(1, 32, 4, 4)).shape == (1, 8, 8, 8)
+    assert patchify_latents(torch.randn(1, 8, 2, 2)).shape == (1, 32, 1, 1)
+    with pytest.raises(ValueError, match="multiple of ph \\* pw"):
+        unpatchify_latents(torch.randn(1, 30, 2, 2))
     with pytest.raises(ValueError, match=r"patchified latents \(N, 128, h, w\)"):
         vae.normalize_latents(torch.randn(1, 32, 2, 2))
     with pytest.raises(TypeError, match="floating-point"):

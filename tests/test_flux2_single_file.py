@@ -273,6 +273,36 @@ def test_assumed_groups_warn_for_widths_of_no_preset(tmp_path):
         AutoencoderKLFlux2.from_single_file(path, norm_num_groups=32)
 
 
+def test_inspect_notes_groups_that_do_not_divide_and_counts_parameters_as_a_folder(flux2_file, tmp_path, capsys):
+    """inspect_single_file (the CLI's `info`) says when norm_num_groups (FLUX.2's assumed 32, or a given one) does
+    not divide the widths, as loading refuses it; its parameter count is the folder's (parameters, no bn
+    statistics)."""
+    from sdvae_fast.flux2 import inspect_single_file
+    from sdvae_fast.loading import inspect_checkpoint
+
+    reference, path = flux2_file
+    note = (r"norm_num_groups=32 \(assumed: FLUX\.2's value.*\) does not divide the widths \[16, 32\]: loading "
+            r"this file with it fails\. Pass norm_num_groups=N \(on the command line --norm-num-groups N\).*"
+            r"one of \[1, 2, 4, 8, 16\]")
+    info = inspect_single_file(path)
+    assert len(info["notes"]) == 1 and re.search(note, info["notes"][0]), info["notes"]
+    given = inspect_single_file(path, norm_num_groups=3)["notes"]
+    assert len(given) == 1 and "norm_num_groups=3 (given) does not divide" in given[0]
+    assert inspect_single_file(path, norm_num_groups=8)["notes"] == []
+    assert cli.main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"  note: " + note, out), out
+    assert cli.main(["info", str(path), "--norm-num-groups", "8"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+    folder = tmp_path / "folder"
+    reference.save_pretrained(folder)
+    count = sum(p.numel() for p in reference.parameters())
+    assert info["parameter_count"] == count == inspect_checkpoint(folder)["parameter_count"]
+    assert cli.main(["info", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameter_count"] == count
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------

@@ -562,3 +562,76 @@ def test_published_sd_architectures_load_quietly_but_are_still_reported_as_assum
     _, caught = _record(load_single_file, AutoencoderKL, path)
     assert not [w for w in caught if w.category is AssumedNormGroupsWarning]
     assert inspect_checkpoint(path)["config_sources"]["norm_num_groups"].startswith("assumed")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A folder of another model type (config.json's _class_name) is refused by the AutoencoderKL loaders
+# ---------------------------------------------------------------------------------------------------------------
+
+FLUX2_TINY = dict(block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def test_autoencoderkl_from_pretrained_refuses_flux2_vq_and_consistency_folders(tmp_path):
+    """diffusers' AutoencoderKL.from_pretrained builds an AutoencoderKL from a FLUX.2 folder and only logs that
+    bn's statistics were not used; ours (and load_pretrained, the loader without diffusers) raise before reading
+    any weight, naming the class that loads the folder, also for a pipeline's vae/ subfolder. Genuine
+    AutoencoderKL folders, with `_class_name` or without (older writers), still load."""
+    import diffusers
+
+    from sdvae_fast.model import StandaloneAutoencoderKL
+
+    flux2 = tmp_path / "flux2"
+    diffusers.AutoencoderKLFlux2(**FLUX2_TINY).save_pretrained(flux2)
+    pipeline = tmp_path / "pipeline"
+    (pipeline / "vae").mkdir(parents=True)
+    for f in flux2.iterdir():
+        (pipeline / "vae" / f.name).write_bytes(f.read_bytes())
+    config = json.loads((flux2 / "config.json").read_text())
+    for name in ("VQModel", "ConsistencyDecoderVAE"):
+        (tmp_path / name).mkdir()  # config.json alone: the refusal comes before the weights are looked for
+        (tmp_path / name / "config.json").write_text(json.dumps(dict(config, _class_name=name)))
+
+    for cls in (AutoencoderKL, StandaloneAutoencoderKL):
+        with pytest.raises(CheckpointError, match=r"flux2: config.json's _class_name is 'AutoencoderKLFlux2', not "
+                                                  r"\w*AutoencoderKL: load it with "
+                                                  r"sdvae_fast\.AutoencoderKLFlux2\.from_pretrained, or with "
+                                                  r"sdvae_fast\.loading\.load_vae"):
+            cls.from_pretrained(str(flux2))
+        with pytest.raises(CheckpointError, match=r"vae: config.json's _class_name is 'AutoencoderKLFlux2'.*"
+                                                  r"AutoencoderKLFlux2\.from_pretrained\(\.\.\., subfolder='vae'\)"):
+            cls.from_pretrained(pipeline, subfolder="vae")
+        with pytest.raises(CheckpointError, match=r"'VQModel'.*sdvae_fast\.VQModel\.from_pretrained"):
+            cls.from_pretrained(str(tmp_path / "VQModel"))
+        with pytest.raises(CheckpointError, match=r"'ConsistencyDecoderVAE'.*"
+                                                  r"sdvae_fast\.ConsistencyDecoderVAE\.from_pretrained"):
+            cls.from_pretrained(str(tmp_path / "ConsistencyDecoderVAE"))
+
+    # What does load it: the named class, and load_vae.
+    assert type(loading.load_vae(pipeline, subfolder="vae")).__name__ == "AutoencoderKLFlux2"
+    # Genuine AutoencoderKL folders: diffusers' `_class_name`, and none at all.
+    kl = tmp_path / "kl"
+    AutoencoderKL(**SMALL_16).save_pretrained(kl)
+    assert json.loads((kl / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "diffusion_pytorch_model.safetensors").write_bytes((kl / "diffusion_pytorch_model.safetensors")
+                                                                 .read_bytes())
+    data = {k: v for k, v in json.loads((kl / "config.json").read_text()).items() if k != "_class_name"}
+    (legacy / "config.json").write_text(json.dumps(data))
+    for folder in (kl, legacy):
+        for cls in (AutoencoderKL, StandaloneAutoencoderKL):
+            assert cls.from_pretrained(str(folder)).config.latent_channels == 16
+    # load_config outside from_pretrained is diffusers' (a FLUX.2 config is readable, e.g. to convert it).
+    assert AutoencoderKL.load_config(str(flux2))["_class_name"] == "AutoencoderKLFlux2"
+
+
+def test_flux2_folder_parameter_count_excludes_the_batchnorm_statistics(tmp_path):
+    """inspect_checkpoint of a FLUX.2 folder counts parameters only (as model.parameters()), not bn's buffers."""
+    import diffusers
+
+    vae = diffusers.AutoencoderKLFlux2(**FLUX2_TINY)
+    vae.save_pretrained(tmp_path)
+    info = inspect_checkpoint(tmp_path)
+    assert info["parameter_count"] == sum(p.numel() for p in vae.parameters())
+    assert info["parameter_count"] < sum(t.numel() for t in vae.state_dict().values())
