@@ -560,7 +560,7 @@ if HAS_DIFFUSERS:
                 TypeError: an override that is no AutoencoderKLFlux2 field. ValueError: an unknown preset name or
                     torch_dtype.
             """
-            from sdvae_fast.loading import MAX_LISTED_KEYS, CheckpointError, _resolve_dtype, _shape_errors
+            from sdvae_fast.loading import CheckpointError, _misfit_message, _resolve_dtype, _shape_errors
 
             unknown = sorted(k for k in overrides if k not in _FIELD_DEFAULTS)
             if unknown:
@@ -588,18 +588,12 @@ if HAS_DIFFUSERS:
                 differs = [f"{k}={inferred[k]!r} (config has {v!r})" for k, v in given.items()
                            if k in inferred and k not in _UNSTORED_FIELDS + _BLOCK_TYPES
                            and _frozen(v) != _frozen(inferred[k])]
-                lines = [f"{path}: the checkpoint does not fit AutoencoderKLFlux2({_short(fields)}); keys in "
-                         f"diffusers' names (the file's original names map as sdvae_fast.flux2.flux2_state_dict "
-                         f"maps them)."]
-                for what, keys in (("missing", missing), ("mis-shaped", misshaped), ("unused", unused)):
-                    if keys:
-                        more = (f"\n  ... and {len(keys) - MAX_LISTED_KEYS} more"
-                                if len(keys) > MAX_LISTED_KEYS else "")
-                        lines.append(f"{len(keys)} {what} key(s):\n  " + "\n  ".join(keys[:MAX_LISTED_KEYS]) + more)
-                if differs:
-                    lines.append(f"The weights imply {', '.join(differs)}; omit config= / the override (on the "
-                                 f"command line: --preset) to infer them.")
-                raise CheckpointError("\n".join(lines))
+                hint = (f"The weights imply {', '.join(differs)}; omit config= / the override (on the command "
+                        f"line: --preset) to infer them." if differs else "")
+                raise CheckpointError(_misfit_message(
+                    path, f"AutoencoderKLFlux2({_short(fields)})", missing, misshaped, hint, unused,
+                    naming="keys in diffusers' names (the file's original names map as "
+                           "sdvae_fast.flux2.flux2_state_dict maps them)."))
             # Always copies: tensors of a memory-mapped file must not stay tied to it.
             weights = {k: state[k].to(dtype=dtype if state[k].is_floating_point() else state[k].dtype,
                                       copy=True).contiguous() for k in expected}

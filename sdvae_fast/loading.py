@@ -547,11 +547,13 @@ def _shape_errors(expected: Mapping[str, torch.Size], state: Mapping[str, torch.
     return missing, misshaped
 
 
-def _misfit_message(path: Path, model: str, missing: list, misshaped: list, hint: str = "") -> str:
+def _misfit_message(path: Path, model: str, missing: list, misshaped: list, hint: str = "", unused: list = (),
+                    naming: str = "") -> str:
     """The CheckpointError text for weights that do not fit `model` (a description such as
-    "AutoencoderKL(latent_channels=4, ...)"): every missing and mis-shaped key, up to MAX_LISTED_KEYS of each."""
-    lines = [f"{path}: the checkpoint does not fit {model}."]
-    for what, keys in (("missing", missing), ("mis-shaped", misshaped)):
+    "AutoencoderKL(latent_channels=4, ...)"): every missing, mis-shaped and unused key, up to MAX_LISTED_KEYS of
+    each; `naming` (how the listed names relate to the file's) follows the first line, `hint` ends it."""
+    lines = [f"{path}: the checkpoint does not fit {model}" + (f"; {naming}" if naming else ".")]
+    for what, keys in (("missing", missing), ("mis-shaped", misshaped), ("unused", unused)):
         if keys:
             more = f"\n  ... and {len(keys) - MAX_LISTED_KEYS} more" if len(keys) > MAX_LISTED_KEYS else ""
             lines.append(f"{len(keys)} {what} key(s):\n  " + "\n  ".join(keys[:MAX_LISTED_KEYS]) + more)

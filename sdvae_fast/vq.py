@@ -465,8 +465,8 @@ if HAS_DIFFUSERS:
                 weights that do not fit the config (listing missing and mis-shaped keys, file vs model shapes,
                 and unused keys).
             """
-            from sdvae_fast.loading import (MAX_LISTED_KEYS, CheckpointError, _Checkpoint, _choose_prefix,
-                                            _detect_layout, _shape_errors, allowed_group_counts)
+            from sdvae_fast.loading import (CheckpointError, _Checkpoint, _choose_prefix, _detect_layout,
+                                            _misfit_message, _shape_errors, allowed_group_counts)
 
             unknown = sorted(k for k in overrides if k not in _FIELD_DEFAULTS)
             if unknown:
@@ -517,14 +517,10 @@ if HAS_DIFFUSERS:
             missing, misshaped = _shape_errors(expected, state)
             unused = sorted(set(unmapped) | (set(state) - set(expected)))
             if missing or misshaped or unused:
-                lines = [f"{path}: the checkpoint does not fit VQModel({fields}); keys in diffusers' names (the "
-                         f"file's latent-diffusion names map as sdvae_fast.vq.ldm_vq_state_dict maps them)."]
-                for what, keys in (("missing", missing), ("mis-shaped", misshaped), ("unused", unused)):
-                    if keys:
-                        more = (f"\n  ... and {len(keys) - MAX_LISTED_KEYS} more"
-                                if len(keys) > MAX_LISTED_KEYS else "")
-                        lines.append(f"{len(keys)} {what} key(s):\n  " + "\n  ".join(keys[:MAX_LISTED_KEYS]) + more)
-                raise CheckpointError("\n".join(lines))
+                raise CheckpointError(_misfit_message(
+                    path, f"VQModel({fields})", missing, misshaped, unused=unused,
+                    naming="keys in diffusers' names (the file's latent-diffusion names map as "
+                           "sdvae_fast.vq.ldm_vq_state_dict maps them)."))
             model.load_state_dict(state, strict=True)
             if torch_dtype is not None:
                 model.to(torch_dtype)
