@@ -560,7 +560,8 @@ if HAS_DIFFUSERS:
                 TypeError: an override that is no AutoencoderKLFlux2 field. ValueError: an unknown preset name or
                     torch_dtype.
             """
-            from sdvae_fast.loading import CheckpointError, _misfit_message, _resolve_dtype, _shape_errors
+            from sdvae_fast.loading import (CheckpointError, _misfit_message, _resolve_dtype, _shape_errors,
+                                            assign_weights)
 
             unknown = sorted(k for k in overrides if k not in _FIELD_DEFAULTS)
             if unknown:
@@ -594,16 +595,7 @@ if HAS_DIFFUSERS:
                     path, f"AutoencoderKLFlux2({_short(fields)})", missing, misshaped, hint, unused,
                     naming="keys in diffusers' names (the file's original names map as "
                            "sdvae_fast.flux2.flux2_state_dict maps them)."))
-            # Always copies: tensors of a memory-mapped file must not stay tied to it.
-            weights = {k: state[k].to(dtype=dtype if state[k].is_floating_point() else state[k].dtype,
-                                      copy=True).contiguous() for k in expected}
-            model.load_state_dict(weights, strict=True, assign=True)
-            if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
-                # Buffers outside the state dict (non-persistent) stayed on meta: build for real and copy instead.
-                model = cls(**fields)
-                model.load_state_dict(weights, strict=True)
-                model.to(dtype)
-            return model.eval()
+            return assign_weights(model, lambda: cls(**fields), state, dtype)
 
         # -- FLUX.2's latent normalisation (what pipelines apply around encode / decode) --------------------
 

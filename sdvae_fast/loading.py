@@ -585,12 +585,21 @@ def _build_and_load(cls, config: dict, state: dict[str, torch.Tensor], path: Pat
     if missing or misshaped:
         raise CheckpointError(_misfit_message(path, f"{cls.__name__}({_short_config(kwargs)})", missing,
                                               misshaped, hint))
-    # Always copies: tensors of a memory-mapped file must not stay tied to it (a later overwrite would change them).
-    weights = {k: state[k].to(dtype=dtype, copy=True).contiguous() for k in expected}
+    return assign_weights(model, lambda: cls(**kwargs), state, dtype)
+
+
+def assign_weights(model, build: Callable[[], torch.nn.Module], state: Mapping[str, torch.Tensor],
+                   dtype: torch.dtype) -> torch.nn.Module:
+    """Load the checked `state` (a superset of `model`'s keys, shapes already checked) into `model`, built on the
+    meta device, by assignment: floating tensors in `dtype`, others (e.g. BatchNorm's num_batches_tracked) as
+    they are; always copies, since tensors of a memory-mapped file must not stay tied to it (a later overwrite
+    would change them). Buffers outside the state dict (non-persistent) would stay on meta: then the model is
+    rebuilt for real with `build()` and the weights copied in. Returns the model in eval mode."""
+    weights = {k: state[k].to(dtype=dtype if state[k].is_floating_point() else state[k].dtype, copy=True)
+               .contiguous() for k in model.state_dict()}
     model.load_state_dict(weights, strict=True, assign=True)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
-        # Buffers outside the state dict (non-persistent) stayed on meta: build for real and copy instead.
-        model = cls(**kwargs)
+        model = build()
         model.load_state_dict(weights, strict=True)
         model.to(dtype)
     return model.eval()
